@@ -1,0 +1,239 @@
+"""The COCO panoptic format: segment-id PNGs, the annotation JSON, categories and id maps.
+
+Facts this module relies on (COCO panoptic, Kirillov et al. 2019):
+
+* A panoptic PNG is RGB; the segment id of a pixel is ``R + 256*G + 256**2*B``; id 0 is VOID.
+* ``annotations/panoptic_{split}.json`` has ``images``, ``annotations`` (one per image, with
+  ``file_name`` of its PNG and ``segments_info``) and ``categories`` (``id``, ``name``,
+  ``isthing``, ``color``). Category ids are not contiguous (things 1-90, stuff 92-200).
+* Images live in ``{root}/{split}/``; PNGs in ``{root}/annotations/panoptic_{split}/``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from components.common import storage
+
+VOID = 0
+IGNORE_LABEL = 255
+# Index of the single "things" class in the semantic branch (detectron2's convention:
+# things -> 0, stuff -> 1..S). Keeping it makes detectron2 checkpoints load without
+# permuting the semantic head's output channels.
+SEM_THINGS_CLASS = 0
+
+
+def rgb2id(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H, W) uint32 segment ids."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB array, got shape {rgb.shape}")
+    rgb = rgb.astype(np.uint32)
+    return rgb[..., 0] + (rgb[..., 1] << 8) + (rgb[..., 2] << 16)
+
+
+def id2rgb(ids: np.ndarray) -> np.ndarray:
+    """(H, W) integer segment ids -> (H, W, 3) uint8 RGB."""
+    ids = np.asarray(ids)
+    if ids.min(initial=0) < 0 or ids.max(initial=0) >= 256**3:
+        raise ValueError("segment ids must be in [0, 256**3)")
+    ids = ids.astype(np.uint32)
+    return np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
+
+
+def encode_png(ids: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(id2rgb(ids), mode="RGB").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Panoptic PNG bytes -> (H, W) uint32 ids. Raises ValueError naming ``name`` when corrupt."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            arr = np.asarray(im)
+    except Exception as e:  # PIL raises several types for corrupt data
+        raise ValueError(f"{name}: cannot decode panoptic PNG ({e})") from e
+    return rgb2id(arr)
+
+
+def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """JPEG/PNG bytes -> (H, W, 3) uint8 RGB. Raises ValueError naming ``name`` when corrupt."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as e:
+        raise ValueError(f"{name}: cannot decode image ({e})") from e
+    return arr
+
+
+def image_size(data: bytes, name: str = "<bytes>") -> tuple[int, int]:
+    """(height, width) read from an image header, without decoding the pixels."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except Exception as e:
+        raise ValueError(f"{name}: cannot read image header ({e})") from e
+    return h, w
+
+
+def bbox_of(mask: np.ndarray) -> list[int]:
+    """COCO ``[x, y, w, h]`` of a boolean mask (as panopticapi's converters compute it)."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return [0, 0, 0, 0]
+    x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
+    return [x0, y0, x1 - x0 + 1, y1 - y0 + 1]
+
+
+@dataclass(frozen=True)
+class Category:
+    id: int
+    name: str
+    isthing: bool
+    color: tuple[int, int, int] = (0, 0, 0)
+    supercategory: str = ""
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "name": self.name, "supercategory": self.supercategory,
+                "isthing": int(self.isthing), "color": list(self.color)}
+
+    @staticmethod
+    def from_json(d: dict) -> "Category":
+        return Category(id=int(d["id"]), name=str(d["name"]), isthing=bool(d["isthing"]),
+                        color=tuple(d.get("color", (0, 0, 0))), supercategory=d.get("supercategory", ""))
+
+
+@dataclass(frozen=True)
+class CategoryMaps:
+    """Contiguous ids for the two branches of Panoptic FPN.
+
+    * instance branch: thing category ids (sorted) -> ``0..T-1``;
+    * semantic branch: ``0`` = all things, stuff category ids (sorted) -> ``1..S``,
+      255 = ignore (VOID). ``num_sem_classes = S + 1``.
+    """
+
+    categories: tuple[Category, ...]
+    by_id: dict = field(init=False, repr=False, compare=False)
+    thing_ids: tuple[int, ...] = field(init=False)
+    stuff_ids: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self):
+        by_id = {}
+        for c in self.categories:
+            if c.id in by_id:
+                raise ValueError(f"category id {c.id} is listed twice")
+            if c.id <= 0:
+                raise ValueError(f"category id {c.id} must be positive (0 is VOID)")
+            by_id[c.id] = c
+        object.__setattr__(self, "by_id", by_id)
+        object.__setattr__(self, "thing_ids", tuple(sorted(c.id for c in self.categories if c.isthing)))
+        object.__setattr__(self, "stuff_ids", tuple(sorted(c.id for c in self.categories if not c.isthing)))
+
+    @staticmethod
+    def from_json(categories: list[dict]) -> "CategoryMaps":
+        return CategoryMaps(tuple(Category.from_json(c) for c in categories))
+
+    def to_json(self) -> list[dict]:
+        return [c.to_json() for c in sorted(self.categories, key=lambda c: c.id)]
+
+    @property
+    def num_things(self) -> int:
+        return len(self.thing_ids)
+
+    @property
+    def num_stuff(self) -> int:
+        return len(self.stuff_ids)
+
+    @property
+    def num_sem_classes(self) -> int:
+        return self.num_stuff + 1
+
+    def is_thing(self, category_id: int) -> bool:
+        return self.by_id[category_id].isthing
+
+    def thing_contiguous(self, category_id: int) -> int:
+        return self.thing_ids.index(category_id)
+
+    def stuff_contiguous(self, category_id: int) -> int:
+        return self.stuff_ids.index(category_id)
+
+    def semantic_id(self, category_id: int) -> int:
+        """Semantic-branch class of a category: 0 for any thing, 1..S for stuff."""
+        if self.by_id[category_id].isthing:
+            return SEM_THINGS_CLASS
+        return 1 + self.stuff_ids.index(category_id)
+
+    def thing_from_contiguous(self, index: int) -> int:
+        return self.thing_ids[index]
+
+    def stuff_from_semantic(self, sem_class: int) -> int:
+        """Category id of a semantic class 1..S (0 is 'things' and has no single category)."""
+        if sem_class == SEM_THINGS_CLASS:
+            raise ValueError("semantic class 0 is the merged 'things' class")
+        return self.stuff_ids[sem_class - 1]
+
+
+@dataclass
+class PanopticSplit:
+    """A COCO panoptic split: its JSON loaded, with the URIs of its images and PNGs."""
+
+    root: str
+    split: str
+    images: list[dict]
+    annotations: dict[int, dict]  # image_id -> annotation
+    categories: CategoryMaps
+    raw: dict
+
+    @property
+    def json_uri(self) -> str:
+        return annotation_json_uri(self.root, self.split)
+
+    def image_uri(self, image: dict) -> str:
+        return storage.join(self.root, self.split, image["file_name"])
+
+    def png_uri(self, annotation: dict) -> str:
+        return storage.join(self.root, "annotations", f"panoptic_{self.split}", annotation["file_name"])
+
+
+def annotation_json_uri(root: str, split: str) -> str:
+    return storage.join(root, "annotations", f"panoptic_{split}.json")
+
+
+def load_split(root: str, split: str) -> PanopticSplit:
+    """Load ``{root}/annotations/panoptic_{split}.json``. ``root`` may be local or ``s3://``."""
+    uri = annotation_json_uri(root, split)
+    if not storage.exists(uri):
+        raise FileNotFoundError(
+            f"{uri}: annotation file not found. Expected the COCO panoptic layout "
+            f"{{root}}/annotations/panoptic_{split}.json (make one with `panoptic data synth`)")
+    try:
+        raw = json.loads(storage.read_text(uri))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{uri}: not valid JSON ({e})") from e
+    for key in ("images", "annotations", "categories"):
+        if key not in raw:
+            raise ValueError(f"{uri}: missing top-level key {key!r} (not a COCO panoptic file?)")
+    return PanopticSplit(
+        root=root, split=split, images=list(raw["images"]),
+        annotations={int(a["image_id"]): a for a in raw["annotations"]},
+        categories=CategoryMaps.from_json(raw["categories"]), raw=raw)
+
+
+def segment_stats(ids: np.ndarray) -> dict[int, tuple[int, list[int]]]:
+    """For each non-VOID id in an id map: (area, bbox). One pass over the pixels per id."""
+    out = {}
+    flat = ids.ravel()
+    uniq, counts = np.unique(flat, return_counts=True)
+    for seg_id, area in zip(uniq.tolist(), counts.tolist()):
+        if seg_id == VOID:
+            continue
+        out[seg_id] = (area, bbox_of(ids == seg_id))
+    return out

@@ -1,0 +1,192 @@
+"""Checks of the COCO panoptic format, one sample at a time.
+
+``check_sample`` is the single definition of a good sample: ``panoptic data validate`` runs
+it over a split and prints a report; the preprocessing data-quality gate runs it on every
+sample and quarantines the bad ones with the same reasons.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from components.common import storage
+from components.common.coco_panoptic import (VOID, CategoryMaps, PanopticSplit, decode_image, decode_png,
+                                             image_size, load_split)
+
+# What each kind of problem means for the user: how to fix it.
+FIXES = {
+    "missing_annotation": "add an entry to `annotations` for this image, or drop the image from `images`",
+    "annotation_without_image": "add the image to `images`, or drop this annotation",
+    "missing_image": "restore the image file, or drop the image from the JSON",
+    "corrupt_image": "re-export or re-download the image; it does not decode",
+    "missing_png": "restore the panoptic PNG named by the annotation's file_name",
+    "corrupt_png": "re-export the panoptic PNG; it does not decode",
+    "size_mismatch": "image, PNG and JSON height/width must agree; re-export the PNG at the image's size",
+    "id_not_in_segments_info": "every non-zero id in the PNG needs a segments_info entry (or paint those pixels 0 = VOID)",
+    "segment_not_in_png": "drop segments_info entries whose id has no pixel in the PNG",
+    "duplicate_segment_id": "segment ids must be unique within an image",
+    "unknown_category": "use a category id listed in `categories`, or add the category",
+    "area_mismatch": "set `area` to the segment's pixel count in the PNG",
+    "bbox_mismatch": "set `bbox` to the segment's [x, y, w, h] in the PNG",
+}
+
+
+@dataclass
+class Problem:
+    image_id: int | None
+    file: str
+    kind: str
+    message: str
+
+    @property
+    def fix(self) -> str:
+        return FIXES.get(self.kind, "")
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.kind}: {self.message} (fix: {self.fix})"
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "fix": self.fix}
+
+
+def check_sample(image: dict, annotation: dict | None, image_bytes: bytes | None, png_bytes: bytes | None,
+                 categories: CategoryMaps, image_name: str, png_name: str,
+                 check_geometry: bool = True) -> tuple[list[Problem], np.ndarray | None]:
+    """Check one sample. Returns ``(problems, ids)``; ``ids`` is the decoded PNG id map or None.
+
+    ``check_geometry`` also compares each segment's area and bbox with the PNG (the
+    validator does; the quarantine gate may skip it since area/bbox are recomputed later).
+    """
+    image_id = image.get("id")
+    problems: list[Problem] = []
+
+    def bad(file, kind, message):
+        problems.append(Problem(image_id, file, kind, message))
+
+    if annotation is None:
+        bad(image_name, "missing_annotation", f"image {image_id} has no entry in `annotations`")
+        return problems, None
+    if image_bytes is None:
+        bad(image_name, "missing_image", "file not found")
+    else:
+        try:
+            decode_image(image_bytes, image_name)
+            h_img, w_img = image_size(image_bytes, image_name)
+            if (h_img, w_img) != (image.get("height"), image.get("width")):
+                bad(image_name, "size_mismatch", f"image is {h_img}x{w_img} (HxW) but the JSON says "
+                                                 f"{image.get('height')}x{image.get('width')}")
+        except ValueError as e:
+            bad(image_name, "corrupt_image", str(e).split(": ", 1)[-1])
+    if png_bytes is None:
+        bad(png_name, "missing_png", "file not found")
+        return problems, None
+    try:
+        ids = decode_png(png_bytes, png_name)
+    except ValueError as e:
+        bad(png_name, "corrupt_png", str(e).split(": ", 1)[-1])
+        return problems, None
+    if ids.shape != (image.get("height"), image.get("width")):
+        bad(png_name, "size_mismatch", f"PNG is {ids.shape[0]}x{ids.shape[1]} (HxW) but the image is "
+                                       f"{image.get('height')}x{image.get('width')}")
+
+    segments = annotation.get("segments_info", [])
+    seen = Counter(int(s["id"]) for s in segments)
+    for seg_id, n in seen.items():
+        if n > 1:
+            bad(png_name, "duplicate_segment_id", f"segment id {seg_id} is listed {n} times")
+    uniq, counts = np.unique(ids, return_counts=True)
+    areas = dict(zip(uniq.tolist(), counts.tolist()))
+    for seg_id in areas:
+        if seg_id != VOID and seg_id not in seen:
+            bad(png_name, "id_not_in_segments_info",
+                f"id {seg_id} covers {areas[seg_id]} px but is not in segments_info")
+    for s in segments:
+        seg_id, cat = int(s["id"]), s.get("category_id")
+        if cat not in categories.by_id:
+            bad(png_name, "unknown_category", f"segment {seg_id} has category_id {cat}, not in `categories`")
+        if seg_id not in areas:
+            bad(png_name, "segment_not_in_png", f"segment {seg_id} (category {cat}) has no pixel in the PNG")
+            continue
+        if check_geometry:
+            if "area" in s and int(s["area"]) != areas[seg_id]:
+                bad(png_name, "area_mismatch", f"segment {seg_id}: area {s['area']} in JSON, {areas[seg_id]} px in PNG")
+            if "bbox" in s:
+                ys, xs = np.nonzero(ids == seg_id)
+                box = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+                if [int(round(v)) for v in s["bbox"]] != box:
+                    bad(png_name, "bbox_mismatch", f"segment {seg_id}: bbox {s['bbox']} in JSON, {box} in PNG")
+    return problems, ids
+
+
+def read_or_none(uri: str) -> bytes | None:
+    try:
+        return storage.read_bytes(uri)
+    except FileNotFoundError:
+        return None
+
+
+@dataclass
+class ValidationReport:
+    split: str
+    images: int = 0
+    annotations: int = 0
+    bad_images: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(p.kind for p in self.problems).items()))
+
+    def render(self, max_lines: int = 50) -> str:
+        lines = [f"split {self.split}: {self.images} images, {self.annotations} annotations, "
+                 f"{self.images - self.bad_images} ok, {self.bad_images} with problems"]
+        if self.problems:
+            lines.append("problems by kind:")
+            lines += [f"  {k:26s} {n}" for k, n in self.counts().items()]
+            lines.append("details:")
+            lines += [f"  {p}" for p in self.problems[:max_lines]]
+            if len(self.problems) > max_lines:
+                lines.append(f"  ... and {len(self.problems) - max_lines} more (use --json for all)")
+        else:
+            lines.append("OK: every check passed")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"split": self.split, "images": self.images, "annotations": self.annotations,
+                "bad_images": self.bad_images, "ok": self.ok, "counts": self.counts(),
+                "problems": [p.to_json() for p in self.problems]}
+
+
+def validate_split(root: str, split: str, workers: int = 4, progress: bool = True) -> ValidationReport:
+    """Check every invariant of a COCO panoptic split; never raises for bad samples."""
+    data: PanopticSplit = load_split(root, split)
+    report = ValidationReport(split=split, images=len(data.images), annotations=len(data.annotations))
+    image_ids = {int(im["id"]) for im in data.images}
+    for image_id, ann in data.annotations.items():
+        if image_id not in image_ids:
+            report.problems.append(Problem(image_id, data.png_uri(ann), "annotation_without_image",
+                                           f"annotation for image_id {image_id}, which is not in `images`"))
+
+    def one(image: dict) -> list[Problem]:
+        ann = data.annotations.get(int(image["id"]))
+        image_uri = data.image_uri(image)
+        png_uri = data.png_uri(ann) if ann else ""
+        problems, _ = check_sample(image, ann, read_or_none(image_uri), read_or_none(png_uri) if ann else None,
+                                   data.categories, image_uri, png_uri)
+        return problems
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for problems in tqdm(pool.map(one, data.images), total=len(data.images), desc=f"validate {split}",
+                             disable=not progress, unit="img"):
+            if problems:
+                report.bad_images += 1
+                report.problems.extend(problems)
+    return report

@@ -1,0 +1,1 @@
+"""Synthetic dataset generator in COCO panoptic format."""
