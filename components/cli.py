@@ -10,6 +10,8 @@ import click
 # and a stage's heavy imports (torch, mlflow, kfp) load only when that stage runs.
 COMMANDS = {
     "data": ("components.synthetic.cli", "data"),
+    "subset": ("components.select_subset.cli", "subset"),
+    "preprocess": ("components.preprocess.cli", "preprocess_cmd"),
 }
 
 

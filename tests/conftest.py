@@ -10,7 +10,7 @@ from components.synthetic.generator import SynthConfig, generate
 def synth_root(tmp_path_factory):
     """A small synthetic COCO panoptic dataset, made once per test session. Do not modify."""
     root = str(tmp_path_factory.mktemp("synth") / "coco")
-    generate(root, SynthConfig(train=16, val=8, seed=3, max_side=256), progress=False)
+    generate(root, SynthConfig(train=16, val=8, seed=3, min_side=128, max_side=256), progress=False)
     return root
 
 

@@ -33,7 +33,7 @@ def _endpoint() -> str | None:
 
 
 @lru_cache(maxsize=8)
-def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+def _s3(endpoint: str | None, region: str | None, key_id: str | None) -> pafs.S3FileSystem:
     kwargs: dict = {"allow_bucket_creation": True}
     if endpoint:
         parsed = urlparse(endpoint)
@@ -54,7 +54,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     uri = str(uri)
     if is_remote(uri):
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-        return _s3(_endpoint(), region), uri[len("s3://"):].rstrip("/")
+        return _s3(_endpoint(), region, os.environ.get("AWS_ACCESS_KEY_ID")), uri[len("s3://"):].rstrip("/")
     if "://" in uri and not uri.startswith("file://"):
         raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/key")
     if uri.startswith("file://"):

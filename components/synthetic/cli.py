@@ -26,11 +26,12 @@ def synth(out, n_train, n_val, seed, min_side, max_side, quiet):
     OUT/train2017/*.jpg, OUT/val2017/*.jpg, OUT/annotations/panoptic_{train,val}2017.json
     and OUT/annotations/panoptic_{train,val}2017/*.png.
     """
-    if min_side < 32 or max_side < min_side:
-        raise click.BadParameter("need 32 <= --min-side <= --max-side")
+    try:
+        cfg = SynthConfig(train=n_train, val=n_val, seed=seed, min_side=min_side, max_side=max_side)
+    except ValueError as e:
+        raise click.BadParameter(str(e))
     t0 = time.perf_counter()
-    counts = generate(out, SynthConfig(train=n_train, val=n_val, seed=seed, min_side=min_side, max_side=max_side),
-                      progress=not quiet)
+    counts = generate(out, cfg, progress=not quiet)
     click.echo(f"wrote {counts} to {out} in {time.perf_counter() - t0:.1f}s")
 
 

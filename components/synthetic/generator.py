@@ -56,6 +56,12 @@ class SynthConfig:
     crowd_prob: float = 0.2
     jpeg_quality: int = 90
 
+    def __post_init__(self):
+        if not 32 <= self.min_side <= self.max_side:
+            raise ValueError(f"need 32 <= min_side ({self.min_side}) <= max_side ({self.max_side})")
+        if self.train < 0 or self.val < 0:
+            raise ValueError("train and val counts must be >= 0")
+
 
 def _texture(rng: np.random.Generator, h: int, w: int, color, kind: str) -> np.ndarray:
     """An (h, w, 3) float texture around ``color``."""

@@ -1,0 +1,3 @@
+from components.preprocess.cli import preprocess_cmd
+
+preprocess_cmd(prog_name="python -m components.preprocess")

@@ -1,0 +1,290 @@
+"""Stage 2: the samples of a manifest -> sharded Parquet records, with a data-quality gate.
+
+Output (local folder or ``s3://`` prefix):
+
+* ``part-00000.parquet`` ... one shard per consecutive chunk of the manifest's image ids;
+* ``_done/part-00000.json`` per shard: its sha256, rows and quarantined samples (the marker
+  that lets a re-run skip a finished shard);
+* ``quarantine.jsonl``: every sample that failed a check, with the reasons;
+* ``index.json``: rows, bytes and sha256 per shard, schema version, source manifest hash,
+  and the count identity ``images_in = rows_written + quarantined``.
+
+Shards are planned from the manifest alone (not from the number of processes), so the same
+inputs give byte-identical shards however the work is spread. Each file is written to a
+temporary name and renamed (``storage.write_bytes``), so a crash leaves no half shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+import multiprocessing as mp
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from components.common import storage
+from components.common.coco_panoptic import CategoryMaps, bbox_of, encode_png, load_split
+from components.common.validation import check_sample, read_or_none
+from components.preprocess.records import COMPRESSION, SCHEMA, SCHEMA_VERSION
+from components.select_subset.core import canonical_hash, load_manifest, sha256_bytes
+
+
+class DataQualityError(RuntimeError):
+    """Too many samples failed the data-quality gate."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How to write the shards.
+
+    Args:
+        shard_images: images per shard (e.g. 500 for COCO: about 80 MB of JPEG+PNG).
+        max_side: if set, images with a longer side are resized (JPEG re-encoded, PNG nearest).
+        max_bad_fraction: fail the stage when more than this fraction of samples is quarantined.
+        workers: processes; 0 = work in this process.
+        row_group_images: Parquet row-group size; the reader splits work by row group.
+    """
+
+    shard_images: int = 500
+    max_side: int | None = None
+    max_bad_fraction: float = 0.01
+    workers: int = 2
+    row_group_images: int = 32
+    jpeg_quality: int = 95
+
+    def __post_init__(self):
+        if self.shard_images < 1 or self.row_group_images < 1:
+            raise ValueError("shard_images and row_group_images must be >= 1")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError("max_bad_fraction must be in [0, 1]")
+
+    def content_params(self) -> dict:
+        """The settings that change shard bytes (not workers)."""
+        d = asdict(self)
+        d.pop("workers")
+        d.pop("max_bad_fraction")
+        return d
+
+
+@dataclass
+class PreprocessResult:
+    index_uri: str
+    images_in: int
+    rows_written: int
+    quarantined: int
+    shards: list[dict]
+    skipped_shards: int
+
+
+def shard_name(k: int) -> str:
+    return f"part-{k:05d}.parquet"
+
+
+def _resize(image_bytes: bytes, ids: np.ndarray, segments: list[dict], max_side: int, quality: int):
+    h, w = ids.shape
+    scale = max_side / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    with Image.open(io.BytesIO(image_bytes)) as im:
+        small = im.convert("RGB").resize((nw, nh), Image.BILINEAR)
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=quality)
+    ys = (np.arange(nh) * h / nh).astype(np.int64)
+    xs = (np.arange(nw) * w / nw).astype(np.int64)
+    new_ids = ids[ys[:, None], xs[None, :]]
+    kept = []
+    for s in segments:
+        m = new_ids == s["id"]
+        if m.any():
+            kept.append({**s, "area": int(m.sum()), "bbox": bbox_of(m)})
+    # segments that vanished at the smaller size become VOID pixels (there are none left)
+    return buf.getvalue(), encode_png(new_ids), nh, nw, kept
+
+
+def _write_shard(job: dict) -> dict:
+    """Check, convert and write one shard. Runs in a worker process."""
+    cfg = PreprocessConfig(**job["cfg"])
+    categories = CategoryMaps.from_json(job["categories"])
+    rows = {k: [] for k in SCHEMA.names}
+    quarantine = []
+    for image_id, image, ann in job["samples"]:
+        if image is None:
+            quarantine.append({"image_id": image_id, "file": job["json_uri"], "reasons": [
+                {"kind": "missing_image", "message": "image id from the manifest is not in the split's `images`",
+                 "fix": "re-run `panoptic subset` against this annotation file"}]})
+            continue
+        image_uri = storage.join(job["source"], job["split"], image["file_name"])
+        png_uri = storage.join(job["source"], "annotations", f"panoptic_{job['split']}", ann["file_name"]) if ann else ""
+        image_bytes = read_or_none(image_uri)
+        png_bytes = read_or_none(png_uri) if ann else None
+        problems, ids = check_sample(image, ann, image_bytes, png_bytes, categories, image_uri, png_uri)
+        if problems:
+            quarantine.append({"image_id": image_id, "file": problems[0].file,
+                               "reasons": [p.to_json() for p in problems]})
+            continue
+        segments = [{"id": int(s["id"]), "category_id": int(s["category_id"]), "iscrowd": int(s.get("iscrowd", 0)),
+                     "area": int(s.get("area", 0)), "bbox": [float(v) for v in s.get("bbox", [0, 0, 0, 0])]}
+                    for s in ann["segments_info"]]
+        h, w = int(image["height"]), int(image["width"])
+        if cfg.max_side and max(h, w) > cfg.max_side:
+            image_bytes, png_bytes, h, w, segments = _resize(image_bytes, ids, segments, cfg.max_side, cfg.jpeg_quality)
+        rows["image_id"].append(image_id)
+        rows["file_name"].append(image["file_name"])
+        rows["height"].append(h)
+        rows["width"].append(w)
+        rows["image"].append(image_bytes)
+        rows["panoptic_png"].append(png_bytes)
+        rows["segments_info"].append(segments)
+
+    table = pa.Table.from_pydict(rows, schema=SCHEMA)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression=COMPRESSION, row_group_size=cfg.row_group_images,
+                   write_statistics=False, store_schema=True)
+    payload = buf.getvalue().to_pybytes()
+    name = shard_name(job["k"])
+    storage.write_bytes(storage.join(job["out"], name), payload)
+    marker = {"shard": name, "plan_hash": job["plan_hash"], "rows": table.num_rows, "bytes": len(payload),
+              "sha256": sha256_bytes(payload), "images_in": len(job["samples"]), "quarantine": quarantine}
+    # The marker is written last: its presence means the shard is complete.
+    storage.write_text(storage.join(job["out"], "_done", name.replace(".parquet", ".json")),
+                       json.dumps(marker, sort_keys=True))
+    return marker
+
+
+def _finished(out: str, job: dict) -> dict | None:
+    """The marker of a shard already written by an earlier run with the same plan, else None."""
+    name = shard_name(job["k"])
+    marker_uri = storage.join(out, "_done", name.replace(".parquet", ".json"))
+    shard_uri = storage.join(out, name)
+    if not (storage.exists(marker_uri) and storage.exists(shard_uri)):
+        return None
+    marker = json.loads(storage.read_text(marker_uri))
+    if marker.get("plan_hash") != job["plan_hash"]:
+        return None
+    if storage.size(shard_uri) != marker["bytes"] or sha256_bytes(storage.read_bytes(shard_uri)) != marker["sha256"]:
+        return None
+    return marker
+
+
+def _remove_stale_temp_files(out: str) -> int:
+    """Delete ``.tmp-*`` files a crashed run left behind (local output only; S3 PUTs are atomic)."""
+    path = storage.local_path(out)
+    removed = 0
+    if path and os.path.isdir(path):
+        for folder in (path, os.path.join(path, "_done")):
+            if os.path.isdir(folder):
+                for name in os.listdir(folder):
+                    if name.startswith(".tmp-"):
+                        os.remove(os.path.join(folder, name))
+                        removed += 1
+    return removed
+
+
+def preprocess(cfg: PreprocessConfig, manifest_uri: str, out: str, source: str | None = None,
+               progress: bool = True) -> PreprocessResult:
+    """Write the shards of the manifest's images to ``out``. Idempotent; see module docstring.
+
+    ``source`` overrides the dataset root recorded in the manifest (e.g. the same data
+    mounted at another path inside a container).
+    """
+    manifest = load_manifest(manifest_uri)
+    source = source or manifest["source"]["root"]
+    split = manifest["source"]["split"]
+    ids = list(manifest["image_ids"])
+    data = load_split(source, split)
+    images = {int(im["id"]): im for im in data.images}
+    storage.makedirs(out)
+    _remove_stale_temp_files(out)
+
+    jobs = []
+    for k, start in enumerate(range(0, len(ids), cfg.shard_images)):
+        chunk = ids[start:start + cfg.shard_images]
+        plan = {"manifest_hash": manifest["manifest_hash"], "k": k, "image_ids": chunk,
+                "params": cfg.content_params(), "schema_version": SCHEMA_VERSION}
+        jobs.append({"k": k, "plan_hash": canonical_hash(plan), "out": out, "source": source, "split": split,
+                     "json_uri": data.json_uri, "categories": data.categories.to_json(), "cfg": asdict(cfg),
+                     "samples": [(i, images.get(i), data.annotations.get(i)) for i in chunk]})
+
+    markers: dict[int, dict] = {}
+    todo = []
+    for job in jobs:
+        done = _finished(out, job)
+        if done is not None:
+            markers[job["k"]] = done
+        else:
+            todo.append(job)
+    skipped = len(markers)
+
+    bar = tqdm(total=len(ids), desc="preprocess", unit="img", disable=not progress,
+               initial=sum(m["images_in"] for m in markers.values()))
+    if cfg.workers > 0 and len(todo) > 1:
+        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_write_shard, job): job for job in todo}
+            for fut in as_completed(futures):
+                marker = fut.result()
+                markers[futures[fut]["k"]] = marker
+                bar.update(marker["images_in"])
+    else:
+        for job in todo:
+            marker = _write_shard(job)
+            markers[job["k"]] = marker
+            bar.update(marker["images_in"])
+    bar.close()
+
+    shards = [markers[k] for k in sorted(markers)]
+    quarantine = [q for m in shards for q in m["quarantine"]]
+    rows = sum(m["rows"] for m in shards)
+    if rows + len(quarantine) != len(ids):
+        raise RuntimeError(f"count mismatch: {len(ids)} images in, {rows} rows + {len(quarantine)} quarantined")
+    storage.write_text(storage.join(out, "quarantine.jsonl"),
+                       "".join(json.dumps(q, sort_keys=True) + "\n" for q in quarantine))
+    index = {
+        "schema_version": SCHEMA_VERSION,
+        "source_manifest_hash": manifest["manifest_hash"],
+        "source": {"root": source, "split": split},
+        "params": cfg.content_params(),
+        "images_in": len(ids),
+        "rows_written": rows,
+        "quarantined": len(quarantine),
+        "quarantine_by_kind": _count_kinds(quarantine),
+        "shards": [{"file": m["shard"], "rows": m["rows"], "bytes": m["bytes"], "sha256": m["sha256"]}
+                   for m in shards],
+    }
+    index_uri = storage.join(out, "index.json")
+    storage.write_text(index_uri, json.dumps(index, indent=1, sort_keys=True))
+    bad_fraction = len(quarantine) / max(len(ids), 1)
+    result = PreprocessResult(index_uri, len(ids), rows, len(quarantine), index["shards"], skipped)
+    if bad_fraction > cfg.max_bad_fraction:
+        raise DataQualityError(
+            f"{len(quarantine)} of {len(ids)} samples ({bad_fraction:.1%}) failed the data-quality gate, "
+            f"more than --max-bad-fraction {cfg.max_bad_fraction:.1%}. Reasons by kind: "
+            f"{index['quarantine_by_kind']}. See {storage.join(out, 'quarantine.jsonl')}; fix the data "
+            f"(`panoptic data validate`) or raise --max-bad-fraction.")
+    return result
+
+
+def _count_kinds(quarantine: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for q in quarantine:
+        for kind in sorted({r["kind"] for r in q["reasons"]}):
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def load_index(uri: str) -> dict:
+    """Read ``index.json``; ``uri`` may be the file or the shard folder."""
+    if not uri.endswith(".json"):
+        uri = storage.join(uri, "index.json")
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri}: shard index not found (run `panoptic preprocess` first)")
+    index = json.loads(storage.read_text(uri))
+    if index.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{uri}: schema_version {index.get('schema_version')} but this code reads "
+                         f"{SCHEMA_VERSION}; re-run `panoptic preprocess`")
+    return index

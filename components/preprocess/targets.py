@@ -1,0 +1,129 @@
+"""Augmentation (detectron2's ResizeShortestEdge + flip) and Panoptic FPN targets from a record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from components.common.coco_panoptic import IGNORE_LABEL, CategoryMaps, decode_image, decode_png
+
+
+@dataclass(frozen=True)
+class AugConfig:
+    """detectron2's INPUT settings. Defaults are ``panoptic_fpn_R_50_1x``'s.
+
+    Args:
+        min_size_train: short sides to choose from at random (detectron2 "choice" sampling).
+        max_size_train / max_size_test: cap on the long side.
+        min_size_test: short side at test time.
+        flip_prob: horizontal flip probability (train only).
+    """
+
+    min_size_train: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
+    max_size_train: int = 1333
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    flip_prob: float = 0.5
+
+
+def output_shape(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
+    """detectron2's ResizeShortestEdge.get_output_shape: scale the short side to ``short``,
+    then shrink so the long side is at most ``max_size``; round half up."""
+    scale = short / min(h, w)
+    nh, nw = (short, scale * w) if h < w else (scale * h, short)
+    if max(nh, nw) > max_size:
+        s = max_size / max(nh, nw)
+        nh, nw = nh * s, nw * s
+    return int(nh + 0.5), int(nw + 0.5)
+
+
+def resize_nearest(arr: np.ndarray, nh: int, nw: int) -> np.ndarray:
+    """Nearest-neighbour resize sampling at pixel centres (as PIL's NEAREST does)."""
+    h, w = arr.shape[:2]
+    ys = np.minimum(((np.arange(nh) + 0.5) * h / nh).astype(np.int64), h - 1)
+    xs = np.minimum(((np.arange(nw) + 0.5) * w / nw).astype(np.int64), w - 1)
+    return arr[ys[:, None], xs[None, :]]
+
+
+def build_targets(seg_index: np.ndarray, segments: list[dict], cats: CategoryMaps) -> dict:
+    """Targets from an (H, W) map of indices into ``segments`` (-1 = VOID).
+
+    Returns torch tensors: ``sem_seg`` (H, W) uint8 with 0 = things, 1..S = stuff, 255 = VOID;
+    ``boxes`` (N, 4) XYXY float32, ``labels`` (N,) int64 contiguous thing ids, ``masks``
+    (N, H, W) uint8 for non-crowd thing segments with pixels left (crowds are left out of
+    the instance targets, as detectron2 does, but count as 'things' in ``sem_seg``).
+    """
+    h, w = seg_index.shape
+    lut = np.full(len(segments) + 1, IGNORE_LABEL, np.uint8)  # last entry: VOID (index -1)
+    for k, s in enumerate(segments):
+        lut[k] = cats.semantic_id(int(s["category_id"]))
+    sem = lut[seg_index]
+    boxes, labels, masks = [], [], []
+    for k, s in enumerate(segments):
+        cid = int(s["category_id"])
+        if s.get("iscrowd") or not cats.is_thing(cid):
+            continue
+        m = seg_index == k
+        if not m.any():
+            continue
+        ys, xs = np.nonzero(m)
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        labels.append(cats.thing_contiguous(cid))
+        masks.append(m)
+    return {
+        "sem_seg": torch.from_numpy(sem),
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "masks": torch.from_numpy(np.stack(masks).astype(np.uint8)) if masks else torch.zeros((0, h, w), torch.uint8),
+    }
+
+
+def segment_index_map(ids: np.ndarray, segments: list[dict]) -> np.ndarray:
+    """(H, W) segment ids -> (H, W) int32 index into ``segments``; -1 where VOID or unlisted."""
+    order = np.array(sorted(range(len(segments)), key=lambda k: segments[k]["id"]), dtype=np.int64)
+    seg_ids = np.array([segments[k]["id"] for k in order], dtype=np.int64)
+    flat = ids.astype(np.int64).ravel()
+    pos = np.searchsorted(seg_ids, flat)
+    pos = np.minimum(pos, max(len(seg_ids) - 1, 0))
+    found = seg_ids[pos] == flat if len(seg_ids) else np.zeros_like(flat, bool)
+    out = np.where(found, order[pos] if len(order) else -1, -1)
+    return out.reshape(ids.shape).astype(np.int32)
+
+
+def record_to_sample(record: dict, cats: CategoryMaps, aug: AugConfig, train: bool,
+                     rng: np.random.Generator, with_gt: bool = False) -> dict:
+    """Decode a shard row, augment it, and build the model's inputs and targets."""
+    name = record["file_name"]
+    image = decode_image(record["image"], name)
+    ids = decode_png(record["panoptic_png"], name)
+    segments = list(record["segments_info"])
+    h, w = image.shape[:2]
+    if ids.shape != (h, w):
+        raise ValueError(f"{name}: panoptic PNG is {ids.shape} but the image is {(h, w)}; re-run preprocess")
+    index = segment_index_map(ids, segments)
+    if train:
+        short = int(aug.min_size_train[int(rng.integers(len(aug.min_size_train)))])
+        nh, nw = output_shape(h, w, short, aug.max_size_train)
+    else:
+        nh, nw = output_shape(h, w, aug.min_size_test, aug.max_size_test)
+    if (nh, nw) != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+        index = resize_nearest(index, nh, nw)
+    if train and rng.random() < aug.flip_prob:
+        image = image[:, ::-1]
+        index = index[:, ::-1]
+    sample = {
+        "image_id": int(record["image_id"]),
+        "file_name": name,
+        "height": h,
+        "width": w,
+        "image": torch.from_numpy(np.ascontiguousarray(image).transpose(2, 0, 1).copy()),
+        **build_targets(np.ascontiguousarray(index), segments, cats),
+    }
+    if with_gt:
+        sample["gt_ids"] = ids
+        sample["segments_info"] = segments
+    return sample

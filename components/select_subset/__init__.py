@@ -1,0 +1,1 @@
+"""Stage 1: reproducible subset selection of a COCO panoptic split."""

@@ -1,0 +1,243 @@
+"""Stage 1: choose a reproducible subset of a COCO panoptic split.
+
+``select_subset(cfg, source, split, out)`` writes ``out/manifest.json`` (the chosen image ids,
+strategy, parameters, seed, the source annotation file's sha256 and a hash of the manifest
+itself), ``out/category_histogram.csv`` and ``out/category_histogram.png`` (images per
+category in the subset vs the full split).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from components.common import storage
+from components.common.coco_panoptic import CategoryMaps, annotation_json_uri, load_split
+
+MANIFEST_SCHEMA = 1
+STRATEGIES = ("random", "balanced")
+
+
+@dataclass(frozen=True)
+class SubsetConfig:
+    """What to select.
+
+    Args:
+        size: a count (``>= 1``) or a fraction of the eligible images (``0 < size < 1``);
+            ``None`` takes every eligible image.
+        strategy: ``random`` (seeded) or ``balanced`` (each category first reaches
+            ``min_per_category`` images, rarest category first, then the rest is random).
+        include_categories: keep only images with at least one of these (ids or names).
+        exclude_categories: drop images with any of these (ids or names).
+        min_segments / max_segments: bounds on segments per image (inclusive).
+        crowded_only: keep only images with at least one ``iscrowd=1`` segment.
+    """
+
+    size: float | None = None
+    strategy: str = "random"
+    seed: int = 0
+    min_per_category: int = 50
+    include_categories: tuple = ()
+    exclude_categories: tuple = ()
+    min_segments: int = 0
+    max_segments: int | None = None
+    crowded_only: bool = False
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.size is not None and (self.size <= 0 or (self.size >= 1 and self.size != int(self.size))):
+            raise ValueError(f"size {self.size} must be a positive count or a fraction in (0, 1)")
+        if self.max_segments is not None and self.max_segments < self.min_segments:
+            raise ValueError("max_segments must be >= min_segments")
+
+
+@dataclass
+class SubsetResult:
+    manifest_uri: str
+    image_ids: list[int]
+    manifest: dict = field(repr=False)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_hash(obj) -> str:
+    return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _category_ids(names_or_ids, cats: CategoryMaps) -> set[int]:
+    by_name = {c.name: c.id for c in cats.categories}
+    out = set()
+    for v in names_or_ids:
+        if isinstance(v, int) or str(v).isdigit():
+            cid = int(v)
+            if cid not in cats.by_id:
+                raise ValueError(f"category id {cid} is not in this split's categories")
+        elif v in by_name:
+            cid = by_name[v]
+        else:
+            raise ValueError(f"unknown category {v!r}; known: {', '.join(sorted(by_name))}")
+        out.add(cid)
+    return out
+
+
+def eligible_images(annotations: dict[int, dict], cats: CategoryMaps, cfg: SubsetConfig) -> list[int]:
+    """Image ids (sorted) that pass the filters."""
+    include = _category_ids(cfg.include_categories, cats)
+    exclude = _category_ids(cfg.exclude_categories, cats)
+    keep = []
+    for image_id in sorted(annotations):
+        segs = annotations[image_id].get("segments_info", [])
+        present = {s["category_id"] for s in segs}
+        if include and not present & include:
+            continue
+        if present & exclude:
+            continue
+        if len(segs) < cfg.min_segments or (cfg.max_segments is not None and len(segs) > cfg.max_segments):
+            continue
+        if cfg.crowded_only and not any(s.get("iscrowd") for s in segs):
+            continue
+        keep.append(image_id)
+    return keep
+
+
+def choose(eligible: list[int], annotations: dict[int, dict], cfg: SubsetConfig) -> tuple[list[int], dict]:
+    """Pick the subset. Returns (sorted image ids, notes such as unmet category minimums)."""
+    n = len(eligible) if cfg.size is None else (int(cfg.size) if cfg.size >= 1 else int(round(cfg.size * len(eligible))))
+    if n > len(eligible):
+        raise ValueError(f"asked for {n} images but only {len(eligible)} images match the filters; "
+                         f"lower --size or relax the filters")
+    if n == 0:
+        raise ValueError("the subset would be empty; raise --size or relax the filters")
+    rng = np.random.default_rng(cfg.seed)
+    order = [eligible[i] for i in rng.permutation(len(eligible))]
+    notes: dict = {}
+    if cfg.strategy == "random":
+        return sorted(order[:n]), notes
+
+    # balanced: rarest category first, take images containing it (in the seeded order)
+    # until it has min_per_category images or none are left, then fill at random.
+    has = {i: {s["category_id"] for s in annotations[i].get("segments_info", [])} for i in eligible}
+    freq = Counter(c for i in eligible for c in has[i])
+    chosen: list[int] = []
+    chosen_set: set[int] = set()
+    count: Counter = Counter()
+    for cat in sorted(freq, key=lambda c: (freq[c], c)):
+        for image_id in order:
+            if count[cat] >= cfg.min_per_category or len(chosen) >= n:
+                break
+            if cat in has[image_id] and image_id not in chosen_set:
+                chosen.append(image_id)
+                chosen_set.add(image_id)
+                count.update(has[image_id])
+    unmet = {c: count[c] for c in freq if count[c] < min(cfg.min_per_category, freq[c])}
+    if unmet:
+        notes["unmet_min_per_category"] = {str(c): v for c, v in sorted(unmet.items())}
+    for image_id in order:
+        if len(chosen) >= n:
+            break
+        if image_id not in chosen_set:
+            chosen.append(image_id)
+            chosen_set.add(image_id)
+    return sorted(chosen), notes
+
+
+def category_histogram(image_ids, annotations, cats: CategoryMaps) -> dict[int, int]:
+    """Images containing each category (every category listed, zeros included)."""
+    hist = {c.id: 0 for c in cats.categories}
+    for i in image_ids:
+        for c in {s["category_id"] for s in annotations[i].get("segments_info", [])}:
+            if c in hist:
+                hist[c] += 1
+    return hist
+
+
+def _histogram_png(full: dict[int, int], subset: dict[int, int], cats: CategoryMaps, n_full: int, n_sub: int) -> bytes:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ids = sorted(full, key=lambda c: (-full[c], c))
+    names = [cats.by_id[c].name for c in ids]
+    x = np.arange(len(ids))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(ids) + 2), 4), dpi=100)
+    ax.bar(x - 0.2, [full[c] / max(n_full, 1) for c in ids], 0.4, label=f"full split ({n_full} images)")
+    ax.bar(x + 0.2, [subset[c] / max(n_sub, 1) for c in ids], 0.4, label=f"subset ({n_sub} images)")
+    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("fraction of images containing the category")
+    ax.set_title("Category histogram: subset vs full split")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def select_subset(cfg: SubsetConfig, source: str, split: str, out: str) -> SubsetResult:
+    """Choose the subset of ``source``/``split`` and write the manifest and histogram to ``out``."""
+    data = load_split(source, split)
+    annotation_sha = sha256_bytes(storage.read_bytes(annotation_json_uri(source, split)))
+    known_images = {int(im["id"]) for im in data.images}
+    annotated = {i: a for i, a in data.annotations.items() if i in known_images}
+    eligible = eligible_images(annotated, data.categories, cfg)
+    image_ids, notes = choose(eligible, annotated, cfg)
+
+    full_hist = category_histogram(sorted(annotated), annotated, data.categories)
+    sub_hist = category_histogram(image_ids, annotated, data.categories)
+    params = asdict(cfg)
+    params["include_categories"] = list(cfg.include_categories)
+    params["exclude_categories"] = list(cfg.exclude_categories)
+    manifest = {
+        "schema_version": MANIFEST_SCHEMA,
+        "source": {"root": source, "split": split, "annotation_sha256": annotation_sha,
+                   "num_images": len(annotated)},
+        "strategy": cfg.strategy,
+        "seed": cfg.seed,
+        "params": params,
+        "num_eligible": len(eligible),
+        "num_images": len(image_ids),
+        "image_ids": image_ids,
+        "category_histogram": {"subset": {str(k): v for k, v in sub_hist.items()},
+                               "full": {str(k): v for k, v in full_hist.items()}},
+        "notes": notes,
+    }
+    manifest["manifest_hash"] = canonical_hash(manifest)
+
+    manifest_uri = storage.join(out, "manifest.json")
+    storage.write_text(manifest_uri, json.dumps(manifest, indent=1, sort_keys=True))
+    rows = io.StringIO()
+    w = csv.writer(rows, lineterminator="\n")
+    w.writerow(["category_id", "name", "isthing", "images_full", "images_subset",
+                "fraction_full", "fraction_subset"])
+    for c in sorted(full_hist, key=lambda c: (-full_hist[c], c)):
+        cat = data.categories.by_id[c]
+        w.writerow([c, cat.name, int(cat.isthing), full_hist[c], sub_hist[c],
+                    f"{full_hist[c] / max(len(annotated), 1):.4f}", f"{sub_hist[c] / len(image_ids):.4f}"])
+    storage.write_text(storage.join(out, "category_histogram.csv"), rows.getvalue())
+    storage.write_bytes(storage.join(out, "category_histogram.png"),
+                        _histogram_png(full_hist, sub_hist, data.categories, len(annotated), len(image_ids)))
+    return SubsetResult(manifest_uri=manifest_uri, image_ids=image_ids, manifest=manifest)
+
+
+def load_manifest(uri: str) -> dict:
+    """Read a manifest; ``uri`` may be the file or the folder holding ``manifest.json``."""
+    if not uri.endswith(".json"):
+        uri = storage.join(uri, "manifest.json")
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri}: manifest not found (run `panoptic subset` first)")
+    manifest = json.loads(storage.read_text(uri))
+    claimed = manifest.pop("manifest_hash", None)
+    if claimed != canonical_hash(manifest):
+        raise ValueError(f"{uri}: manifest_hash does not match its content (edited by hand?); "
+                         f"re-run `panoptic subset`")
+    manifest["manifest_hash"] = claimed
+    return manifest
