@@ -15,8 +15,8 @@ import numpy as np
 from tqdm import tqdm
 
 from components.common import storage
-from components.common.coco_panoptic import (VOID, CategoryMaps, PanopticSplit, decode_image, decode_png,
-                                             image_size, load_split)
+from components.common.coco_panoptic import (VOID, CategoryMaps, PanopticSplit, check_image_decodes, decode_png,
+                                             index_areas_and_boxes, load_split, segment_index_map)
 
 # What each kind of problem means for the user: how to fix it.
 FIXES = {
@@ -75,8 +75,7 @@ def check_sample(image: dict, annotation: dict | None, image_bytes: bytes | None
         bad(image_name, "missing_image", "file not found")
     else:
         try:
-            decode_image(image_bytes, image_name)
-            h_img, w_img = image_size(image_bytes, image_name)
+            h_img, w_img = check_image_decodes(image_bytes, image_name)
             if (h_img, w_img) != (image.get("height"), image.get("width")):
                 bad(image_name, "size_mismatch", f"image is {h_img}x{w_img} (HxW) but the JSON says "
                                                  f"{image.get('height')}x{image.get('width')}")
@@ -95,31 +94,30 @@ def check_sample(image: dict, annotation: dict | None, image_bytes: bytes | None
                                        f"{image.get('height')}x{image.get('width')}")
 
     segments = annotation.get("segments_info", [])
-    seen = Counter(int(s["id"]) for s in segments)
-    for seg_id, n in seen.items():
+    seg_ids = [int(s["id"]) for s in segments]
+    for seg_id, n in Counter(seg_ids).items():
         if n > 1:
             bad(png_name, "duplicate_segment_id", f"segment id {seg_id} is listed {n} times")
-    uniq, counts = np.unique(ids, return_counts=True)
-    areas = dict(zip(uniq.tolist(), counts.tolist()))
-    for seg_id in areas:
-        if seg_id != VOID and seg_id not in seen:
-            bad(png_name, "id_not_in_segments_info",
-                f"id {seg_id} covers {areas[seg_id]} px but is not in segments_info")
-    for s in segments:
+    index = segment_index_map(ids, seg_ids)
+    unlisted = ids[(index < 0) & (ids != VOID)]
+    if unlisted.size:
+        for seg_id, n in zip(*np.unique(unlisted, return_counts=True)):
+            bad(png_name, "id_not_in_segments_info", f"id {int(seg_id)} covers {int(n)} px but is not in segments_info")
+    areas, boxes = index_areas_and_boxes(index, len(segments))
+    for k, s in enumerate(segments):
         seg_id, cat = int(s["id"]), s.get("category_id")
         if cat not in categories.by_id:
             bad(png_name, "unknown_category", f"segment {seg_id} has category_id {cat}, not in `categories`")
-        if seg_id not in areas:
-            bad(png_name, "segment_not_in_png", f"segment {seg_id} (category {cat}) has no pixel in the PNG")
+        if areas[k] == 0:
+            # a duplicated id maps its pixels to one entry only; the duplicate is reported above
+            if seg_ids.count(seg_id) == 1:
+                bad(png_name, "segment_not_in_png", f"segment {seg_id} (category {cat}) has no pixel in the PNG")
             continue
         if check_geometry:
-            if "area" in s and int(s["area"]) != areas[seg_id]:
-                bad(png_name, "area_mismatch", f"segment {seg_id}: area {s['area']} in JSON, {areas[seg_id]} px in PNG")
-            if "bbox" in s:
-                ys, xs = np.nonzero(ids == seg_id)
-                box = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
-                if [int(round(v)) for v in s["bbox"]] != box:
-                    bad(png_name, "bbox_mismatch", f"segment {seg_id}: bbox {s['bbox']} in JSON, {box} in PNG")
+            if "area" in s and int(s["area"]) != int(areas[k]):
+                bad(png_name, "area_mismatch", f"segment {seg_id}: area {s['area']} in JSON, {int(areas[k])} px in PNG")
+            if "bbox" in s and [int(round(v)) for v in s["bbox"]] != boxes[k].tolist():
+                bad(png_name, "bbox_mismatch", f"segment {seg_id}: bbox {s['bbox']} in JSON, {boxes[k].tolist()} in PNG")
     return problems, ids
 
 

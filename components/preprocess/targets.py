@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from components.common.coco_panoptic import IGNORE_LABEL, CategoryMaps, decode_image, decode_png
+from components.common.coco_panoptic import IGNORE_LABEL, CategoryMaps, decode_image, decode_png, segment_index_map
 
 
 @dataclass(frozen=True)
@@ -81,18 +81,6 @@ def build_targets(seg_index: np.ndarray, segments: list[dict], cats: CategoryMap
     }
 
 
-def segment_index_map(ids: np.ndarray, segments: list[dict]) -> np.ndarray:
-    """(H, W) segment ids -> (H, W) int32 index into ``segments``; -1 where VOID or unlisted."""
-    order = np.array(sorted(range(len(segments)), key=lambda k: segments[k]["id"]), dtype=np.int64)
-    seg_ids = np.array([segments[k]["id"] for k in order], dtype=np.int64)
-    flat = ids.astype(np.int64).ravel()
-    pos = np.searchsorted(seg_ids, flat)
-    pos = np.minimum(pos, max(len(seg_ids) - 1, 0))
-    found = seg_ids[pos] == flat if len(seg_ids) else np.zeros_like(flat, bool)
-    out = np.where(found, order[pos] if len(order) else -1, -1)
-    return out.reshape(ids.shape).astype(np.int32)
-
-
 def record_to_sample(record: dict, cats: CategoryMaps, aug: AugConfig, train: bool,
                      rng: np.random.Generator, with_gt: bool = False) -> dict:
     """Decode a shard row, augment it, and build the model's inputs and targets."""
@@ -103,7 +91,7 @@ def record_to_sample(record: dict, cats: CategoryMaps, aug: AugConfig, train: bo
     h, w = image.shape[:2]
     if ids.shape != (h, w):
         raise ValueError(f"{name}: panoptic PNG is {ids.shape} but the image is {(h, w)}; re-run preprocess")
-    index = segment_index_map(ids, segments)
+    index = segment_index_map(ids, [s["id"] for s in segments])
     if train:
         short = int(aug.min_size_train[int(rng.integers(len(aug.min_size_train)))])
         nh, nw = output_shape(h, w, short, aug.max_size_train)

@@ -91,3 +91,18 @@ def test_storage_atomic_write_and_listing(tmp_path):
         storage.resolve("gs://bucket/x")
     assert storage.join("s3://b/p/", "x", "y") == "s3://b/p/x/y"
     assert storage.resolve("file://" + uri)[1] == os.path.abspath(uri)
+
+
+def test_index_map_and_counting_pass_match_per_segment_masks():
+    from components.common.coco_panoptic import index_areas_and_boxes, segment_index_map
+    rng = np.random.default_rng(5)
+    ids = rng.choice(np.array([0, 7, 300000, 12, 99], np.uint32), size=(41, 57))
+    ids[:5, :5] = 5  # an id nobody listed
+    listed = [12, 300000, 7, 99, 4242]  # 4242 has no pixel
+    index = segment_index_map(ids, listed)
+    assert (index[ids == 5] == -1).all() and (index[ids == 0] == -1).all()
+    areas, boxes = index_areas_and_boxes(index, len(listed))
+    for k, seg_id in enumerate(listed):
+        m = ids == seg_id
+        assert areas[k] == m.sum()
+        assert boxes[k].tolist() == (bbox_of(m) if m.any() else [0, 0, 0, 0])
