@@ -12,6 +12,7 @@ COMMANDS = {
     "data": ("components.synthetic.cli", "data"),
     "subset": ("components.select_subset.cli", "subset"),
     "preprocess": ("components.preprocess.cli", "preprocess_cmd"),
+    "pq": ("components.evaluate.cli", "pq"),
 }
 
 
