@@ -13,6 +13,7 @@ COMMANDS = {
     "subset": ("components.select_subset.cli", "subset"),
     "preprocess": ("components.preprocess.cli", "preprocess_cmd"),
     "pq": ("components.evaluate.cli", "pq"),
+    "train": ("components.train.cli", "train_cmd"),
 }
 
 

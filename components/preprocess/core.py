@@ -248,6 +248,7 @@ def preprocess(cfg: PreprocessConfig, manifest_uri: str, out: str, source: str |
         "schema_version": SCHEMA_VERSION,
         "source_manifest_hash": manifest["manifest_hash"],
         "source": {"root": source, "split": split},
+        "categories": data.categories.to_json(),
         "params": cfg.content_params(),
         "images_in": len(ids),
         "rows_written": rows,

@@ -103,10 +103,23 @@ class ShardDataset(IterableDataset):
         if self.num_rows == 0:
             raise ValueError(f"{shards}: the shards hold no rows")
         self.skip = 0  # samples of this reader's stream to skip (resume)
+        self.skip_batches = (0, 1)  # (batches already consumed from the DataLoader, batch size)
         self.epoch = 0
 
     def __len__(self) -> int:
         return self.num_rows
+
+    def resume_after(self, batches: int, batch_size: int) -> None:
+        """Skip what a DataLoader over this dataset already yielded in ``batches`` batches.
+
+        A DataLoader with W workers takes whole batches from each worker in turn, so worker w
+        has produced ceil((batches - w) / W) of them; each worker skips its own share.
+        """
+        self.skip_batches = (batches, batch_size)
+
+    def _skip_for(self, worker: int, num_workers: int) -> int:
+        batches, size = self.skip_batches
+        return self.skip + max(0, -(-(batches - worker) // num_workers)) * size
 
     def _reader_position(self) -> tuple[int, int]:
         rank, world = dist_info()
@@ -149,8 +162,9 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self):
         reader, total = self._reader_position()
+        info = get_worker_info()
         epoch = self.epoch
-        skip = self.skip
+        skip = self._skip_for(info.id if info else 0, info.num_workers if info else 1)
         while True:
             stream = self._rows(epoch, reader, total)
             if self.train and self.shuffle_buffer > 0:

@@ -1,0 +1,230 @@
+"""Model and training configuration: dataclasses, loaded from YAML files (``configs/*.yaml``).
+
+A YAML file may name a ``_base_`` file (relative to itself) whose values it overrides, as
+detectron2's configs do. Unknown keys are errors naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key and the file."""
+
+
+@dataclass
+class ModelConfig:
+    """Panoptic FPN. Defaults are detectron2's ``panoptic_fpn_R_50_1x``.
+
+    Where torchvision's parts differ from detectron2's, the option chooses:
+        stride_in_1x1: ResNet bottleneck stride in the 1x1 conv (detectron2/MSRA, True) or in the
+            3x3 conv (torchvision, "ResNet v1.5", False).
+        roi_align_aligned: RoIAlign with the half-pixel shift (detectron2 ROIAlignV2, True) or
+            without (torchvision's MultiScaleRoIAlign, False).
+        pooler_sampling_ratio: 0 = adaptive (detectron2), 2 = torchvision's.
+        box_loss_beta / rpn_box_loss_beta: smooth-L1 beta; detectron2 uses 0 (plain L1),
+            torchvision 1/9.
+        pixel_mean / pixel_std / input_format: detectron2's MSRA weights take BGR 0-255 with
+            std 1; torchvision's ImageNet weights take RGB with ImageNet mean/std (in 0-255 units).
+    """
+
+    backbone: str = "resnet50"
+    backbone_norm: str = "FrozenBN"         # FrozenBN (pretrained), GN or BN (from scratch)
+    freeze_at: int = 2                      # frozen: stem + res2
+    stride_in_1x1: bool = True
+    fpn_channels: int = 256
+    anchor_sizes: tuple = (32, 64, 128, 256, 512)
+    anchor_ratios: tuple = (0.5, 1.0, 2.0)
+    rpn_pre_nms_topk_train: int = 2000
+    rpn_pre_nms_topk_test: int = 1000
+    rpn_post_nms_topk_train: int = 1000
+    rpn_post_nms_topk_test: int = 1000
+    rpn_nms_thresh: float = 0.7
+    rpn_batch_size_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
+    rpn_iou_thresholds: tuple = (0.3, 0.7)
+    rpn_box_loss_beta: float = 0.0
+    roi_batch_size_per_image: int = 512
+    roi_positive_fraction: float = 0.25
+    roi_iou_threshold: float = 0.5
+    roi_score_thresh_test: float = 0.05
+    roi_nms_thresh_test: float = 0.5
+    detections_per_image: int = 100
+    box_reg_weights: tuple = (10.0, 10.0, 5.0, 5.0)
+    box_loss_beta: float = 0.0
+    box_head_fc_dim: int = 1024
+    mask_head_convs: int = 4
+    mask_head_dim: int = 256
+    roi_align_aligned: bool = True
+    pooler_sampling_ratio: int = 0
+    sem_seg_conv_dims: int = 128
+    sem_seg_norm: str = "GN"
+    sem_seg_loss_weight: float = 0.5
+    instance_loss_weight: float = 1.0
+    combine_overlap_thresh: float = 0.5
+    combine_stuff_area_thresh: int = 4096
+    combine_instances_score_thresh: float = 0.5
+    size_divisibility: int = 32
+    input_format: str = "BGR"
+    pixel_mean: tuple = (103.530, 116.280, 123.675)
+    pixel_std: tuple = (1.0, 1.0, 1.0)
+    weights: str = ""                       # "", a URL, a local path, s3://..., or "torchvision:NAME"
+
+
+@dataclass
+class InputConfig:
+    min_size_train: tuple = (640, 672, 704, 736, 768, 800)
+    max_size_train: int = 1333
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    flip_prob: float = 0.5
+
+
+@dataclass
+class SolverConfig:
+    """detectron2's SOLVER, 1x schedule. ``base_lr`` is for ``reference_batch`` images; with
+    ``scale_lr`` the LR is multiplied by ims_per_batch / reference_batch (the linear scaling
+    rule detectron2's reference configs follow)."""
+
+    ims_per_batch: int = 16
+    base_lr: float = 0.02
+    reference_batch: int = 16
+    scale_lr: bool = True
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    weight_decay_norm: float = 0.0
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+    steps: tuple = (60000, 80000)
+    gamma: float = 0.1
+    max_iter: int = 90000
+    clip_grad_norm: float = 0.0             # 0 = off
+    checkpoint_period: int = 5000
+    amp: str = "off"                        # off | bf16 | fp16 (GPU only)
+    channels_last: bool = False
+
+    def lr(self) -> float:
+        return self.base_lr * self.ims_per_batch / self.reference_batch if self.scale_lr else self.base_lr
+
+
+@dataclass
+class DataConfig:
+    num_workers: int = 2
+    shuffle_buffer: int = 64
+
+
+@dataclass
+class Config:
+    name: str = "r50_1x"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 0
+    log_period: int = 20
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "input": InputConfig, "solver": SolverConfig, "data": DataConfig}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found; built-in configs: {', '.join(builtin_configs())}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = doc.pop("_base_", None)
+    if base:
+        doc = _merge(_read_yaml(os.path.join(os.path.dirname(path), base)), doc)
+    return doc
+
+
+def from_dict(doc: dict, source: str = "<dict>") -> Config:
+    kwargs: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: `{key}` must be a mapping")
+            cls = SECTIONS[key]
+            names = {f.name: f for f in dataclasses.fields(cls)}
+            for k in value:
+                if k not in names:
+                    raise ConfigError(f"{source}: unknown key `{key}.{k}`; known: {', '.join(sorted(names))}")
+            conv = {k: (tuple(v) if isinstance(v, list) else v) for k, v in value.items()}
+            kwargs[key] = cls(**conv)
+        elif key in {f.name for f in dataclasses.fields(Config)}:
+            kwargs[key] = value
+        else:
+            raise ConfigError(f"{source}: unknown top-level key `{key}`; known: name, seed, log_period, "
+                              f"{', '.join(SECTIONS)}")
+    cfg = Config(**kwargs)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: Config, source: str) -> None:
+    m, s = cfg.model, cfg.solver
+    if m.backbone not in ("resnet18", "resnet34", "resnet50", "resnet101"):
+        raise ConfigError(f"{source}: model.backbone {m.backbone!r} is not one of resnet18/34/50/101")
+    if m.backbone_norm not in ("FrozenBN", "GN", "BN"):
+        raise ConfigError(f"{source}: model.backbone_norm must be FrozenBN, GN or BN")
+    if m.input_format not in ("RGB", "BGR"):
+        raise ConfigError(f"{source}: model.input_format must be RGB or BGR")
+    if len(m.pixel_mean) != 3 or len(m.pixel_std) != 3:
+        raise ConfigError(f"{source}: model.pixel_mean and model.pixel_std need 3 values")
+    if s.amp not in ("off", "bf16", "fp16"):
+        raise ConfigError(f"{source}: solver.amp must be off, bf16 or fp16")
+    if s.ims_per_batch < 1 or s.max_iter < 1:
+        raise ConfigError(f"{source}: solver.ims_per_batch and solver.max_iter must be >= 1")
+    if list(s.steps) != sorted(s.steps):
+        raise ConfigError(f"{source}: solver.steps must be increasing")
+
+
+def builtin_configs() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
+
+
+def load_config(name_or_path: str, overrides: dict | None = None) -> Config:
+    """A built-in config by name (``r50_1x``, ``r50_3x``, ``tiny``) or a YAML file path."""
+    path = name_or_path if name_or_path.endswith((".yaml", ".yml")) else os.path.join(CONFIG_DIR, f"{name_or_path}.yaml")
+    doc = _read_yaml(path)
+    if overrides:
+        doc = _merge(doc, overrides)
+    return from_dict(doc, path)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["solver.max_iter=100", "model.weights=x.pth"]`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return out

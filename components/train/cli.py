@@ -1,0 +1,49 @@
+"""`panoptic train` (also `python -m components.train`, torchrun-compatible)."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from components.model.config import ConfigError, builtin_configs, load_config, parse_overrides
+
+
+@click.command("train")
+@click.option("--shards", required=True, help="Shard folder from `panoptic preprocess` (local or s3://).")
+@click.option("--output", required=True, help="Folder for checkpoints and model.pt (local or s3://).")
+@click.option("--config", "config_name", default="r50_1x", show_default=True,
+              help=f"Built-in config ({', '.join(builtin_configs())}) or a YAML path.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value, e.g. --set solver.max_iter=200 (repeatable).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--no-resume", is_flag=True, help="Start over even if OUTPUT has checkpoints.")
+@click.option("--mlflow/--no-mlflow", default=True, show_default=True,
+              help="Log to MLflow when MLFLOW_TRACKING_URI is set.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_cmd(shards, output, config_name, overrides, device, no_resume, mlflow, quiet):
+    """Train Panoptic FPN. Under torchrun (WORLD_SIZE > 1) it trains with DDP.
+
+    Resumes automatically from the latest checkpoint in OUTPUT; SIGTERM saves a checkpoint
+    and exits, so preemptible nodes lose no work.
+    """
+    from components.train.trainer import train
+
+    try:
+        cfg = load_config(config_name, parse_overrides(list(overrides)))
+    except ConfigError as e:
+        raise click.ClickException(str(e))
+    log_fn = None
+    if mlflow and os.environ.get("MLFLOW_TRACKING_URI") and int(os.environ.get("RANK", 0)) == 0:
+        from components.common.tracking import metric_logger
+        log_fn = metric_logger(prefix="train/")
+    result = train(cfg, shards, output, device=device, resume=not no_resume, progress=not quiet, log_fn=log_fn)
+    if result.preempted:
+        click.echo(f"stopped at iteration {result.iterations} (SIGTERM); checkpoint saved, re-run to resume")
+        raise SystemExit(143)
+    last = result.history[-1] if result.history else {}
+    click.echo(f"trained {result.iterations} iterations (resumed from {result.resumed_from}); "
+               f"final loss {last.get('total_loss', float('nan')):.4f}; model: {result.model_uri}")
+
+
+train_cmd.name = "train"

@@ -1,0 +1,302 @@
+"""Stage 3: train Panoptic FPN on the Parquet shards, on CPU or GPU, one process or DDP.
+
+A training loop to read top to bottom (torchvision's references/detection style), iteration
+based like detectron2: SGD + momentum, linear warmup, multi-step LR, optional gradient
+clipping, AMP (bf16/fp16) and channels_last on GPU. Launch with ``torchrun`` for DDP: the
+process group comes from the env:// variables (gloo on CPU, nccl on GPU), same code path.
+
+Checkpoints go to ``{output}/checkpoints/`` (local or ``s3://``) every
+``solver.checkpoint_period`` iterations and when SIGTERM arrives (preemptible nodes). A run
+started on the same output resumes from the latest checkpoint: model, optimizer, scheduler,
+grad scaler, iteration, RNG states and data position, so a resumed run ends with the same
+weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from components.common import storage
+from components.common.coco_panoptic import CategoryMaps
+from components.model.config import Config
+from components.model.panoptic_fpn import PanopticFPN
+from components.model.weights import load_weights, save_model
+from components.preprocess.core import load_index
+from components.preprocess.reader import ShardDataset, collate
+from components.preprocess.targets import AugConfig
+
+CHECKPOINT_DIR = "checkpoints"
+KEEP_CHECKPOINTS = 3
+
+
+@dataclass
+class TrainResult:
+    output: str
+    model_uri: str
+    iterations: int
+    resumed_from: int
+    preempted: bool
+    history: list[dict] = field(default_factory=list)
+
+
+# -- distributed -----------------------------------------------------------------------------
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1). Returns (rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def pick_device(requested: str | None) -> torch.device:
+    if requested and requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+# -- optimizer and schedule ------------------------------------------------------------------
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """SGD; norm-layer parameters get ``weight_decay_norm`` (0, as detectron2), the rest ``weight_decay``."""
+    norm_types = (torch.nn.GroupNorm, torch.nn.BatchNorm2d, torch.nn.LayerNorm)
+    norm_params, other = [], []
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                (norm_params if isinstance(module, norm_types) else other).append(p)
+    s = cfg.solver
+    return torch.optim.SGD([{"params": other, "weight_decay": s.weight_decay},
+                            {"params": norm_params, "weight_decay": s.weight_decay_norm}],
+                           lr=s.lr(), momentum=s.momentum)
+
+
+def lr_factor(it: int, cfg: Config) -> float:
+    """Linear warmup from ``warmup_factor``, then x``gamma`` at each step (detectron2's WarmupMultiStepLR)."""
+    s = cfg.solver
+    factor = s.gamma ** sum(1 for step in s.steps if it >= step)
+    if it < s.warmup_iters:
+        alpha = it / s.warmup_iters
+        factor *= s.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output: str, iteration: int, model, optimizer, scheduler, scaler, cfg: Config) -> str:
+    buf = io.BytesIO()
+    torch.save({"iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
+                "config": cfg.to_dict()}, buf)
+    name = f"model_{iteration:07d}.pth"
+    folder = storage.join(output, CHECKPOINT_DIR)
+    storage.write_bytes(storage.join(folder, name), buf.getvalue())
+    storage.write_text(storage.join(folder, "last_checkpoint"), name)  # written after the file: never dangling
+    old = sorted(n for n in storage.listdir(folder) if n.startswith("model_") and n.endswith(".pth"))
+    for n in old[:-KEEP_CHECKPOINTS]:
+        storage.delete(storage.join(folder, n))
+    return storage.join(folder, name)
+
+
+def latest_checkpoint(output: str) -> str | None:
+    marker = storage.join(output, CHECKPOINT_DIR, "last_checkpoint")
+    if not storage.exists(marker):
+        return None
+    uri = storage.join(output, CHECKPOINT_DIR, storage.read_text(marker).strip())
+    return uri if storage.exists(uri) else None
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after each iteration."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. under some launchers): no handler
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _reduce_losses(losses: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+    names = sorted(losses)
+    values = torch.stack([losses[k].detach().float() for k in names])
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    return dict(zip(names, values.tolist()))
+
+
+def train(cfg: Config, shards: str, output: str, *, device: str | None = None, resume: bool = True,
+          stop_after: int | None = None, progress: bool = True, log_fn=None) -> TrainResult:
+    """Train on ``shards`` (a preprocess output folder) and write checkpoints + ``model.pt`` to ``output``.
+
+    Args:
+        cfg: the configuration (``load_config``).
+        shards: shard folder with ``index.json``, local or ``s3://``.
+        output: folder for checkpoints, ``model.pt`` and ``train_metrics.json``, local or ``s3://``.
+        device: "cpu", "cuda", "cuda:1" or None/"auto".
+        resume: continue from the latest checkpoint in ``output`` if there is one.
+        stop_after: stop (as if preempted, with a checkpoint) after this many iterations in total.
+        log_fn: called with (metrics dict, iteration) every ``log_period`` iterations (MLflow).
+    """
+    dev = pick_device(device)
+    rank, world = init_distributed(dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    s = cfg.solver
+    if s.ims_per_batch % world:
+        raise ValueError(f"solver.ims_per_batch {s.ims_per_batch} is not divisible by the {world} processes")
+    per_rank = s.ims_per_batch // world
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    index = load_index(shards)
+    categories = CategoryMaps.from_json(index["categories"])
+    model = PanopticFPN.from_config(cfg, categories).to(dev)
+    if s.channels_last and dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
+    use_amp = s.amp != "off" and dev.type == "cuda"
+    amp_dtype = torch.bfloat16 if s.amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and s.amp == "fp16")
+
+    start = 0
+    ckpt_uri = latest_checkpoint(output) if resume else None
+    if ckpt_uri:
+        ckpt = torch.load(io.BytesIO(storage.read_bytes(ckpt_uri)), map_location=dev, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start = int(ckpt["iteration"])
+    elif cfg.model.weights:
+        load_weights(model, cfg.model.weights)
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
+
+    aug = AugConfig(min_size_train=tuple(cfg.input.min_size_train), max_size_train=cfg.input.max_size_train,
+                    min_size_test=cfg.input.min_size_test, max_size_test=cfg.input.max_size_test,
+                    flip_prob=cfg.input.flip_prob)
+    dataset = ShardDataset(shards, categories, aug, train=True, infinite=True, seed=cfg.seed,
+                           shuffle_buffer=cfg.data.shuffle_buffer, rank=rank, world_size=world)
+    dataset.resume_after(start, per_rank)
+    loader = DataLoader(dataset, batch_size=per_rank, num_workers=cfg.data.num_workers, collate_fn=collate,
+                        pin_memory=dev.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
+                        persistent_workers=False)
+    batches = iter(loader)
+    if ckpt_uri:
+        _set_rng_state(ckpt["rng"])  # after the loader's iterator exists: it draws no global randomness later
+
+    history: list[dict] = []
+    metrics_uri = storage.join(output, "train_metrics.json")
+    if start and storage.exists(metrics_uri):
+        history = [h for h in json.loads(storage.read_text(metrics_uri))["history"] if h["iter"] <= start]
+    end = min(s.max_iter, stop_after) if stop_after else s.max_iter
+    preempted = False
+    done = start
+    bar = tqdm(total=s.max_iter, initial=start, desc=f"train {cfg.name}", unit="it", disable=not progress or rank)
+    t_last, it_last = time.perf_counter(), start
+    model.train()
+    with _Preemption() as preemption:
+        for it in range(start, end):
+            batch = next(batches)
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
+                losses = ddp_model(batch)
+            loss = sum(losses.values())
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"loss became {float(loss)} at iteration {it + 1}: {_reduce_losses(losses, 1)}; "
+                                         f"lower solver.base_lr or enable solver.clip_grad_norm")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if s.clip_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            done = it + 1
+            bar.update(1)
+
+            if done % cfg.log_period == 0 or done == end:
+                values = _reduce_losses(losses, world)
+                now = time.perf_counter()
+                record = {"iter": done, "total_loss": sum(values.values()), **values,
+                          "lr": optimizer.param_groups[0]["lr"],
+                          "images_per_s": (done - it_last) * s.ims_per_batch / max(now - t_last, 1e-9)}
+                if dev.type == "cuda":
+                    record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+                t_last, it_last = now, done
+                history.append(record)
+                bar.set_postfix(loss=f"{record['total_loss']:.3f}", lr=f"{record['lr']:.4f}")
+                if rank == 0 and log_fn:
+                    log_fn(record, done)
+            stop_now = preemption.requested or done == end
+            if world > 1:  # every rank must agree to stop (SIGTERM may reach one first)
+                flag = torch.tensor([float(stop_now)], device=dev)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop_now = bool(flag.item())
+            if (done % s.checkpoint_period == 0 or stop_now) and rank == 0:
+                save_checkpoint(output, done, model, optimizer, scheduler, scaler, cfg)
+                storage.write_text(metrics_uri, json.dumps({"history": history}, indent=1))
+            if stop_now:
+                preempted = done < s.max_iter
+                break
+    bar.close()
+    model_uri = storage.join(output, "model.pt")
+    if rank == 0 and not preempted:
+        save_model(model, cfg, categories, model_uri)
+        storage.write_text(metrics_uri, json.dumps({"history": history}, indent=1))
+    if world > 1:
+        dist.barrier()
+    return TrainResult(output=output, model_uri=model_uri, iterations=done,
+                       resumed_from=start, preempted=preempted, history=history)
