@@ -14,6 +14,7 @@ COMMANDS = {
     "preprocess": ("components.preprocess.cli", "preprocess_cmd"),
     "pq": ("components.evaluate.cli", "pq"),
     "train": ("components.train.cli", "train_cmd"),
+    "evaluate": ("components.evaluate.cli", "evaluate_cmd"),
 }
 
 

@@ -11,19 +11,19 @@ import torch.nn.functional as F
 from components.common.coco_panoptic import IGNORE_LABEL
 
 
-class ConvNorm(nn.Module):
-    """3x3 conv (no bias) + GroupNorm(32) + ReLU; named ``weight``/``norm`` as in detectron2."""
+class ConvNorm(nn.Conv2d):
+    """3x3 conv (no bias when normed) + GroupNorm(32) + ReLU. A Conv2d holding its norm, so the
+    parameters are ``weight`` and ``norm.weight``/``norm.bias``, as in detectron2."""
 
     def __init__(self, cin: int, cout: int, norm: str):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=not norm)
+        super().__init__(cin, cout, 3, padding=1, bias=not norm)
         self.norm = nn.GroupNorm(32 if cout % 32 == 0 else 8, cout) if norm == "GN" else nn.Identity()
-        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
-        if self.conv.bias is not None:
-            nn.init.zeros_(self.conv.bias)
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def forward(self, x):
-        return F.relu(self.norm(self.conv(x)))
+        return F.relu(self.norm(super().forward(x)))
 
 
 class SemSegFPNHead(nn.Module):

@@ -80,7 +80,9 @@ def read_state(data: bytes, name: str = "<weights>") -> dict:
 
 
 def is_detectron2(state: dict) -> bool:
-    return any(k.startswith(("backbone.bottom_up.", "proposal_generator.", "sem_seg_head.p")) for k in state)
+    return any(k.startswith(("backbone.bottom_up.", "backbone.fpn_", "proposal_generator.", "roi_heads.box_head.fc1",
+                             "roi_heads.box_head.fc2", "roi_heads.mask_head.mask_fcn", "roi_heads.mask_head.predictor"))
+               for k in state)
 
 
 _RES = re.compile(r"^backbone\.bottom_up\.res(\d)\.(\d+)\.(conv[123]|shortcut)(\.norm)?\.(\w+)$")

@@ -114,4 +114,5 @@ def record_to_sample(record: dict, cats: CategoryMaps, aug: AugConfig, train: bo
     if with_gt:
         sample["gt_ids"] = ids
         sample["segments_info"] = segments
+        sample["image_bytes"] = record["image"]
     return sample

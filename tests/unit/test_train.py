@@ -1,0 +1,66 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from components.train.trainer import latest_checkpoint, lr_factor, train
+from tests.training import load_state, make_shards, max_abs_diff, micro_config
+
+
+@pytest.fixture(scope="module")
+def shards(synth_root, tmp_path_factory):
+    return make_shards(synth_root, str(tmp_path_factory.mktemp("train")))
+
+
+def test_schedule_is_detectrons_warmup_multistep():
+    cfg = micro_config(solver={"warmup_iters": 10, "warmup_factor": 0.001, "steps": [20, 30], "gamma": 0.1})
+    assert lr_factor(0, cfg) == pytest.approx(0.001)
+    assert lr_factor(5, cfg) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert lr_factor(10, cfg) == 1.0 and lr_factor(25, cfg) == pytest.approx(0.1) and lr_factor(30, cfg) == pytest.approx(0.01)
+    assert micro_config(solver={"ims_per_batch": 8, "reference_batch": 16, "base_lr": 0.02}).solver.lr() == 0.01
+
+
+def test_resume_after_preemption_ends_with_the_same_weights(shards, tmp_path):
+    cfg = micro_config()
+    full = train(cfg, shards, str(tmp_path / "a"), progress=False)
+    assert full.iterations == 6 and not full.preempted
+    first = train(cfg, shards, str(tmp_path / "b"), stop_after=3, progress=False)
+    assert first.preempted and first.iterations == 3
+    assert latest_checkpoint(str(tmp_path / "b")).endswith("model_0000003.pth")
+    assert not os.path.exists(tmp_path / "b" / "model.pt")
+    second = train(cfg, shards, str(tmp_path / "b"), progress=False)
+    assert second.resumed_from == 3 and second.iterations == 6
+    assert max_abs_diff(load_state(full.model_uri), load_state(second.model_uri)) <= 1e-6
+    history = json.load(open(tmp_path / "b" / "train_metrics.json"))["history"]
+    assert [h["iter"] for h in history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_checkpoints_and_a_rerun_resumes(shards, tmp_path):
+    """A real process killed by SIGTERM mid-run, with a DataLoader worker, then resumed."""
+    over = ["--set", "solver.max_iter=10", "--set", "solver.checkpoint_period=2", "--set", "data.num_workers=1"]
+    base = [sys.executable, "-m", "components.train", "--shards", shards, "--config", "tiny", "--quiet", "--no-mlflow",
+            "--set", "input.min_size_train=[128]", "--set", "input.max_size_train=192", "--set", "solver.ims_per_batch=2",
+            "--set", "solver.reference_batch=2", "--set", "solver.warmup_iters=2", "--set", "solver.steps=[6]",
+            "--set", "solver.base_lr=0.01", "--set", "data.shuffle_buffer=4"] + over
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    ref = subprocess.run(base + ["--output", str(tmp_path / "ref")], env=env, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    proc = subprocess.Popen(base + ["--output", str(tmp_path / "run")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while latest_checkpoint(str(tmp_path / "run")) is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "checkpoint saved, re-run to resume" in out
+    stopped_at = int(latest_checkpoint(str(tmp_path / "run")).rsplit("_", 1)[1][:7])
+    assert 2 <= stopped_at < 10
+    again = subprocess.run(base + ["--output", str(tmp_path / "run")], env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resumed from {stopped_at}" in again.stdout
+    assert max_abs_diff(load_state(str(tmp_path / "ref" / "model.pt")), load_state(str(tmp_path / "run" / "model.pt"))) <= 1e-6
