@@ -15,6 +15,10 @@ COMMANDS = {
     "pq": ("components.evaluate.cli", "pq"),
     "train": ("components.train.cli", "train_cmd"),
     "evaluate": ("components.evaluate.cli", "evaluate_cmd"),
+    "register": ("components.register.cli", "register_cmd"),
+    "runs": ("components.register.cli", "runs"),
+    "predict": ("components.predict.cli", "predict_cmd"),
+    "pipeline": ("pipeline.cli", "pipeline"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Single image / folder inference."""

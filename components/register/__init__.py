@@ -1,0 +1,1 @@
+"""Stage 5: MLflow registration, aliases and the promotion gate; the pyfunc wrapper."""
