@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED := 1
 .PHONY: run test lint bench images venv clean help
 
 help:
-	@echo "make run    - the embedded default: synthetic data -> validate (grows into the full local pipeline)"
+	@echo "make run    - the embedded default: the whole pipeline on a synthetic dataset, locally (kfp.local, MLflow sqlite)"
 	@echo "make test   - the whole test suite (unit, integration with real servers, e2e)"
 	@echo "make bench  - benchmarks (print measured ratios)"
 	@echo "make images - build the container images (needs Docker)"
@@ -29,6 +29,7 @@ run: $(STAMP)
 	@test -f $(DATA)/annotations/panoptic_val2017.json || $(BIN)/panoptic data synth --out $(DATA) --train 200 --val 50 --seed 0
 	$(BIN)/panoptic data validate $(DATA) --split train2017 --quiet
 	$(BIN)/panoptic data validate $(DATA) --split val2017 --quiet
+	$(BIN)/panoptic pipeline run-local --data $(DATA)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra tests

@@ -78,7 +78,11 @@ def cron6(expr: str) -> str:
 def _client(host: str):
     import kfp
 
-    return kfp.Client(host=host, existing_token=os.environ.get("KFP_TOKEN") or None)
+    try:
+        return kfp.Client(host=host, existing_token=os.environ.get("KFP_TOKEN") or None)
+    except Exception as e:  # urllib3/ApiException: say which host and what to check
+        raise click.ClickException(f"cannot reach the KFP API at {host} ({type(e).__name__}); check --host "
+                                   f"(the pipelines endpoint, e.g. https://HOST/pipeline) and KFP_TOKEN") from None
 
 
 def _experiment_id(client, name: str) -> str:
@@ -116,6 +120,7 @@ def submit(host, experiment, run_name, params, package, **cluster):
 @_cluster_options
 def schedule(host, cron, experiment, name, max_concurrency, params, package, **cluster):
     """Create a recurring run: scheduled retraining on fresh data."""
+    cron = cron6(cron)
     package = package or compile_pipeline(os.path.abspath("pipeline.yaml"), _cluster(**cluster))
     client = _client(host)
     job = client.create_recurring_run(experiment_id=_experiment_id(client, experiment), job_name=name,

@@ -95,9 +95,9 @@ def step_train(*, train_shards: str, model_out: str, config: str, iterations: in
     from components.model.config import load_config, parse_overrides
 
     over = parse_overrides([o for o in overrides.split(";") if o.strip()]) if overrides else {}
-    if iterations:
-        over.setdefault("solver", {})["max_iter"] = int(iterations)
     cfg = load_config(config, over)
+    if iterations and iterations != cfg.solver.max_iter:
+        cfg = scale_schedule(cfg, int(iterations))
     output = checkpoint_uri or model_out
     with stage_run("train", run_id or None, mlflow_uri or None) as ml:
         ml.log_params({k: v for k, v in _flat("", cfg.to_dict()).items() if len(str(v)) < 500})
@@ -124,6 +124,19 @@ def step_train(*, train_shards: str, model_out: str, config: str, iterations: in
         if storage.exists(storage.join(output, "train_metrics.json")):
             _log_file(ml, storage.join(output, "train_metrics.json"), "train")
     return storage.join(model_out, "model.pt")
+
+
+def scale_schedule(cfg, iterations: int):
+    """Run ``iterations`` instead of ``max_iter``: LR steps (and warmup, if longer than a tenth)
+    scale by the same factor, as detectron2's schedule scaling does."""
+    import dataclasses
+
+    f = iterations / cfg.solver.max_iter
+    solver = dataclasses.replace(cfg.solver, max_iter=iterations,
+                                 steps=tuple(max(1, round(s * f)) for s in cfg.solver.steps),
+                                 warmup_iters=min(cfg.solver.warmup_iters, max(1, iterations // 10)),
+                                 checkpoint_period=min(cfg.solver.checkpoint_period, iterations))
+    return dataclasses.replace(cfg, solver=solver)
 
 
 def step_evaluate(*, model_uri: str, val_shards: str, out: str, run_id: str = "", mlflow_uri: str = "",
