@@ -64,3 +64,46 @@ def moto_s3(bucket: str = "panoptic"):
             else:
                 os.environ[k] = v
         stop(proc)
+
+
+@contextmanager
+def postgres_database(host: str = "127.0.0.1", port: int = 5432, admin_db: str = "test", user: str = "postgres"):
+    """A fresh PostgreSQL database on the machine's server, dropped afterwards. Yields its URI."""
+    import uuid
+
+    import psycopg2
+
+    name = f"mlflow_{uuid.uuid4().hex[:10]}"
+    conn = psycopg2.connect(host=host, port=port, dbname=admin_db, user=user)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        yield f"postgresql+psycopg2://{user}@{host}:{port}/{name}"
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
+@contextmanager
+def mlflow_server(backend_uri: str, artifacts_destination: str):
+    """`mlflow server` on 127.0.0.1 with that backend store and artifact destination."""
+    import tempfile
+
+    port = free_port()
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen([os.path.join(BIN, "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts_destination,
+                             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_http(url + "/health", proc, timeout=180)
+        except (RuntimeError, TimeoutError) as e:
+            log.seek(0)
+            raise RuntimeError(f"{e}; server log:\n{log.read()[-3000:]}") from None
+        yield url
+    finally:
+        stop(proc)
+        log.close()
