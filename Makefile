@@ -34,6 +34,15 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra tests
 
+IMAGE_REGISTRY ?= ghcr.io/panoptic-pipeline
+IMAGE_TAG ?= 0.1.0
+
+images:
+	docker build -f containers/Dockerfile.cpu -t $(IMAGE_REGISTRY)/panoptic-cpu:$(IMAGE_TAG) .
+	docker build -f containers/Dockerfile.cuda -t $(IMAGE_REGISTRY)/panoptic-cuda:$(IMAGE_TAG) .
+	@echo "push: docker push $(IMAGE_REGISTRY)/panoptic-cpu:$(IMAGE_TAG) && docker push $(IMAGE_REGISTRY)/panoptic-cuda:$(IMAGE_TAG)"
+	@echo "compile with the same images: IMAGE_REGISTRY=$(IMAGE_REGISTRY) IMAGE_TAG=$(IMAGE_TAG) .venv/bin/panoptic pipeline compile"
+
 bench: $(STAMP)
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 

@@ -1,4 +1,5 @@
-"""DDP on CPU (gloo) through torchrun: 2 processes on one node, and 2 "nodes" of 1 process.
+"""DDP on CPU (gloo) through torchrun: 2 processes on one node, and 2 "nodes" of 1 process
+running the rendered PyTorchJob's own Master and Worker commands.
 
 The data are identical images without flips, and the RPN/RoI samplers take every candidate,
 so each image's loss is the same function in every process. Then 2 processes x 1 image
@@ -19,6 +20,7 @@ import torch
 from components.common.coco_panoptic import CategoryMaps
 from components.model.panoptic_fpn import PanopticFPN
 from components.preprocess.core import load_index
+from components.train.launcher import PyTorchJobSpec, expand_command, render_pytorchjob
 from components.train.trainer import train
 from tests.servers import free_port
 from tests.training import duplicate_image_split, load_state, make_shards, max_abs_diff, micro_config
@@ -52,7 +54,7 @@ def _torchrun(args: list[str], node_rank: int | None = None, nnodes: int = 1, np
                             stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("layout", ["2 processes on 1 node", "2 nodes x 1 process"])
+@pytest.mark.parametrize("layout", ["2 processes on 1 node", "2 nodes x 1 process, as the PyTorchJob runs"])
 def test_ddp_equals_single_process(dup_shards, tmp_path, layout):
     single = train(micro_config(**EXACT), dup_shards, str(tmp_path / "single"), progress=False)
     one = train(micro_config(**{**EXACT, "solver": {**EXACT["solver"], "ims_per_batch": 1}}), dup_shards,
@@ -64,12 +66,25 @@ def test_ddp_equals_single_process(dup_shards, tmp_path, layout):
     port = free_port()
     if layout == "2 processes on 1 node":
         procs = [_torchrun(args, port=port)]
-    else:  # what the PyTorchJob does: one torchrun per node, static rendezvous on the master
-        procs = [_torchrun(args, node_rank=r, nnodes=2, nproc=1, port=port) for r in (0, 1)]
+    else:  # the PyTorchJob's own commands, expanded as Kubernetes does with the operator's env
+        job = render_pytorchjob(PyTorchJobSpec(image="panoptic-cuda:test", nodes=2, gpus_per_node=0, shards=dup_shards,
+                                               output=str(tmp_path / "ddp"), config="tiny",
+                                               overrides=";".join(OVERRIDES)))
+        procs = []
+        for rank, role in enumerate(("Master", "Worker")):
+            command = job["spec"]["pytorchReplicaSpecs"][role]["template"]["spec"]["containers"][0]["command"]
+            command = expand_command(command, {"RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+            assert command[0] == "torchrun"
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            procs.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run"] + command[1:] +
+                                          ["--no-mlflow", "--device", "cpu"], env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+    outs = []
     for p in procs:
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
-    assert "trained 4 iterations" in out
+        outs.append(out)
+    assert "trained 4 iterations" in outs[0]
     a, b = load_state(single.model_uri), load_state(str(tmp_path / "ddp" / "model.pt"))
     diff = max_abs_diff(a, b)
     # how far training moved the weights from their (seeded, shared) initial values

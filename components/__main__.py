@@ -1,0 +1,3 @@
+from components.cli import main
+
+main(prog_name="python -m components")

@@ -1,0 +1,3 @@
+from components.evaluate.cli import evaluate_cmd
+
+evaluate_cmd(prog_name="python -m components.evaluate")
