@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+import re
+import sys
+import threading
 import time
 
 import click
@@ -129,9 +133,56 @@ def schedule(host, cron, experiment, name, max_concurrency, params, package, **c
     click.echo(f"recurring run {job.recurring_run_id} '{name}' on cron '{cron6(cron)}' in experiment {experiment}")
 
 
+@contextlib.contextmanager
+def _task_log(path: str, verbose: bool):
+    """Send this process's stdout/stderr (kfp.local streams every task's full log there) to
+    ``path``, echoing only the lines that say which task runs and how it ended."""
+    if verbose:
+        yield
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    log = open(path, "ab")
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    done = threading.Event()
+    keep = re.compile(r"Executing task|finished with status|Pipeline .* finished|Error|Traceback")
+
+    def echo():
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            while True:
+                line = f.readline()
+                if line:
+                    text = re.sub(r"\x1b\[[0-9;]*m", "", line.decode(errors="replace"))
+                    if keep.search(text):
+                        os.write(saved[0], text.encode())
+                elif done.is_set():
+                    return
+                else:
+                    time.sleep(0.2)
+
+    t = threading.Thread(target=echo, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        done.set()
+        t.join(timeout=5)
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        log.close()
+
+
 def run_local(data: str | None = None, *, root: str = "runs/local", mlflow_uri: str | None = None,
               seed: int = 0, gate_margin: float = 0.0, gate_tolerance: float = 0.05, synth_train: int = 200,
-              synth_val: int = 50, **params) -> dict:
+              synth_val: int = 50, verbose: bool = False, **params) -> dict:
     """Run the whole DAG with kfp.local's SubprocessRunner on this machine. Returns a summary."""
     from kfp import local
 
@@ -150,8 +201,10 @@ def run_local(data: str | None = None, *, root: str = "runs/local", mlflow_uri: 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=os.path.abspath(root),
                raise_on_error=True)
     t0 = time.perf_counter()
-    build_pipeline(None)(data_uri=data, seed=seed, mlflow_uri=mlflow_uri, gate_margin=gate_margin,
-                         gate_tolerance=gate_tolerance, **args)
+    log_path = os.path.join(os.path.abspath(root), "pipeline.log")
+    with _task_log(log_path, verbose):
+        build_pipeline(None)(data_uri=data, seed=seed, mlflow_uri=mlflow_uri, gate_margin=gate_margin,
+                             gate_tolerance=gate_tolerance, **args)
     elapsed = time.perf_counter() - t0
     mlflow = setup(mlflow_uri, DEFAULT_EXPERIMENT)
     run = mlflow.search_runs(experiment_names=[DEFAULT_EXPERIMENT], filter_string=f"tags.`{PIPELINE_TAG}` = 'pipeline'",
@@ -159,7 +212,8 @@ def run_local(data: str | None = None, *, root: str = "runs/local", mlflow_uri: 
     reports = sorted(glob.glob(os.path.join(os.path.abspath(root), "**", "report.html"), recursive=True),
                      key=os.path.getmtime)
     return {"run_id": run.info.run_id, "metrics": run.data.metrics, "tags": run.data.tags,
-            "report": reports[-1] if reports else None, "seconds": elapsed, "mlflow_uri": mlflow_uri}
+            "report": reports[-1] if reports else None, "seconds": elapsed, "mlflow_uri": mlflow_uri,
+            "log": None if verbose else log_path}
 
 
 @pipeline.command("run-local")
@@ -172,10 +226,11 @@ def run_local(data: str | None = None, *, root: str = "runs/local", mlflow_uri: 
 @click.option("--gate-margin", default=0.0, show_default=True)
 @click.option("--gate-tolerance", default=0.05, show_default=True)
 @click.option("--root", default="runs/local", show_default=True, help="kfp.local pipeline root (artifacts).")
-def run_local_cmd(data, config, iterations, subset_size, val_size, seed, gate_margin, gate_tolerance, root):
+@click.option("--verbose", is_flag=True, help="Show every task's full log (else it goes to ROOT/pipeline.log).")
+def run_local_cmd(data, config, iterations, subset_size, val_size, seed, gate_margin, gate_tolerance, root, verbose):
     """Run the same DAG on this machine (kfp.local, CPU, MLflow sqlite by default)."""
     s = run_local(data, root=root, seed=seed, gate_margin=gate_margin, gate_tolerance=gate_tolerance, config=config,
-                  iterations=iterations, subset_size=subset_size, val_size=val_size)
+                  iterations=iterations, subset_size=subset_size, val_size=val_size, verbose=verbose)
     m, t = s["metrics"], s["tags"]
     click.echo("")
     click.echo(f"pipeline run finished in {s['seconds'] / 60:.1f} min (MLflow run {s['run_id']}, {s['mlflow_uri']})")
@@ -185,4 +240,6 @@ def run_local_cmd(data, config, iterations, subset_size, val_size, seed, gate_ma
     click.echo(f"model: {t.get('model.name')} version {t.get('model.version')}, aliases: {t.get('model.aliases')} "
                f"(gate {'passed' if t.get('gate.promote') == 'True' else 'failed: the champion stays'})")
     click.echo(f"report: {s['report']}")
+    if s["log"]:
+        click.echo(f"full log: {s['log']}")
     click.echo("compare runs: .venv/bin/panoptic runs compare")

@@ -28,7 +28,7 @@ def test_local_pipeline_registers_a_champion_and_gates_the_next(tmp_path, monkey
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    assert client.get_model_version_by_alias("panoptic-fpn", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("panoptic-fpn", "champion").version) == "1"
     children = client.search_runs([client.get_run(first["run_id"]).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{first['run_id']}'")
     stages = {r.data.tags["panoptic.stage"]: r for r in children}
@@ -43,8 +43,8 @@ def test_local_pipeline_registers_a_champion_and_gates_the_next(tmp_path, monkey
     # a second run must beat the champion by 0.5 PQ: the gate fails, the champion stays
     second = run_local(str(tmp_path / "coco"), gate_margin=0.5, **kw)
     assert second["tags"]["model.version"] == "2" and second["tags"]["model.aliases"] == "challenger"
-    assert client.get_model_version_by_alias("panoptic-fpn", "champion").version == "1"
-    assert client.get_model_version_by_alias("panoptic-fpn", "challenger").version == "2"
+    assert str(client.get_model_version_by_alias("panoptic-fpn", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("panoptic-fpn", "challenger").version) == "2"
     reg = client.search_runs([parent.info.experiment_id], filter_string=
                              f"tags.mlflow.parentRunId = '{second['run_id']}' and tags.`panoptic.stage` = 'register'")[0]
     assert reg.data.tags["gate.promote"] == "False" and "margin" in reg.data.tags["gate.reason"]

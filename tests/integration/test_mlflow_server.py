@@ -45,8 +45,8 @@ def test_register_gate_alias_and_predict_on_a_real_server(trained, synth_root, t
         assert second.version == "2" and second.aliases == ["challenger"] and not second.decision.promote
         assert "does not beat" in second.decision.reason
         client = MlflowClient(url)
-        assert client.get_model_version_by_alias("pfpn", "champion").version == "1"
-        assert client.get_model_version_by_alias("pfpn", "challenger").version == "2"
+        assert str(client.get_model_version_by_alias("pfpn", "champion").version) == "1"
+        assert str(client.get_model_version_by_alias("pfpn", "challenger").version) == "2"
         # the artifacts are in S3 (moto), served through the tracking server
         import boto3
         keys = [o["Key"] for o in boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).list_objects_v2(
