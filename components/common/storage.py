@@ -104,6 +104,18 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
+def read_json_doc(uri: str, default_name: str, missing_hint: str):
+    """A JSON document given its file or the folder holding ``default_name``; a missing one is a
+    FileNotFoundError naming the path and ``missing_hint`` (how to make it)."""
+    import json
+
+    if not uri.endswith(".json"):
+        uri = join(uri, default_name)
+    if not exists(uri):
+        raise FileNotFoundError(f"{uri}: {missing_hint}")
+    return uri, json.loads(read_text(uri))
+
+
 def size(uri: str) -> int:
     fs, path = resolve(uri)
     return fs.get_file_info(path).size

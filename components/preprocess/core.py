@@ -280,11 +280,7 @@ def _count_kinds(quarantine: list[dict]) -> dict[str, int]:
 
 def load_index(uri: str) -> dict:
     """Read ``index.json``; ``uri`` may be the file or the shard folder."""
-    if not uri.endswith(".json"):
-        uri = storage.join(uri, "index.json")
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri}: shard index not found (run `panoptic preprocess` first)")
-    index = json.loads(storage.read_text(uri))
+    uri, index = storage.read_json_doc(uri, "index.json", "shard index not found (run `panoptic preprocess` first)")
     if index.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{uri}: schema_version {index.get('schema_version')} but this code reads "
                          f"{SCHEMA_VERSION}; re-run `panoptic preprocess`")

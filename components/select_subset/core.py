@@ -230,11 +230,7 @@ def select_subset(cfg: SubsetConfig, source: str, split: str, out: str) -> Subse
 
 def load_manifest(uri: str) -> dict:
     """Read a manifest; ``uri`` may be the file or the folder holding ``manifest.json``."""
-    if not uri.endswith(".json"):
-        uri = storage.join(uri, "manifest.json")
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri}: manifest not found (run `panoptic subset` first)")
-    manifest = json.loads(storage.read_text(uri))
+    uri, manifest = storage.read_json_doc(uri, "manifest.json", "manifest not found (run `panoptic subset` first)")
     claimed = manifest.pop("manifest_hash", None)
     if claimed != canonical_hash(manifest):
         raise ValueError(f"{uri}: manifest_hash does not match its content (edited by hand?); "
