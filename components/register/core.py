@@ -1,8 +1,8 @@
 """Stage 5: register the model in MLflow, alias it ``challenger``, and gate promotion to ``champion``.
 
-The gate: a new version becomes ``champion`` only if its PQ beats the champion's by at least
-``margin`` and no category's PQ drops by more than ``tolerance`` (both in PQ points, 0-1
-scale). The first version becomes champion. The decision and the per-category deltas are
+The gate: a new version becomes ``champion`` only if its PQ beats the champion's by more than
+``margin`` (strictly: a tie never moves the alias) and no category's PQ drops by more than
+``tolerance`` (both in PQ points, 0-1 scale). The first version becomes champion. The decision and the per-category deltas are
 logged (``gate.json`` and tags on the run and the model version).
 """
 
@@ -50,13 +50,13 @@ def gate(pq: float, per_class: dict[str, float], champion_pq: float | None, cham
     deltas = {c: per_class.get(c, 0.0) - v for c, v in champion_per_class.items()}
     deltas.update({c: v for c, v in per_class.items() if c not in champion_per_class})
     worst = min(deltas.items(), key=lambda kv: kv[1], default=(None, 0.0))
-    if pq < champion_pq + margin:
-        reason = f"PQ {pq:.4f} does not beat the champion's {champion_pq:.4f} by the margin {margin:.4f}"
+    if pq <= champion_pq + margin:
+        reason = f"PQ {pq:.4f} does not beat the champion's {champion_pq:.4f} by more than the margin {margin:.4f}"
         return GateDecision(False, reason, champion_version, pq, champion_pq, deltas)
     if worst[1] < -tolerance:
         reason = (f"category {worst[0]} drops by {-worst[1]:.4f} PQ, more than the tolerance {tolerance:.4f}")
         return GateDecision(False, reason, champion_version, pq, champion_pq, deltas)
-    reason = f"PQ {pq:.4f} beats {champion_pq:.4f} by >= {margin:.4f}; no category drops more than {tolerance:.4f}"
+    reason = f"PQ {pq:.4f} beats {champion_pq:.4f} by more than {margin:.4f}; no category drops more than {tolerance:.4f}"
     return GateDecision(True, reason, champion_version, pq, champion_pq, deltas)
 
 
