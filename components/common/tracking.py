@@ -91,7 +91,7 @@ def shard_hash(index: dict) -> str:
     return hashlib.sha256(json.dumps([s["sha256"] for s in index["shards"]]).encode()).hexdigest()
 
 
-def metric_logger(prefix: str = "", parent_run_id: str | None = None):
+def metric_logger(prefix: str = ""):
     """A ``(metrics, step)`` callback logging numbers to the active MLflow run."""
     import mlflow
 

@@ -78,7 +78,6 @@ def register(model_uri: str, eval_dir: str, *, name: str = MODEL_NAME, margin: f
     ``challenger``, decide the gate against the current ``champion`` and (if ``promote``)
     move ``champion`` when the gate passes. ``eval_dir`` holds ``metrics.json`` from
     ``panoptic evaluate``."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from components.register.pyfunc import log_pyfunc
@@ -119,7 +118,6 @@ def register(model_uri: str, eval_dir: str, *, name: str = MODEL_NAME, margin: f
         aliases.append("champion")
     log_parent(parent_run_id, tags={"model.name": name, "model.version": version,
                                     "model.aliases": ",".join(aliases), "gate.promote": decision.promote}, uri=uri)
-    del mlflow
     return RegisterResult(name, version, run_id, aliases, decision)
 
 

@@ -20,7 +20,7 @@ def _files(folder):
 def test_shards_are_byte_identical_and_rows_complete(synth_root, tmp_path):
     m = _manifest(synth_root, tmp_path)
     a = preprocess(PreprocessConfig(shard_images=5, workers=2), m, str(tmp_path / "a"), progress=False)
-    b = preprocess(PreprocessConfig(shard_images=5, workers=0), m, str(tmp_path / "b"), progress=False)
+    preprocess(PreprocessConfig(shard_images=5, workers=0), m, str(tmp_path / "b"), progress=False)
     fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert list(fa) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "part-00003.parquet"]
     assert fa == fb

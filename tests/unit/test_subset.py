@@ -8,7 +8,7 @@ from components.select_subset.core import SubsetConfig, load_manifest, select_su
 def test_manifest_is_deterministic_and_hashed(synth_root, tmp_path):
     cfg = SubsetConfig(size=10, strategy="random", seed=4)
     a = select_subset(cfg, synth_root, "train2017", str(tmp_path / "a"))
-    b = select_subset(cfg, synth_root, "train2017", str(tmp_path / "b"))
+    select_subset(cfg, synth_root, "train2017", str(tmp_path / "b"))
     assert (tmp_path / "a/manifest.json").read_bytes() == (tmp_path / "b/manifest.json").read_bytes()
     assert (tmp_path / "a/category_histogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(a.image_ids) == 10 and a.image_ids == sorted(a.image_ids)
