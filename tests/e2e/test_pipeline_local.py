@@ -48,3 +48,15 @@ def test_local_pipeline_registers_a_champion_and_gates_the_next(tmp_path, monkey
     reg = client.search_runs([parent.info.experiment_id], filter_string=
                              f"tags.mlflow.parentRunId = '{second['run_id']}' and tags.`panoptic.stage` = 'register'")[0]
     assert reg.data.tags["gate.promote"] == "False" and "margin" in reg.data.tags["gate.reason"]
+
+    # runs compare: both pipeline runs, current aliases from the registry
+    import csv
+    import io
+
+    from components.register.compare import compare_runs
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    rows = list(csv.DictReader(io.StringIO(compare_runs(as_csv=True))))
+    assert {r["version"]: r["aliases"] for r in rows} == {"1": "champion", "2": "challenger"}
+    assert all(float(r["PQ"]) >= 0 for r in rows)
+    assert "PQ" in compare_runs().splitlines()[0]
