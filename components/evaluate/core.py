@@ -70,9 +70,7 @@ def evaluate(model_uri: str, shards: str, out: str, cfg: EvalConfig = EvalConfig
     device = pick_device(cfg.device)
     model, mcfg, cats = load_model(model_uri, device)
     categories = {c["id"]: c for c in cats.to_json()}
-    aug = AugConfig(min_size_train=tuple(mcfg.input.min_size_train), max_size_train=mcfg.input.max_size_train,
-                    min_size_test=mcfg.input.min_size_test, max_size_test=mcfg.input.max_size_test)
-    dataset = ShardDataset(shards, cats, aug, train=False, with_gt=True, rank=0, world_size=1)
+    dataset = ShardDataset(shards, cats, AugConfig.from_input(mcfg.input), train=False, with_gt=True, rank=0, world_size=1)
     total = min(len(dataset), cfg.max_images or len(dataset))
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate)
 

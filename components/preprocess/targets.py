@@ -28,6 +28,12 @@ class AugConfig:
     max_size_test: int = 1333
     flip_prob: float = 0.5
 
+    @staticmethod
+    def from_input(inp) -> "AugConfig":
+        """From a model config's ``input`` section (``components.model.config.InputConfig``)."""
+        return AugConfig(min_size_train=tuple(inp.min_size_train), max_size_train=inp.max_size_train,
+                         min_size_test=inp.min_size_test, max_size_test=inp.max_size_test, flip_prob=inp.flip_prob)
+
 
 def output_shape(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
     """detectron2's ResizeShortestEdge.get_output_shape: scale the short side to ``short``,

@@ -224,10 +224,7 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
 
-    aug = AugConfig(min_size_train=tuple(cfg.input.min_size_train), max_size_train=cfg.input.max_size_train,
-                    min_size_test=cfg.input.min_size_test, max_size_test=cfg.input.max_size_test,
-                    flip_prob=cfg.input.flip_prob)
-    dataset = ShardDataset(shards, categories, aug, train=True, infinite=True, seed=cfg.seed,
+    dataset = ShardDataset(shards, categories, AugConfig.from_input(cfg.input), train=True, infinite=True, seed=cfg.seed,
                            shuffle_buffer=cfg.data.shuffle_buffer, rank=rank, world_size=world)
     dataset.resume_after(start, per_rank)
     loader = DataLoader(dataset, batch_size=per_rank, num_workers=cfg.data.num_workers, collate_fn=collate,
