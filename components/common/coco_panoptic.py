@@ -289,18 +289,56 @@ def segment_index_map(ids: np.ndarray, segment_ids) -> np.ndarray:
     return np.where(found, order[pos], -1).astype(np.int32).reshape(ids.shape)
 
 
-def index_areas_and_boxes(index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Areas (k,) and COCO boxes (k, 4) ``[x, y, w, h]`` of every segment of an index map, in one
-    counting pass (``bincount`` over (segment, row) and (segment, column)). Absent -> area 0."""
-    h, w = index.shape
-    valid = index >= 0
-    seg = index[valid].astype(np.int64)
-    ys, xs = np.nonzero(valid)
-    areas = np.bincount(seg, minlength=k)[:k]
-    rows = np.bincount(seg * h + ys, minlength=k * h)[: k * h].reshape(k, h) > 0
-    cols = np.bincount(seg * w + xs, minlength=k * w)[: k * w].reshape(k, w) > 0
-    y0, y1 = rows.argmax(1), h - 1 - rows[:, ::-1].argmax(1)
-    x0, x1 = cols.argmax(1), w - 1 - cols[:, ::-1].argmax(1)
-    boxes = np.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], 1)
-    boxes[areas == 0] = 0
-    return areas, boxes
+def _row_runs(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Starts (flat indices) and ids of runs of equal ids along the rows of an (H, W) id map or an
+    (H, W, 3) uint8 panoptic RGB image. Runs never cross a row end; a long run may come split in
+    two (harmless: every caller sums or takes extremes over runs)."""
+    h, w = pixels.shape[:2]
+    n = h * w
+    head = np.empty(n, bool)
+    head[0] = True
+    if pixels.ndim == 3 and pixels.dtype == np.uint8 and pixels.flags.c_contiguous and n >= 2:
+        # Compare each pixel's bytes read as a uint32 (its RGB and the next pixel's R; see
+        # rgb2id): equal words mean equal pixels, and a spurious inequality only splits a run.
+        words = np.ndarray((n - 1,), dtype="<u4", buffer=pixels, strides=(3,))
+        np.not_equal(words[1:], words[:-1], out=head[1:n - 1])
+        head[n - 1] = True
+        head[::w] = True
+        starts = np.flatnonzero(head)
+        run_ids = np.empty(len(starts), np.uint32)
+        np.bitwise_and(words[starts[:-1]], 0xFFFFFF, out=run_ids[:-1])
+        r, g, b = (int(v) for v in pixels.reshape(-1, 3)[-1])
+        run_ids[-1] = r + (g << 8) + (b << 16)
+        return starts, run_ids
+    flat = rgb2id(pixels).ravel() if pixels.ndim == 3 else np.ascontiguousarray(pixels).ravel()
+    np.not_equal(flat[1:], flat[:-1], out=head[1:])
+    head[::w] = True
+    starts = np.flatnonzero(head)
+    return starts, flat[starts].astype(np.uint32, copy=False)
+
+
+def segment_stats(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every id present in an (H, W) id map (or an (H, W, 3) panoptic RGB image), with its pixel
+    count and COCO box ``[x, y, w, h]``.
+
+    Returns ``(present (n,) sorted, areas (n,), boxes (n, 4))``; VOID (0) is included when
+    present. Works on the row runs of equal ids (a panoptic PNG has a few thousand of them, not
+    a few hundred thousand pixels), so it costs one comparison pass over the pixels.
+    """
+    h, w = pixels.shape[:2]
+    if h == 0 or w == 0:
+        return np.zeros(0, np.uint32), np.zeros(0, np.int64), np.zeros((0, 4), np.int64)
+    starts, run_ids = _row_runs(pixels)
+    lengths = np.diff(starts, append=h * w)
+    ys, x0 = np.divmod(starts, w)
+    present, inverse = np.unique(run_ids, return_inverse=True)
+    k = len(present)
+    areas = np.bincount(inverse, weights=lengths, minlength=k).astype(np.int64)
+    xmin, ymin = np.full(k, w, np.int64), np.full(k, h, np.int64)
+    xmax, ymax = np.zeros(k, np.int64), np.zeros(k, np.int64)
+    np.minimum.at(xmin, inverse, x0)
+    np.maximum.at(xmax, inverse, x0 + lengths - 1)
+    np.minimum.at(ymin, inverse, ys)
+    np.maximum.at(ymax, inverse, ys)
+    boxes = np.stack([xmin, ymin, xmax - xmin + 1, ymax - ymin + 1], 1).astype(np.int64)
+    return present, areas, boxes

@@ -92,6 +92,15 @@ def listdir(uri: str) -> list[str]:
 
 
 def read_bytes(uri: str) -> bytes:
+    if not is_remote(uri):  # the common case, without a pyarrow stream per file
+        path = resolve(uri)[1]
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except IsADirectoryError as e:
+            raise IsADirectoryError(f"{uri}: is a folder, not a file") from e
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{uri}: no such file") from e
     fs, path = resolve(uri)
     try:
         with fs.open_input_stream(path) as f:

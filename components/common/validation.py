@@ -15,8 +15,9 @@ import numpy as np
 from tqdm import tqdm
 
 from components.common import storage
-from components.common.coco_panoptic import (VOID, CategoryMaps, PanopticSplit, check_image_decodes, decode_png,
-                                             index_areas_and_boxes, load_split, segment_index_map)
+from components.common.coco_panoptic import (VOID, CategoryMaps, PanopticSplit, check_image_decodes, decode_png_rgb,
+                                             load_split, segment_stats)
+from components.common.jpeg_check import JpegStructureError, check_jpeg_structure
 
 # What each kind of problem means for the user: how to fix it.
 FIXES = {
@@ -57,7 +58,8 @@ class Problem:
 def check_sample(image: dict, annotation: dict | None, image_bytes: bytes | None, png_bytes: bytes | None,
                  categories: CategoryMaps, image_name: str, png_name: str,
                  check_geometry: bool = True) -> tuple[list[Problem], np.ndarray | None]:
-    """Check one sample. Returns ``(problems, ids)``; ``ids`` is the decoded PNG id map or None.
+    """Check one sample. Returns ``(problems, rgb)``; ``rgb`` is the decoded (H, W, 3) panoptic
+    PNG (``rgb2id`` turns it into ids) or None.
 
     ``check_geometry`` also compares each segment's area and bbox with the PNG (the
     validator does; the quarantine gate may skip it since area/bbox are recomputed later).
@@ -75,7 +77,7 @@ def check_sample(image: dict, annotation: dict | None, image_bytes: bytes | None
         bad(image_name, "missing_image", "file not found")
     else:
         try:
-            h_img, w_img = check_image_decodes(image_bytes, image_name)
+            h_img, w_img = image_decodable_size(image_bytes, image_name)
             if (h_img, w_img) != (image.get("height"), image.get("width")):
                 bad(image_name, "size_mismatch", f"image is {h_img}x{w_img} (HxW) but the JSON says "
                                                  f"{image.get('height')}x{image.get('width')}")
@@ -85,12 +87,12 @@ def check_sample(image: dict, annotation: dict | None, image_bytes: bytes | None
         bad(png_name, "missing_png", "file not found")
         return problems, None
     try:
-        ids = decode_png(png_bytes, png_name)
+        rgb = decode_png_rgb(png_bytes, png_name)
     except ValueError as e:
         bad(png_name, "corrupt_png", str(e).split(": ", 1)[-1])
         return problems, None
-    if ids.shape != (image.get("height"), image.get("width")):
-        bad(png_name, "size_mismatch", f"PNG is {ids.shape[0]}x{ids.shape[1]} (HxW) but the image is "
+    if rgb.shape[:2] != (image.get("height"), image.get("width")):
+        bad(png_name, "size_mismatch", f"PNG is {rgb.shape[0]}x{rgb.shape[1]} (HxW) but the image is "
                                        f"{image.get('height')}x{image.get('width')}")
 
     segments = annotation.get("segments_info", [])
@@ -98,27 +100,38 @@ def check_sample(image: dict, annotation: dict | None, image_bytes: bytes | None
     for seg_id, n in Counter(seg_ids).items():
         if n > 1:
             bad(png_name, "duplicate_segment_id", f"segment id {seg_id} is listed {n} times")
-    index = segment_index_map(ids, seg_ids)
-    unlisted = ids[(index < 0) & (ids != VOID)]
-    if unlisted.size:
-        for seg_id, n in zip(*np.unique(unlisted, return_counts=True)):
-            bad(png_name, "id_not_in_segments_info", f"id {int(seg_id)} covers {int(n)} px but is not in segments_info")
-    areas, boxes = index_areas_and_boxes(index, len(segments))
-    for k, s in enumerate(segments):
+    present, areas, boxes = segment_stats(rgb)
+    listed = set(seg_ids)
+    for seg_id, n in zip(present.tolist(), areas.tolist()):
+        if seg_id != VOID and seg_id not in listed:
+            bad(png_name, "id_not_in_segments_info", f"id {seg_id} covers {n} px but is not in segments_info")
+    where = {seg_id: k for k, seg_id in enumerate(present.tolist())}
+    for s in segments:
         seg_id, cat = int(s["id"]), s.get("category_id")
         if cat not in categories.by_id:
             bad(png_name, "unknown_category", f"segment {seg_id} has category_id {cat}, not in `categories`")
-        if areas[k] == 0:
-            # a duplicated id maps its pixels to one entry only; the duplicate is reported above
-            if seg_ids.count(seg_id) == 1:
-                bad(png_name, "segment_not_in_png", f"segment {seg_id} (category {cat}) has no pixel in the PNG")
+        k = where.get(seg_id) if seg_id != VOID else None
+        if k is None:
+            bad(png_name, "segment_not_in_png", f"segment {seg_id} (category {cat}) has no pixel in the PNG")
             continue
         if check_geometry:
             if "area" in s and int(s["area"]) != int(areas[k]):
                 bad(png_name, "area_mismatch", f"segment {seg_id}: area {s['area']} in JSON, {int(areas[k])} px in PNG")
             if "bbox" in s and [int(round(v)) for v in s["bbox"]] != boxes[k].tolist():
                 bad(png_name, "bbox_mismatch", f"segment {seg_id}: bbox {s['bbox']} in JSON, {boxes[k].tolist()} in PNG")
-    return problems, ids
+    return problems, rgb
+
+
+def image_decodable_size(data: bytes, name: str) -> tuple[int, int]:
+    """(height, width) of an image that decodes; ValueError naming ``name`` otherwise.
+
+    JPEGs get the structural parse first (~20 us); only a file it cannot vouch for is decoded,
+    so the verdict on a doubtful file is the decoder's own (see components/common/jpeg_check.py).
+    """
+    try:
+        return check_jpeg_structure(data)
+    except JpegStructureError:
+        return check_image_decodes(data, name)
 
 
 def read_or_none(uri: str) -> bytes | None:

@@ -93,16 +93,31 @@ def test_storage_atomic_write_and_listing(tmp_path):
     assert storage.resolve("file://" + uri)[1] == os.path.abspath(uri)
 
 
-def test_index_map_and_counting_pass_match_per_segment_masks():
-    from components.common.coco_panoptic import index_areas_and_boxes, segment_index_map
+def test_index_map_and_run_stats_match_per_segment_masks():
+    from components.common.coco_panoptic import segment_index_map, segment_stats
     rng = np.random.default_rng(5)
     ids = rng.choice(np.array([0, 7, 300000, 12, 99], np.uint32), size=(41, 57))
     ids[:5, :5] = 5  # an id nobody listed
+    ids[10:20, 30:] = 12  # runs that end at the row end and restart on the next row
     listed = [12, 300000, 7, 99, 4242]  # 4242 has no pixel
     index = segment_index_map(ids, listed)
     assert (index[ids == 5] == -1).all() and (index[ids == 0] == -1).all()
-    areas, boxes = index_areas_and_boxes(index, len(listed))
     for k, seg_id in enumerate(listed):
+        assert ((index == k) == (ids == seg_id)).all()
+    present, areas, boxes = segment_stats(ids)
+    assert present.tolist() == [0, 5, 7, 12, 99, 300000]
+    for seg_id, area, box in zip(present.tolist(), areas.tolist(), boxes.tolist()):
         m = ids == seg_id
-        assert areas[k] == m.sum()
-        assert boxes[k].tolist() == (bbox_of(m) if m.any() else [0, 0, 0, 0])
+        assert area == m.sum() and box == bbox_of(m)
+    # straight from the PNG's RGB (the byte-word comparison) and from a non-contiguous RGB view
+    rgb = id2rgb(ids)
+    for pixels in (rgb, np.concatenate([rgb, rgb[..., :1]], -1)[..., :3]):
+        got = segment_stats(pixels)
+        assert all(np.array_equal(a, b) for a, b in zip(got, (present, areas, boxes)))
+    # one column and one row images: every pixel is its own row / one long run
+    for shape in ((7, 1), (1, 9)):
+        col = np.array([3, 3, 0, 3, 9, 9, 3, 3, 3][: max(shape)], np.uint32).reshape(shape)
+        present, areas, boxes = segment_stats(col)
+        assert all(np.array_equal(a, b) for a, b in zip(segment_stats(id2rgb(col)), (present, areas, boxes)))
+        for seg_id, area, box in zip(present.tolist(), areas.tolist(), boxes.tolist()):
+            assert area == (col == seg_id).sum() and box == bbox_of(col == seg_id)
