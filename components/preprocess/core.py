@@ -19,9 +19,11 @@ from __future__ import annotations
 import io
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 import multiprocessing as mp
+import queue
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -30,10 +32,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from components.common import storage
-from components.common.coco_panoptic import CategoryMaps, bbox_of, encode_png, load_split
+from components.common.coco_panoptic import CategoryMaps, bbox_of, encode_png, load_split, rgb2id
 from components.common.validation import check_sample, read_or_none
 from components.preprocess.records import COMPRESSION, SCHEMA, SCHEMA_VERSION
 from components.select_subset.core import canonical_hash, load_manifest, sha256_bytes
+
+
+# Source reads in flight per shard writer: a few for local files (the page cache or a disk),
+# more for S3, where each GET waits on the network.
+IO_THREADS_LOCAL = 2
+IO_THREADS_REMOTE = 16
 
 
 class DataQualityError(RuntimeError):
@@ -48,7 +56,8 @@ class PreprocessConfig:
         shard_images: images per shard (e.g. 500 for COCO: about 80 MB of JPEG+PNG).
         max_side: if set, images with a longer side are resized (JPEG re-encoded, PNG nearest).
         max_bad_fraction: fail the stage when more than this fraction of samples is quarantined.
-        workers: processes; 0 = work in this process.
+        workers: shard writers working at once: this process and ``workers - 1`` spawned
+            processes (0 or 1: this process alone).
         row_group_images: Parquet row-group size; the reader splits work by row group.
     """
 
@@ -107,23 +116,32 @@ def _resize(image_bytes: bytes, ids: np.ndarray, segments: list[dict], max_side:
     return buf.getvalue(), encode_png(new_ids), nh, nw, kept
 
 
-def _write_shard(job: dict) -> dict:
-    """Check, convert and write one shard. Runs in a worker process."""
+def _source_uris(job: dict, image: dict | None, ann: dict | None) -> tuple[str, str]:
+    if image is None:
+        return "", ""
+    image_uri = storage.join(job["source"], job["split"], image["file_name"])
+    png_uri = storage.join(job["source"], "annotations", f"panoptic_{job['split']}", ann["file_name"]) if ann else ""
+    return image_uri, png_uri
+
+
+def _read_pair(uris: tuple[str, str]) -> tuple[bytes | None, bytes | None]:
+    return tuple(read_or_none(u) if u else None for u in uris)
+
+
+def _check_and_collect(job: dict, uris: list, contents) -> tuple[dict, list]:
+    """Run the quality gate on each sample of a shard: returns the good ones as Parquet columns
+    and the quarantine entries of the bad ones (``contents`` yields (image, PNG) bytes in order)."""
     cfg = PreprocessConfig(**job["cfg"])
     categories = CategoryMaps.from_json(job["categories"])
     rows = {k: [] for k in SCHEMA.names}
     quarantine = []
-    for image_id, image, ann in job["samples"]:
+    for (image_id, image, ann), (image_uri, png_uri), (image_bytes, png_bytes) in zip(job["samples"], uris, contents):
         if image is None:
             quarantine.append({"image_id": image_id, "file": job["json_uri"], "reasons": [
                 {"kind": "missing_image", "message": "image id from the manifest is not in the split's `images`",
                  "fix": "re-run `panoptic subset` against this annotation file"}]})
             continue
-        image_uri = storage.join(job["source"], job["split"], image["file_name"])
-        png_uri = storage.join(job["source"], "annotations", f"panoptic_{job['split']}", ann["file_name"]) if ann else ""
-        image_bytes = read_or_none(image_uri)
-        png_bytes = read_or_none(png_uri) if ann else None
-        problems, ids = check_sample(image, ann, image_bytes, png_bytes, categories, image_uri, png_uri)
+        problems, rgb = check_sample(image, ann, image_bytes, png_bytes, categories, image_uri, png_uri)
         if problems:
             quarantine.append({"image_id": image_id, "file": problems[0].file,
                                "reasons": [p.to_json() for p in problems]})
@@ -133,7 +151,7 @@ def _write_shard(job: dict) -> dict:
                     for s in ann["segments_info"]]
         h, w = int(image["height"]), int(image["width"])
         if cfg.max_side and max(h, w) > cfg.max_side:
-            image_bytes, png_bytes, h, w, segments = _resize(image_bytes, ids, segments, cfg.max_side, cfg.jpeg_quality)
+            image_bytes, png_bytes, h, w, segments = _resize(image_bytes, rgb2id(rgb), segments, cfg.max_side, cfg.jpeg_quality)
         rows["image_id"].append(image_id)
         rows["file_name"].append(image["file_name"])
         rows["height"].append(h)
@@ -141,6 +159,23 @@ def _write_shard(job: dict) -> dict:
         rows["image"].append(image_bytes)
         rows["panoptic_png"].append(png_bytes)
         rows["segments_info"].append(segments)
+    return rows, quarantine
+
+
+def _write_shard(job: dict) -> dict:
+    """Check, convert and write one shard (in this process or a worker process).
+
+    The source files are read ahead by a few threads (file and S3 reads release the GIL), so
+    the checks of one sample overlap the reads of the next ones.
+    """
+    cfg = PreprocessConfig(**job["cfg"])
+    uris = [_source_uris(job, image, ann) for _, image, ann in job["samples"]]
+    threads = IO_THREADS_REMOTE if storage.is_remote(job["source"]) else IO_THREADS_LOCAL
+    io_pool = ThreadPoolExecutor(max_workers=threads)
+    try:
+        rows, quarantine = _check_and_collect(job, uris, io_pool.map(_read_pair, uris))
+    finally:
+        io_pool.shutdown(cancel_futures=True)
 
     table = pa.Table.from_pydict(rows, schema=SCHEMA)
     buf = pa.BufferOutputStream()
@@ -164,8 +199,11 @@ def _finished(out: str, job: dict) -> dict | None:
     shard_uri = storage.join(out, name)
     if not (storage.exists(marker_uri) and storage.exists(shard_uri)):
         return None
-    marker = json.loads(storage.read_text(marker_uri))
-    if marker.get("plan_hash") != job["plan_hash"]:
+    try:
+        marker = json.loads(storage.read_text(marker_uri))
+    except ValueError:  # a marker torn by a machine crash: write the shard again
+        return None
+    if not isinstance(marker, dict) or marker.get("plan_hash") != job["plan_hash"]:
         return None
     if storage.size(shard_uri) != marker["bytes"] or sha256_bytes(storage.read_bytes(shard_uri)) != marker["sha256"]:
         return None
@@ -223,18 +261,13 @@ def preprocess(cfg: PreprocessConfig, manifest_uri: str, out: str, source: str |
 
     bar = tqdm(total=len(ids), desc="preprocess", unit="img", disable=not progress,
                initial=sum(m["images_in"] for m in markers.values()))
-    if cfg.workers > 0 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_write_shard, job): job for job in todo}
-            for fut in as_completed(futures):
-                marker = fut.result()
-                markers[futures[fut]["k"]] = marker
-                bar.update(marker["images_in"])
-    else:
-        for job in todo:
-            marker = _write_shard(job)
-            markers[job["k"]] = marker
-            bar.update(marker["images_in"])
+
+    def finished(marker: dict) -> None:
+        markers[marker_k[marker["shard"]]] = marker
+        bar.update(marker["images_in"])
+
+    marker_k = {shard_name(job["k"]): job["k"] for job in todo}
+    _run_jobs(todo, cfg.workers, finished)
     bar.close()
 
     shards = [markers[k] for k in sorted(markers)]
@@ -268,6 +301,71 @@ def preprocess(cfg: PreprocessConfig, manifest_uri: str, out: str, source: str |
             f"{index['quarantine_by_kind']}. See {storage.join(out, 'quarantine.jsonl')}; fix the data "
             f"(`panoptic data validate`) or raise --max-bad-fraction.")
     return result
+
+
+def _run_jobs(todo: list[dict], workers: int, finished) -> None:
+    """Write the shards of ``todo``, ``workers`` at a time: this process is one of the writers
+    (a thread, so it starts at once) and ``workers - 1`` spawned processes are the others. Jobs
+    go to whichever writer is free; ``finished(marker)`` is called in this thread as each ends.
+    """
+    jobs = iter(todo)
+    lock = threading.Lock()
+    stop = threading.Event()  # set when a writer failed: hand out no more jobs
+
+    def next_job():
+        with lock:
+            return None if stop.is_set() else next(jobs, None)
+
+    if workers <= 1 or len(todo) <= 1:
+        for job in jobs:
+            finished(_write_shard(job))
+        return
+    local_done: queue.Queue = queue.Queue()
+
+    def local_writer():
+        try:
+            while (job := next_job()) is not None:
+                local_done.put(("ok", _write_shard(job)))
+        except BaseException as e:  # handed to the main thread, which raises it
+            local_done.put(("error", e))
+        local_done.put(("end", None))
+
+    thread = threading.Thread(target=local_writer, name="preprocess-local-writer", daemon=True)
+    thread.start()
+    try:
+        _collect(workers, next_job, local_done, finished)
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        thread.join()
+
+
+def _collect(workers: int, next_job, local_done: queue.Queue, finished) -> None:
+    """The main thread's part of ``_run_jobs``: keep the processes fed, report every result."""
+    local_running = True
+    with ProcessPoolExecutor(max_workers=workers - 1, mp_context=mp.get_context("spawn")) as pool:
+        running = set()
+        for _ in range(workers - 1):
+            if (job := next_job()) is not None:
+                running.add(pool.submit(_write_shard, job))
+        while running or local_running:
+            done, running = wait(running, timeout=0.05, return_when=FIRST_COMPLETED) if running else (set(), set())
+            for fut in done:
+                finished(fut.result())
+                if (job := next_job()) is not None:
+                    running.add(pool.submit(_write_shard, job))
+            while True:
+                try:
+                    kind, value = local_done.get(block=not running, timeout=None if running else 0.05)
+                except queue.Empty:
+                    break
+                if kind == "error":
+                    raise value
+                if kind == "end":
+                    local_running = False
+                    break
+                finished(value)
 
 
 def _count_kinds(quarantine: list[dict]) -> dict[str, int]:

@@ -19,7 +19,8 @@ def _files(folder):
 
 def test_shards_are_byte_identical_and_rows_complete(synth_root, tmp_path):
     m = _manifest(synth_root, tmp_path)
-    a = preprocess(PreprocessConfig(shard_images=5, workers=2), m, str(tmp_path / "a"), progress=False)
+    # 3 writers: this process and 2 spawned ones, taking jobs as they free up
+    a = preprocess(PreprocessConfig(shard_images=5, workers=3), m, str(tmp_path / "a"), progress=False)
     preprocess(PreprocessConfig(shard_images=5, workers=0), m, str(tmp_path / "b"), progress=False)
     fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert list(fa) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "part-00003.parquet"]
@@ -35,6 +36,17 @@ def test_shards_are_byte_identical_and_rows_complete(synth_root, tmp_path):
     assert index["source_manifest_hash"] == json.load(open(m))["manifest_hash"]
 
 
+@pytest.mark.parametrize("broken", [0, 3])
+def test_a_failing_writer_fails_the_stage_and_names_the_file(synth_root, tmp_path, broken):
+    """Whichever writer (this process or a spawned one) fails, the error reaches the caller."""
+    m = _manifest(synth_root, tmp_path)
+    out = tmp_path / "s"
+    (out / f"part-{broken:05d}.parquet").mkdir(parents=True)  # a folder where the shard must go
+    with pytest.raises(OSError, match=f"part-{broken:05d}.parquet"):
+        preprocess(PreprocessConfig(shard_images=4, workers=2), m, str(out), progress=False)
+    assert not (out / "index.json").exists()
+
+
 def test_rerun_after_crash_skips_complete_shards_and_replaces_the_rest(synth_root, tmp_path):
     m = _manifest(synth_root, tmp_path)
     out = tmp_path / "s"
@@ -42,13 +54,16 @@ def test_rerun_after_crash_skips_complete_shards_and_replaces_the_rest(synth_roo
     preprocess(cfg, m, str(out), progress=False)
     good = _files(out)
     # a crash: shard 1 never finished (half-written temp file, no marker, no final file),
-    # shard 2 was truncated on disk after its marker was written
+    # shard 2 was truncated on disk after its marker was written, shard 3's marker is torn
+    # (what a power cut can leave of a file renamed before its pages reached the disk)
     os.remove(out / "part-00001.parquet")
     os.remove(out / "_done" / "part-00001.json")
     (out / ".tmp-deadbeef-part-00001.parquet").write_bytes(good["part-00001.parquet"][:100])
     (out / "part-00002.parquet").write_bytes(good["part-00002.parquet"][:-50])
+    marker3 = out / "_done" / "part-00003.json"
+    marker3.write_bytes(marker3.read_bytes()[:20])
     r = preprocess(cfg, m, str(out), progress=False)
-    assert r.skipped_shards == 2
+    assert r.skipped_shards == 1
     assert _files(out) == good
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
     # and a third run has nothing to do
