@@ -194,8 +194,10 @@ def validate(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: model.input_format must be RGB or BGR")
     if len(m.pixel_mean) != 3 or len(m.pixel_std) != 3:
         raise ConfigError(f"{source}: model.pixel_mean and model.pixel_std need 3 values")
+    if s.amp is False:  # YAML 1.1 reads a bare `off` (`amp: off`, `--set solver.amp=off`) as false
+        s.amp = "off"
     if s.amp not in ("off", "bf16", "fp16"):
-        raise ConfigError(f"{source}: solver.amp must be off, bf16 or fp16")
+        raise ConfigError(f"{source}: solver.amp must be off, bf16 or fp16, not {s.amp!r}")
     if s.ims_per_batch < 1 or s.max_iter < 1:
         raise ConfigError(f"{source}: solver.ims_per_batch and solver.max_iter must be >= 1")
     if list(s.steps) != sorted(s.steps):

@@ -108,11 +108,12 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    # the generators take CPU byte tensors, wherever the checkpoint was mapped
+    torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
 
 
 def save_checkpoint(output: str, iteration: int, model, optimizer, scheduler, scaler, cfg: Config) -> str:
@@ -210,7 +211,9 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
     start = 0
     ckpt_uri = latest_checkpoint(output) if resume else None
     if ckpt_uri:
-        ckpt = torch.load(io.BytesIO(storage.read_bytes(ckpt_uri)), map_location=dev, weights_only=False)
+        # loaded on the CPU: load_state_dict copies into the model's and optimizer's devices, and
+        # the RNG states must stay CPU tensors (a GPU map broke resume on CUDA)
+        ckpt = torch.load(io.BytesIO(storage.read_bytes(ckpt_uri)), map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

@@ -148,3 +148,6 @@ def test_config_files_and_errors(tmp_path):
         load_config(str(bad))
     with pytest.raises(ConfigError, match="solver.amp must be"):
         load_config("tiny", {"solver": {"amp": "fp8"}})
+    # YAML reads a bare `off` as false: the override users type must still mean "off"
+    assert load_config("tiny", parse_overrides(["solver.amp=off"])).solver.amp == "off"
+    assert load_config("tiny", parse_overrides(["solver.amp=bf16"])).solver.amp == "bf16"
