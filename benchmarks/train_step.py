@@ -1,10 +1,11 @@
 """Median train-step time of Panoptic FPN: r50_1x (and tiny) on CPU, and on a GPU when present.
 
-    .venv/bin/python benchmarks/train_step.py [--steps 6] [--threads 2]
+    .venv/bin/python benchmarks/train_step.py [--steps 6] [--threads 2] [--no-cpu] [--profile]
 
 CPU: batch 2 at 512x512, ``--threads`` threads. GPU (if torch sees one): batch 8 at COCO size
-(800x1216 after resize), fp32 and bf16 AMP, channels_last. Prints images/s and peak memory
-side by side. Inputs are synthetic images with a few instances each; the step is forward +
+(800x1216 after resize), fp32 and bf16 AMP, channels_last; then inference (eval mode, panoptic
+outputs at 800x1216) at batch 1 and 8, ms per image. Prints images/s and peak memory side by
+side. ``--profile``: torch.profiler over bf16 training steps, the top operators by self time. Inputs are synthetic images with a few instances each; the step is forward +
 backward + SGD, as in the trainer.
 """
 
@@ -84,17 +85,69 @@ def bench(config: str, device: str, batch: list[dict], steps: int, amp: str = "o
     return med, len(batch) / med, peak
 
 
+def bench_inference(device: str, batch: list[dict], iters: int, amp: str) -> tuple[float, float]:
+    cfg = load_config("r50_1x", {"solver": {"amp": amp}})
+    torch.manual_seed(0)
+    model = PanopticFPN.from_config(cfg, coco_categories()).to(device).eval()
+    times = []
+    with torch.inference_mode():
+        for i in range(iters + 2):
+            t0 = time.perf_counter()
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                model(batch)
+            torch.cuda.synchronize()
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return med * 1000 / len(batch), torch.cuda.max_memory_allocated() / 2**30
+
+
+def profile_steps(batch: list[dict], steps: int = 3) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = load_config("r50_1x", {"solver": {"amp": "bf16"}})
+    torch.manual_seed(0)
+    model = PanopticFPN.from_config(cfg, coco_categories()).to("cuda").train()
+    opt = build_optimizer(model, cfg)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = sum(model(batch).values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages()
+    print(f"\nprofile of {steps} bf16 steps (batch {len(batch)}), top operators by self CUDA time:")
+    print(table.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+    print("top operators by self CPU time:")
+    print(table.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    syncs = {e.key: e.count for e in table if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                       "aten::item", "aten::_local_scalar_dense", "aten::nonzero")}
+    print(f"host syncs over {steps} steps: {syncs}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gpu-batch", type=int, default=8)
+    ap.add_argument("--no-cpu", action="store_true", help="skip the CPU rows")
+    ap.add_argument("--profile", action="store_true", help="profile bf16 training steps on the GPU")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, cuda {torch.version.cuda}, cpu threads {args.threads}")
     print(f"{'config':8s} {'device':6s} {'batch':>5s} {'size':>9s} {'amp':>5s} {'ch_last':>7s} "
           f"{'median s':>9s} {'img/s':>7s} {'peak GiB':>9s}")
-    rows = [("r50_1x", "cpu", 2, (512, 512), "off", False), ("tiny", "cpu", 2, (512, 512), "off", False)]
+    rows = [] if args.no_cpu else [("r50_1x", "cpu", 2, (512, 512), "off", False),
+                                   ("tiny", "cpu", 2, (512, 512), "off", False)]
     if torch.cuda.is_available():
         b = args.gpu_batch
         rows += [("r50_1x", "cuda", b, (800, 1216), "off", False), ("r50_1x", "cuda", b, (800, 1216), "bf16", False),
@@ -110,6 +163,16 @@ def main() -> None:
         label = "max RSS" if device == "cpu" else "alloc"
         print(f"{config:8s} {device:6s} {n:5d} {h}x{w:<5d} {amp:>5s} {str(cl):>7s} {med:9.3f} {ips:7.2f} "
               f"{peak:9.2f} ({label})")
+    if torch.cuda.is_available():
+        print(f"\n{'inference r50_1x':18s} {'batch':>5s} {'amp':>5s} {'ms/image':>9s} {'peak GiB':>9s}")
+        for n in (1, args.gpu_batch):
+            batch = [{"image": s["image"], "height": 800, "width": 1216}
+                     for s in make_batch(n, 800, 1216, coco_categories(), seed=1)]
+            for amp in ("off", "bf16"):
+                ms, peak = bench_inference("cuda", batch, args.steps * 2, amp)
+                print(f"{'':18s} {n:5d} {amp:>5s} {ms:9.2f} {peak:9.2f}")
+        if args.profile:
+            profile_steps(make_batch(args.gpu_batch, 800, 1216, coco_categories()))
 
 
 if __name__ == "__main__":
