@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -19,8 +20,10 @@ from components.synthetic.generator import SynthConfig, generate
 @click.option("--seed", default=0, show_default=True, help="Same seed -> byte-identical files.")
 @click.option("--min-side", default=192, show_default=True, help="Smallest image side in pixels.")
 @click.option("--max-side", default=512, show_default=True, help="Largest image side in pixels.")
+@click.option("--workers", default=min(4, os.cpu_count() or 1), show_default=True,
+              help="Processes rendering scenes (the files are the same whatever the number).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def synth(out, n_train, n_val, seed, min_side, max_side, quiet):
+def synth(out, n_train, n_val, seed, min_side, max_side, workers, quiet):
     """Write a synthetic dataset in the exact COCO panoptic layout.
 
     OUT/train2017/*.jpg, OUT/val2017/*.jpg, OUT/annotations/panoptic_{train,val}2017.json
@@ -31,7 +34,7 @@ def synth(out, n_train, n_val, seed, min_side, max_side, quiet):
     except ValueError as e:
         raise click.BadParameter(str(e))
     t0 = time.perf_counter()
-    counts = generate(out, cfg, progress=not quiet)
+    counts = generate(out, cfg, progress=not quiet, workers=workers)
     click.echo(f"wrote {counts} to {out} in {time.perf_counter() - t0:.1f}s")
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -212,21 +214,42 @@ def render_scene(rng: np.random.Generator, cfg: SynthConfig):
     return rgb, ids, segments_info
 
 
-def generate_split(out: str, split: str, count: int, cfg: SynthConfig, progress: bool = True) -> dict:
-    """Write ``count`` scenes of ``split`` under ``out`` and return the split's JSON dict."""
-    images, annotations = [], []
-    offset = VAL_ID_OFFSET if split == "val2017" else 0
-    for i in tqdm(range(count), desc=f"synth {split}", disable=not progress, unit="img"):
-        rng = np.random.default_rng([cfg.seed, SPLITS[split], i])
-        rgb, ids, segments_info = render_scene(rng, cfg)
-        image_id = offset + i + 1
-        stem = f"{image_id:012d}"
-        buf = io.BytesIO()
-        Image.fromarray(rgb).save(buf, format="JPEG", quality=cfg.jpeg_quality)
-        storage.write_bytes(storage.join(out, split, f"{stem}.jpg"), buf.getvalue())
-        storage.write_bytes(storage.join(out, "annotations", f"panoptic_{split}", f"{stem}.png"), encode_png(ids))
-        images.append({"id": image_id, "file_name": f"{stem}.jpg", "height": rgb.shape[0], "width": rgb.shape[1]})
-        annotations.append({"image_id": image_id, "file_name": f"{stem}.png", "segments_info": segments_info})
+def _write_scene(job: tuple) -> tuple[dict, dict]:
+    """Render scene ``i`` of a split and write its JPEG and PNG; its own RNG, so any process can."""
+    out, split, i, cfg = job
+    rng = np.random.default_rng([cfg.seed, SPLITS[split], i])
+    rgb, ids, segments_info = render_scene(rng, cfg)
+    image_id = (VAL_ID_OFFSET if split == "val2017" else 0) + i + 1
+    stem = f"{image_id:012d}"
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=cfg.jpeg_quality)
+    storage.write_bytes(storage.join(out, split, f"{stem}.jpg"), buf.getvalue())
+    storage.write_bytes(storage.join(out, "annotations", f"panoptic_{split}", f"{stem}.png"), encode_png(ids))
+    return ({"id": image_id, "file_name": f"{stem}.jpg", "height": rgb.shape[0], "width": rgb.shape[1]},
+            {"image_id": image_id, "file_name": f"{stem}.png", "segments_info": segments_info})
+
+
+def generate_split(out: str, split: str, count: int, cfg: SynthConfig, progress: bool = True,
+                   workers: int = 0) -> dict:
+    """Write ``count`` scenes of ``split`` under ``out`` and return the split's JSON dict.
+
+    ``workers`` > 1 renders in that many processes; the files are the same whatever the number.
+    """
+    jobs = [(out, split, i, cfg) for i in range(count)]
+    bar = tqdm(total=count, desc=f"synth {split}", disable=not progress, unit="img")
+    results = []
+    if workers > 1 and count > 1:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            for result in pool.map(_write_scene, jobs, chunksize=max(1, min(16, count // (4 * workers)))):
+                results.append(result)
+                bar.update(1)
+    else:
+        for job in jobs:
+            results.append(_write_scene(job))
+            bar.update(1)
+    bar.close()
+    images = [image for image, _ in results]
+    annotations = [ann for _, ann in results]
     doc = {
         "info": {"description": "synthetic COCO-panoptic-format dataset", "seed": cfg.seed, "split": split},
         "licenses": [],
@@ -239,11 +262,12 @@ def generate_split(out: str, split: str, count: int, cfg: SynthConfig, progress:
     return doc
 
 
-def generate(out: str, cfg: SynthConfig, progress: bool = True) -> dict[str, int]:
-    """Write the train and val splits. Returns image counts per split."""
+def generate(out: str, cfg: SynthConfig, progress: bool = True, workers: int = 0) -> dict[str, int]:
+    """Write the train and val splits (``workers`` processes; same files whatever the number).
+    Returns image counts per split."""
     counts = {}
     for split, n in (("train2017", cfg.train), ("val2017", cfg.val)):
         if n > 0:
-            generate_split(out, split, n, cfg, progress=progress)
+            generate_split(out, split, n, cfg, progress=progress, workers=workers)
             counts[split] = n
     return counts
