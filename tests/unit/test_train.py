@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from components.train.trainer import latest_checkpoint, lr_factor, train
+from components.train.trainer import latest_checkpoint, lr_factor, pick_device, train
 from tests.training import load_state, make_shards, max_abs_diff, micro_config
 
 
@@ -22,6 +22,15 @@ def test_schedule_is_detectrons_warmup_multistep():
     assert lr_factor(5, cfg) == pytest.approx(0.001 * 0.5 + 0.5)
     assert lr_factor(10, cfg) == 1.0 and lr_factor(25, cfg) == pytest.approx(0.1) and lr_factor(30, cfg) == pytest.approx(0.01)
     assert micro_config(solver={"ims_per_batch": 8, "reference_batch": 16, "base_lr": 0.02}).solver.lr() == 0.01
+
+
+def test_device_names_get_an_index(monkeypatch):
+    # `--device cuda` failed on a GPU: torch.cuda.set_device refuses a cuda device without an index
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert str(pick_device("cuda")) == "cuda:0" and str(pick_device("cuda:1")) == "cuda:1"
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert str(pick_device("cuda")) == "cuda:3"
+    assert str(pick_device("cpu")) == "cpu"
 
 
 def test_resume_after_preemption_ends_with_the_same_weights(shards, tmp_path):
