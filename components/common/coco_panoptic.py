@@ -242,10 +242,20 @@ class PanopticSplit:
         return annotation_json_uri(self.root, self.split)
 
     def image_uri(self, image: dict) -> str:
-        return storage.join(self.root, self.split, image["file_name"])
+        return image_uri(self.root, self.split, image["file_name"])
 
     def png_uri(self, annotation: dict) -> str:
-        return storage.join(self.root, "annotations", f"panoptic_{self.split}", annotation["file_name"])
+        return png_uri(self.root, self.split, annotation["file_name"])
+
+
+def image_uri(root: str, split: str, file_name: str) -> str:
+    """Where COCO keeps an image: ``ROOT/SPLIT/FILE``."""
+    return storage.join(root, split, file_name)
+
+
+def png_uri(root: str, split: str, file_name: str) -> str:
+    """Where COCO keeps a panoptic PNG: ``ROOT/annotations/panoptic_SPLIT/FILE``."""
+    return storage.join(root, "annotations", f"panoptic_{split}", file_name)
 
 
 def annotation_json_uri(root: str, split: str) -> str:

@@ -26,7 +26,6 @@ _SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 _SOF_HUFFMAN = {0xC0: "baseline", 0xC1: "extended", 0xC2: "progressive"}
 _SOF_ARITH = {0xC9: "extended", 0xCA: "progressive"}
-_SOF_OTHER = {0xC3, 0xC5, 0xC6, 0xC7, 0xCB, 0xCD, 0xCE, 0xCF}
 _MAX_DIMENSION = 65500  # libjpeg's JPEG_MAX_DIMENSION
 _MAX_BLOCKS_IN_MCU = 10  # libjpeg's D_MAX_BLOCKS_IN_MCU
 

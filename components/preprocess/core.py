@@ -32,7 +32,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from components.common import storage
-from components.common.coco_panoptic import CategoryMaps, bbox_of, encode_png, load_split, rgb2id
+from components.common.coco_panoptic import (CategoryMaps, bbox_of, encode_png, image_uri, load_split, png_uri,
+                                             rgb2id)
 from components.common.validation import check_sample, read_or_none
 from components.preprocess.records import COMPRESSION, SCHEMA, SCHEMA_VERSION
 from components.select_subset.core import canonical_hash, load_manifest, sha256_bytes
@@ -119,9 +120,8 @@ def _resize(image_bytes: bytes, ids: np.ndarray, segments: list[dict], max_side:
 def _source_uris(job: dict, image: dict | None, ann: dict | None) -> tuple[str, str]:
     if image is None:
         return "", ""
-    image_uri = storage.join(job["source"], job["split"], image["file_name"])
-    png_uri = storage.join(job["source"], "annotations", f"panoptic_{job['split']}", ann["file_name"]) if ann else ""
-    return image_uri, png_uri
+    return (image_uri(job["source"], job["split"], image["file_name"]),
+            png_uri(job["source"], job["split"], ann["file_name"]) if ann else "")
 
 
 def _read_pair(uris: tuple[str, str]) -> tuple[bytes | None, bytes | None]:
@@ -135,13 +135,13 @@ def _check_and_collect(job: dict, uris: list, contents) -> tuple[dict, list]:
     categories = CategoryMaps.from_json(job["categories"])
     rows = {k: [] for k in SCHEMA.names}
     quarantine = []
-    for (image_id, image, ann), (image_uri, png_uri), (image_bytes, png_bytes) in zip(job["samples"], uris, contents):
+    for (image_id, image, ann), (image_file, png_file), (image_bytes, png_bytes) in zip(job["samples"], uris, contents):
         if image is None:
             quarantine.append({"image_id": image_id, "file": job["json_uri"], "reasons": [
                 {"kind": "missing_image", "message": "image id from the manifest is not in the split's `images`",
                  "fix": "re-run `panoptic subset` against this annotation file"}]})
             continue
-        problems, rgb = check_sample(image, ann, image_bytes, png_bytes, categories, image_uri, png_uri)
+        problems, rgb = check_sample(image, ann, image_bytes, png_bytes, categories, image_file, png_file)
         if problems:
             quarantine.append({"image_id": image_id, "file": problems[0].file,
                                "reasons": [p.to_json() for p in problems]})

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from components.common import storage
-from components.common.coco_panoptic import Category, bbox_of, encode_png
+from components.common.coco_panoptic import Category, annotation_json_uri, bbox_of, encode_png, image_uri, png_uri
 
 THING_CATEGORIES = (
     Category(1, "disc", True, (220, 40, 40), "shape"),
@@ -223,8 +223,8 @@ def _write_scene(job: tuple) -> tuple[dict, dict]:
     stem = f"{image_id:012d}"
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=cfg.jpeg_quality)
-    storage.write_bytes(storage.join(out, split, f"{stem}.jpg"), buf.getvalue())
-    storage.write_bytes(storage.join(out, "annotations", f"panoptic_{split}", f"{stem}.png"), encode_png(ids))
+    storage.write_bytes(image_uri(out, split, f"{stem}.jpg"), buf.getvalue())
+    storage.write_bytes(png_uri(out, split, f"{stem}.png"), encode_png(ids))
     return ({"id": image_id, "file_name": f"{stem}.jpg", "height": rgb.shape[0], "width": rgb.shape[1]},
             {"image_id": image_id, "file_name": f"{stem}.png", "segments_info": segments_info})
 
@@ -257,7 +257,7 @@ def generate_split(out: str, split: str, count: int, cfg: SynthConfig, progress:
         "annotations": annotations,
         "categories": [c.to_json() for c in CATEGORIES],
     }
-    storage.write_text(storage.join(out, "annotations", f"panoptic_{split}.json"),
+    storage.write_text(annotation_json_uri(out, split),
                        json.dumps(doc, sort_keys=True, separators=(",", ":")))
     return doc
 
