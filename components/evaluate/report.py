@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from components.common.coco_panoptic import segment_index_map
+from components.common.plots import figure_png, pyplot
 
 
 def segment_colors(segments: list[dict], categories: dict[int, dict], seed: int = 0) -> list[tuple[int, int, int]]:
@@ -51,9 +52,7 @@ def png_data_uri(arr: np.ndarray | bytes) -> str:
 
 def per_class_chart(results: dict, categories: dict[int, dict]) -> bytes:
     """Bar chart of per-category PQ, things and stuff coloured apart, best first."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = sorted(((int(c), r["pq"]) for c, r in results["per_class"].items()), key=lambda t: -t[1])
     names = [categories[c]["name"] for c, _ in rows]
@@ -64,11 +63,7 @@ def per_class_chart(results: dict, categories: dict[int, dict]) -> bytes:
     ax.set_ylabel("PQ")
     ax.set_ylim(0, 100)
     ax.set_title("PQ per category (orange: things, green: stuff)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def thumbnail(arr: np.ndarray, max_side: int = 360) -> np.ndarray:

@@ -19,6 +19,7 @@ import numpy as np
 
 from components.common import storage
 from components.common.coco_panoptic import CategoryMaps, annotation_json_uri, load_split
+from components.common.plots import figure_png, pyplot
 
 MANIFEST_SCHEMA = 1
 STRATEGIES = ("random", "balanced")
@@ -161,9 +162,7 @@ def category_histogram(image_ids, annotations, cats: CategoryMaps) -> dict[int, 
 
 
 def _histogram_png(full: dict[int, int], subset: dict[int, int], cats: CategoryMaps, n_full: int, n_sub: int) -> bytes:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ids = sorted(full, key=lambda c: (-full[c], c))
     names = [cats.by_id[c].name for c in ids]
@@ -175,11 +174,7 @@ def _histogram_png(full: dict[int, int], subset: dict[int, int], cats: CategoryM
     ax.set_ylabel("fraction of images containing the category")
     ax.set_title("Category histogram: subset vs full split")
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def select_subset(cfg: SubsetConfig, source: str, split: str, out: str) -> SubsetResult:
