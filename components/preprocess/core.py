@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 import multiprocessing as mp
 import queue
@@ -320,52 +320,50 @@ def _run_jobs(todo: list[dict], workers: int, finished) -> None:
         for job in jobs:
             finished(_write_shard(job))
         return
-    local_done: queue.Queue = queue.Queue()
+    # Everything that happens arrives on one queue: a spawned writer's finished future, or the
+    # local writer's ("ok", marker) / ("error", exception) / ("end", None).
+    events: queue.Queue = queue.Queue()
 
     def local_writer():
         try:
             while (job := next_job()) is not None:
-                local_done.put(("ok", _write_shard(job)))
+                events.put(("ok", _write_shard(job)))
         except BaseException as e:  # handed to the main thread, which raises it
-            local_done.put(("error", e))
-        local_done.put(("end", None))
+            events.put(("error", e))
+        events.put(("end", None))
 
     thread = threading.Thread(target=local_writer, name="preprocess-local-writer", daemon=True)
     thread.start()
     try:
-        _collect(workers, next_job, local_done, finished)
+        with ProcessPoolExecutor(max_workers=workers - 1, mp_context=mp.get_context("spawn")) as pool:
+            def submit() -> int:
+                job = next_job()
+                if job is None:
+                    return 0
+                pool.submit(_write_shard, job).add_done_callback(events.put)
+                return 1
+
+            running = sum(submit() for _ in range(workers - 1))
+            local_running = True
+            while running or local_running:
+                event = events.get()
+                if isinstance(event, tuple):
+                    kind, value = event
+                    if kind == "error":
+                        raise value
+                    if kind == "end":
+                        local_running = False
+                    else:
+                        finished(value)
+                else:  # a spawned writer's future
+                    running -= 1
+                    finished(event.result())
+                    running += submit()
     except BaseException:
         stop.set()
         raise
     finally:
         thread.join()
-
-
-def _collect(workers: int, next_job, local_done: queue.Queue, finished) -> None:
-    """The main thread's part of ``_run_jobs``: keep the processes fed, report every result."""
-    local_running = True
-    with ProcessPoolExecutor(max_workers=workers - 1, mp_context=mp.get_context("spawn")) as pool:
-        running = set()
-        for _ in range(workers - 1):
-            if (job := next_job()) is not None:
-                running.add(pool.submit(_write_shard, job))
-        while running or local_running:
-            done, running = wait(running, timeout=0.05, return_when=FIRST_COMPLETED) if running else (set(), set())
-            for fut in done:
-                finished(fut.result())
-                if (job := next_job()) is not None:
-                    running.add(pool.submit(_write_shard, job))
-            while True:
-                try:
-                    kind, value = local_done.get(block=not running, timeout=None if running else 0.05)
-                except queue.Empty:
-                    break
-                if kind == "error":
-                    raise value
-                if kind == "end":
-                    local_running = False
-                    break
-                finished(value)
 
 
 def _count_kinds(quarantine: list[dict]) -> dict[str, int]:
