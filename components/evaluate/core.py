@@ -14,7 +14,7 @@ import io
 import json
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,10 +99,10 @@ def evaluate(model_uri: str, shards: str, out: str, cfg: EvalConfig = EvalConfig
     seen = 0
     bar = tqdm(total=total, desc="evaluate", unit="img", disable=not progress)
 
-    def consume(sample: dict, done) -> None:
+    def consume(sample: dict, result: tuple) -> None:
         """Fold one image's results in, in sample order (so sums and files are deterministic)."""
         nonlocal stat, t_pq, t_write
-        image_stat, ann, ids, info, dt_pq, dt_write = done.result()
+        image_stat, ann, ids, info, dt_pq, dt_write = result
         stat += image_stat
         annotations.append(ann)
         t_pq += dt_pq
@@ -131,18 +131,18 @@ def evaluate(model_uri: str, shards: str, out: str, cfg: EvalConfig = EvalConfig
                 if cfg.post_workers > 0:
                     pending.append((sample, pool.submit(_postprocess, *args)))
                 else:
-                    done = Future()
-                    done.set_result(_postprocess(*args))
-                    pending.append((sample, done))
+                    consume(sample, _postprocess(*args))
             del outputs  # the instance masks are not needed past this point
             while pending and (len(pending) > max_pending or pending[0][1].done()):
-                consume(*pending.popleft())
+                sample, done = pending.popleft()
+                consume(sample, done.result())
             seen += len(batch)
             bar.update(len(batch))
             if seen >= total:
                 break
         while pending:
-            consume(*pending.popleft())
+            sample, done = pending.popleft()
+            consume(sample, done.result())
     t_loop = time.perf_counter() - t_loop
     bar.close()
     if seen == 0:
