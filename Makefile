@@ -6,6 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?= data/synth
+# e.g. make run RUN_ARGS="--seed 1" (a new training sample) or RUN_ARGS=--force
+RUN_ARGS ?=
 export PYTHONUNBUFFERED := 1
 
 .PHONY: run test lint bench images venv clean help
@@ -13,6 +15,7 @@ export PYTHONUNBUFFERED := 1
 help:
 	@echo "make run    - the embedded default: the whole pipeline on a synthetic dataset, locally (kfp.local, MLflow sqlite)"
 	@echo "make test   - the whole test suite (unit, integration with real servers, e2e)"
+	@echo "make lint   - ruff (the rules in pyproject.toml)"
 	@echo "make bench  - benchmarks (print measured ratios)"
 	@echo "make images - build the container images (needs Docker)"
 
@@ -29,10 +32,13 @@ run: $(STAMP)
 	@test -f $(DATA)/annotations/panoptic_val2017.json || $(BIN)/panoptic data synth --out $(DATA) --train 200 --val 50 --seed 0
 	$(BIN)/panoptic data validate $(DATA) --split train2017 --quiet
 	$(BIN)/panoptic data validate $(DATA) --split val2017 --quiet
-	$(BIN)/panoptic pipeline run-local --data $(DATA)
+	$(BIN)/panoptic pipeline run-local --data $(DATA) $(RUN_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -ra tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check components pipeline tests benchmarks
 
 IMAGE_REGISTRY ?= ghcr.io/panoptic-pipeline
 IMAGE_TAG ?= 0.1.0
@@ -44,7 +50,7 @@ images:
 	@echo "compile with the same images: IMAGE_REGISTRY=$(IMAGE_REGISTRY) IMAGE_TAG=$(IMAGE_TAG) .venv/bin/panoptic pipeline compile"
 
 bench: $(STAMP)
-	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in benchmarks/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) data/ runs/ mlflow.db mlruns/

@@ -39,7 +39,8 @@ def main() -> None:
     print(f"model {args.model}\nshards {args.shards}\n{m['images']} images on {t['device']}, PQ {100 * m['PQ']:.2f}")
     print(f"{'inference':24s} {t['inference_s']:8.2f} s  ({t['images_per_s_inference']:.2f} img/s)")
     print(f"{'PQ accumulation':24s} {t['pq_s']:8.2f} s  = {100 * t['pq_overhead_vs_inference']:.2f}% of inference")
-    print(f"{'writing predictions':24s} {t['write_s']:8.2f} s  = {100 * t['write_s'] / t['inference_s']:.2f}% of inference")
+    share = 100 * t["write_s"] / t["inference_s"]
+    print(f"{'writing predictions':24s} {t['write_s']:8.2f} s  = {share:.2f}% of inference")
 
 
 if __name__ == "__main__":

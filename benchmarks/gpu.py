@@ -28,15 +28,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+import train_step  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-import train_step  # noqa: E402
 from components.common.coco_panoptic import CategoryMaps  # noqa: E402
+from components.data.reader import ShardDataset, collate  # noqa: E402
+from components.data.records import load_index  # noqa: E402
+from components.data.targets import InputConfig  # noqa: E402
 from components.evaluate.core import EvalConfig, evaluate  # noqa: E402
 from components.model.config import load_config  # noqa: E402
-from components.preprocess.core import PreprocessConfig, load_index, preprocess  # noqa: E402
-from components.preprocess.reader import ShardDataset, collate  # noqa: E402
-from components.preprocess.targets import AugConfig  # noqa: E402
+from components.preprocess.core import PreprocessConfig, preprocess  # noqa: E402
 from components.select_subset.core import SubsetConfig, select_subset  # noqa: E402
 from components.synthetic.generator import SynthConfig, generate  # noqa: E402
 from components.train.trainer import train  # noqa: E402
@@ -59,7 +60,8 @@ def make_data(work: str, n_train: int, n_val: int) -> tuple[str, str]:
         shards[split] = os.path.join(work, f"shards-{split}")
         preprocess(PreprocessConfig(shard_images=100, workers=min(8, os.cpu_count() or 1)), m, shards[split],
                    progress=False)
-    row("data", f"{n_train} + {n_val} images", f"synth {t_synth:.1f} s", f"subset + preprocess {time.perf_counter() - t0:.1f} s")
+    row("data", f"{n_train} + {n_val} images", f"synth {t_synth:.1f} s",
+        f"subset + preprocess {time.perf_counter() - t0:.1f} s")
     return shards["train2017"], shards["val2017"]
 
 
@@ -67,7 +69,7 @@ def loader_speed(shards: str, workers: int, batches: int = 100) -> float:
     """Steady images/s of the training loader (endless pass over the shards, batch 8), after the
     first batch (worker start-up)."""
     cats = CategoryMaps.from_json(load_index(shards)["categories"])
-    loader = DataLoader(ShardDataset(shards, cats, AugConfig(), train=True, infinite=True, seed=0), batch_size=8,
+    loader = DataLoader(ShardDataset(shards, cats, InputConfig(), train=True, infinite=True, seed=0), batch_size=8,
                         num_workers=workers, collate_fn=collate)
     it = iter(loader)
     next(it)

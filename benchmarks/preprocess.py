@@ -22,8 +22,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from components.common.coco_panoptic import load_split  # noqa: E402
+from components.common.manifests import load_manifest  # noqa: E402
 from components.preprocess.core import PreprocessConfig, preprocess  # noqa: E402
-from components.select_subset.core import SubsetConfig, load_manifest, select_subset  # noqa: E402
+from components.select_subset.core import SubsetConfig, select_subset  # noqa: E402
 from components.synthetic.generator import SynthConfig, generate  # noqa: E402
 
 
@@ -135,13 +136,13 @@ def main() -> None:
     # torch only here: the preprocess writers are spawned processes, which import this module
     from torch.utils.data import DataLoader
 
-    from components.preprocess.reader import ShardDataset, collate
-    from components.preprocess.targets import AugConfig
+    from components.data.reader import ShardDataset, collate
+    from components.data.targets import InputConfig
 
     cats = load_split(root, "train2017").categories
     print(f"\n{'reader (decode + resize + targets)':40s} {'workers':>8s} {'images/s':>9s} {'per worker':>10s}")
-    for label, aug in (("tiny sizes (short 224-288, max 512)", AugConfig((224, 256, 288), 512, 256, 512)),
-                       ("COCO sizes (short 640-800, max 1333)", AugConfig())):
+    for label, aug in (("tiny sizes (short 224-288, max 512)", InputConfig((224, 256, 288), 512, 256, 512)),
+                       ("COCO sizes (short 640-800, max 1333)", InputConfig())):
         for workers in (0, 1, 2):
             ds = ShardDataset(shards, cats, aug, train=True, seed=0)
             loader = DataLoader(ds, batch_size=4, num_workers=workers, collate_fn=collate)

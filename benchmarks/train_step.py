@@ -5,7 +5,8 @@
 CPU: batch 2 at 512x512, ``--threads`` threads. GPU (if torch sees one): batch 8 at COCO size
 (800x1216 after resize), fp32 and bf16 AMP, channels_last; then inference (eval mode, panoptic
 outputs at 800x1216) at batch 1 and 8, ms per image. Prints images/s and peak memory side by
-side. ``--profile``: torch.profiler over bf16 training steps, the top operators by self time. Inputs are synthetic images with a few instances each; the step is forward +
+side. ``--profile``: torch.profiler over bf16 training steps, the top operators by self time.
+Inputs are synthetic images with a few instances each; the step is forward +
 backward + SGD, as in the trainer.
 """
 
@@ -56,7 +57,8 @@ def make_batch(n: int, h: int, w: int, cats: CategoryMaps, seed: int = 0) -> lis
 
 def bench(config: str, device: str, batch: list[dict], steps: int, amp: str = "off", channels_last: bool = False):
     cats = coco_categories() if config.startswith("r50") else CategoryMaps(
-        tuple(Category(i + 1, f"t{i}", True) for i in range(6)) + tuple(Category(100 + i, f"s{i}", False) for i in range(5)))
+        tuple(Category(i + 1, f"t{i}", True) for i in range(6))
+        + tuple(Category(100 + i, f"s{i}", False) for i in range(5)))
     cfg = load_config(config, {"solver": {"amp": amp, "channels_last": channels_last}})
     torch.manual_seed(0)
     model = PanopticFPN.from_config(cfg, cats).to(device).train()

@@ -6,30 +6,35 @@ import importlib
 
 import click
 
-# (module, attribute) of each sub-command; imported lazily so `panoptic --help` stays fast
-# and a stage's heavy imports (torch, mlflow, kfp) load only when that stage runs.
+# (module, attribute, one line for `panoptic --help`) of each sub-command: imported only when
+# it runs, so `panoptic --help` and light commands (pq) start at once, and a stage's heavy
+# imports (torch, mlflow, kfp) load only for that stage.
 COMMANDS = {
-    "data": ("components.synthetic.cli", "data"),
-    "subset": ("components.select_subset.cli", "subset"),
-    "preprocess": ("components.preprocess.cli", "preprocess_cmd"),
-    "pq": ("components.evaluate.cli", "pq"),
-    "train": ("components.train.cli", "train_cmd"),
-    "evaluate": ("components.evaluate.cli", "evaluate_cmd"),
-    "register": ("components.register.cli", "register_cmd"),
-    "runs": ("components.register.cli", "runs"),
-    "predict": ("components.predict.cli", "predict_cmd"),
-    "pipeline": ("pipeline.cli", "pipeline"),
+    "data": ("components.synthetic.cli", "data", "Datasets: make a synthetic one, validate any COCO panoptic split."),
+    "subset": ("components.select_subset.cli", "subset", "Stage 1: a reproducible subset of a split."),
+    "preprocess": ("components.preprocess.cli", "preprocess_cmd", "Stage 2: Parquet shards, quality gate, quarantine."),
+    "train": ("components.train.cli", "train_cmd", "Stage 3: train Panoptic FPN (DDP under torchrun)."),
+    "evaluate": ("components.evaluate.cli", "evaluate_cmd", "Stage 4: predictions, PQ, report.html."),
+    "register": ("components.register.cli", "register_cmd", "Stage 5: MLflow version and the promotion gate."),
+    "pq": ("components.evaluate.cli", "pq", "PQ/SQ/RQ of prediction files, panopticapi's numbers."),
+    "predict": ("components.predict.cli", "predict_cmd", "Panoptic PNG, overlay and JSON for images."),
+    "pipeline": ("pipeline.cli", "pipeline", "The KFP DAG: compile, run-local, submit, schedule."),
+    "runs": ("components.register.cli", "runs", "Compare pipeline runs tracked in MLflow."),
 }
 
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
-        return sorted(COMMANDS)
+        return list(COMMANDS)
+
+    def format_commands(self, ctx, formatter):
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, COMMANDS[name][2]) for name in self.list_commands(ctx)])
 
     def get_command(self, ctx, name):
         if name not in COMMANDS:
             return None
-        module, attr = COMMANDS[name]
+        module, attr, _ = COMMANDS[name]
         return getattr(importlib.import_module(module), attr)
 
 
@@ -37,6 +42,9 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="panoptic-pipeline")
 def main():
     """Panoptic FPN on COCO panoptic: data, the five stages, PQ, predict, the KFP pipeline."""
+    from components.common.logs import setup_logging
+
+    setup_logging()
 
 
 if __name__ == "__main__":

@@ -13,9 +13,12 @@ import time
 
 import click
 
-from pipeline.dag import PIPELINE_NAME, ClusterSettings
+from components.common.cluster import ClusterSettings
+from pipeline.dag import PIPELINE_NAME, STAGE_SETTINGS
 
-LOCAL_DEFAULTS = {"config": "tiny", "iterations": 300, "subset_size": "all", "val_size": "all", "shard_images": 100}
+RUN_PARAMETERS = ("data_uri", "force", "mlflow_uri", "experiment", "run_name")
+# run-local's defaults: a CPU-sized run of the embedded default (the stages' own defaults otherwise)
+LOCAL_SETTINGS = {"train": {"config": "tiny", "iterations": 300}, "preprocess": {"shard_images": 100}}
 
 
 def compile_pipeline(out: str, cluster: ClusterSettings | None = None) -> str:
@@ -28,31 +31,72 @@ def compile_pipeline(out: str, cluster: ClusterSettings | None = None) -> str:
 
 
 def _cluster_options(f):
-    f = click.option("--accelerator", default="nvidia.com/gpu", show_default=True, help="GPU resource; '' = CPU.")(f)
-    f = click.option("--gpus", default=1, show_default=True, help="GPUs for the train and evaluate tasks.")(f)
+    d = ClusterSettings()
+    f = click.option("--accelerator", default=d.accelerator, show_default=True, help="GPU resource; '' = CPU.")(f)
+    f = click.option("--gpus", default=d.gpus, show_default=True, help="GPUs for the train and evaluate tasks.")(f)
+    f = click.option("--cpu", default=d.cpu, show_default=True, help="CPU of GPU tasks and training pods.")(f)
+    f = click.option("--memory", default=d.memory, show_default=True, help="Memory of GPU tasks and training pods.")(f)
     f = click.option("--node-selector", multiple=True, metavar="KEY=VALUE", help="Node labels for GPU tasks.")(f)
-    f = click.option("--data-pvc", default="", help="PVC mounted at /data in every task.")(f)
-    f = click.option("--s3-secret", default="panoptic-s3", show_default=True, help="Secret with AWS keys.")(f)
-    f = click.option("--s3-endpoint", default="", help="AWS_ENDPOINT_URL for MinIO.")(f)
+    f = click.option("--data-pvc", default=d.data_pvc, help="PVC mounted at /data in every task.")(f)
+    f = click.option("--s3-secret", default=d.s3_secret, show_default=True, help="Secret with AWS keys.")(f)
+    f = click.option("--s3-endpoint", default=d.s3_endpoint, help="AWS_ENDPOINT_URL for MinIO.")(f)
+    f = click.option("--mlflow-secret", default=d.mlflow_secret, help="Secret with MLflow credentials.")(f)
     return f
 
 
-def _cluster(accelerator, gpus, node_selector, data_pvc, s3_secret, s3_endpoint) -> ClusterSettings:
-    return ClusterSettings(accelerator=accelerator, gpus=gpus, data_pvc=data_pvc, s3_secret=s3_secret,
-                           s3_endpoint=s3_endpoint, node_selector=dict(kv.split("=", 1) for kv in node_selector))
+def _cluster(accelerator, gpus, cpu, memory, node_selector, data_pvc, s3_secret, s3_endpoint, mlflow_secret):
+    return ClusterSettings(accelerator=accelerator, gpus=gpus, cpu=cpu, memory=memory, data_pvc=data_pvc,
+                           s3_secret=s3_secret, s3_endpoint=s3_endpoint, mlflow_secret=mlflow_secret,
+                           node_selector=dict(kv.split("=", 1) for kv in node_selector))
 
 
-def _arguments(params: tuple[str, ...]) -> dict:
-    out = {}
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def pipeline_arguments(params: tuple[str, ...]) -> dict:
+    """``NAME=VALUE`` items -> the pipeline's arguments. ``train.iterations=1000`` sets one key of
+    a stage's settings (``train={"iterations": 1000}``); a whole stage takes JSON
+    (``train={"config": "r50_3x"}``). Values are JSON when they parse as such, else strings."""
+    out: dict = {}
     for kv in params:
         if "=" not in kv:
-            raise click.BadParameter(f"{kv!r}: use NAME=VALUE")
-        k, v = kv.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
+            raise click.BadParameter(f"{kv!r}: use NAME=VALUE or STAGE.KEY=VALUE")
+        key, value = kv.split("=", 1)
+        stage, _, sub = key.partition(".")
+        if sub:
+            if stage not in STAGE_SETTINGS:
+                raise click.BadParameter(f"{kv!r}: {stage!r} is not a stage; stages: {', '.join(STAGE_SETTINGS)}")
+            out.setdefault(stage, {})[sub] = _value(value)
+        else:
+            if key not in STAGE_SETTINGS and key not in RUN_PARAMETERS:
+                hint = next((f"; did you mean {s}.{key}?" for s in ("train", "subset", "preprocess", "register")
+                             if key in _stage_keys(s)), "")
+                raise click.BadParameter(f"no pipeline parameter {key!r}; parameters: "
+                                         f"{', '.join(RUN_PARAMETERS + STAGE_SETTINGS)}{hint}")
+            value = _value(value)
+            if key in STAGE_SETTINGS and not isinstance(value, dict):
+                raise click.BadParameter(f"{kv!r}: {key} takes a JSON mapping, or use {key}.KEY=VALUE")
+            out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) and key in STAGE_SETTINGS else value
     return out
+
+
+def _stage_keys(stage: str) -> set[str]:
+    """The settings one stage takes (its settings dataclass's fields)."""
+    import dataclasses
+
+    from components.evaluate.core import EvalConfig
+    from components.preprocess.core import PreprocessConfig
+    from components.register.core import RegisterConfig
+    from components.select_subset.core import SubsetSettings
+    from components.train.settings import TrainSettings
+
+    cls = {"subset": SubsetSettings, "preprocess": PreprocessConfig, "train": TrainSettings, "evaluate": EvalConfig,
+           "register": RegisterConfig}[stage]
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 @click.group("pipeline")
@@ -79,37 +123,130 @@ def cron6(expr: str) -> str:
     raise click.BadParameter(f"{expr!r}: a cron expression has 5 fields (m h dom mon dow) or 6 (with seconds)")
 
 
-def _client(host: str):
+def _auth_options(f):
+    f = click.option("--namespace", default=lambda: os.environ.get("KFP_NAMESPACE", ""),
+                     help="Kubeflow profile namespace (multi-user Kubeflow); env KFP_NAMESPACE.")(f)
+    f = click.option("--token-file", default=None, type=click.Path(dir_okay=False),
+                     help="File holding a bearer token (else KFP_TOKEN, else the in-cluster service-account token "
+                          "at KF_PIPELINES_SA_TOKEN_PATH).")(f)
+    f = click.option("--cookie", default=lambda: os.environ.get("KFP_COOKIE", ""),
+                     help='Session cookie of the Kubeflow login (Dex/oauth2-proxy), "authservice_session=..."; '
+                          "env KFP_COOKIE.")(f)
+    return f
+
+
+def _token(token_file: str | None) -> tuple[str | None, bool]:
+    """(bearer token, whether it is the in-cluster service-account token)."""
+    from kfp.client import KF_PIPELINES_SA_TOKEN_ENV, KF_PIPELINES_SA_TOKEN_PATH
+
+    if token_file:
+        with open(token_file) as f:
+            return f.read().strip(), False
+    if os.environ.get("KFP_TOKEN"):
+        return os.environ["KFP_TOKEN"], False
+    sa = os.environ.get(KF_PIPELINES_SA_TOKEN_ENV) or KF_PIPELINES_SA_TOKEN_PATH
+    if os.path.exists(sa):
+        with open(sa) as f:
+            return f.read().strip(), True
+    return None, False
+
+
+def _preflight(host: str, namespace: str, token: str | None, cookie: str) -> None:
+    """One request to the API's health endpoint with our credentials, so that a refusal or a
+    multi-user deployment without --namespace is said at once (KFP's client retries for 25 s)."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(host.rstrip("/") + "/apis/v2beta1/healthz")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    if cookie:
+        req.add_header("Cookie", cookie)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            health = json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        raise click.ClickException(_api_error(host, e, e.read()[:300].decode(errors="replace"))) from None
+    except (OSError, ValueError) as e:
+        raise click.ClickException(_api_error(host, e)) from None
+    if health.get("multi_user") and not namespace:
+        raise click.ClickException(f"the KFP API at {host} is multi-user: pass --namespace (your Kubeflow profile's "
+                                   f"namespace) or set KFP_NAMESPACE")
+
+
+def _client(host: str, namespace: str = "", token_file: str | None = None, cookie: str = ""):
+    """A KFP client, authenticated the ways KFP's own client supports: a bearer token (from
+    ``--token-file`` or ``KFP_TOKEN``), the in-cluster service-account token
+    (``KF_PIPELINES_SA_TOKEN_PATH``, KFP's ServiceAccountTokenVolumeCredentials) or a session
+    cookie; in ``namespace`` on a multi-user Kubeflow."""
     import kfp
+    from kfp.client import ServiceAccountTokenVolumeCredentials
 
+    token, service_account = _token(token_file)
+    _preflight(host, namespace, token, cookie)
+    kwargs: dict = {"host": host}
+    if namespace:
+        kwargs["namespace"] = namespace
+    if service_account:
+        kwargs["credentials"] = ServiceAccountTokenVolumeCredentials()  # re-read on refresh: tokens rotate
+    elif token:
+        kwargs["existing_token"] = token
+    if cookie:
+        kwargs["cookies"] = cookie
     try:
-        return kfp.Client(host=host, existing_token=os.environ.get("KFP_TOKEN") or None)
+        return kfp.Client(**kwargs)
     except Exception as e:  # urllib3/ApiException: say which host and what to check
-        raise click.ClickException(f"cannot reach the KFP API at {host} ({type(e).__name__}); check --host "
-                                   f"(the pipelines endpoint, e.g. https://HOST/pipeline) and KFP_TOKEN") from None
+        raise click.ClickException(_api_error(host, e)) from None
 
 
-def _experiment_id(client, name: str) -> str:
+def _api_error(host: str, e: Exception, body: str | None = None) -> str:
+    status = getattr(e, "status", None) or getattr(e, "code", None)
+    body = body if body is not None else str(getattr(e, "body", "") or "")[:300]
+    if status in (401, 403):
+        return (f"the KFP API at {host} refused the request ({status} {getattr(e, 'reason', '')}: {body}); "
+                f"authenticate with --token-file, KFP_TOKEN, the in-cluster service-account token "
+                f"(KF_PIPELINES_SA_TOKEN_PATH) or --cookie, and check --namespace")
+    if status == 400 and "namespace" in body.lower():
+        return f"the KFP API at {host} wants a namespace ({body}): pass --namespace (your Kubeflow profile)"
+    if status:
+        return f"the KFP API at {host} answered {status} {getattr(e, 'reason', '')}: {body}"
+    return (f"cannot reach the KFP API at {host} ({type(e).__name__}: {str(e)[:200]}); check --host (the pipelines "
+            f"endpoint, e.g. https://HOST/pipeline)")
+
+
+@contextlib.contextmanager
+def _api(host: str):
     try:
-        return client.get_experiment(experiment_name=name).experiment_id
-    except Exception:
-        return client.create_experiment(name=name).experiment_id
+        yield
+    except click.ClickException:
+        raise
+    except Exception as e:
+        raise click.ClickException(_api_error(host, e)) from None
+
+
+def _experiment_id(client, name: str, namespace: str = "") -> str:
+    return client.create_experiment(name=name, namespace=namespace or None).experiment_id  # gets it when it exists
 
 
 @pipeline.command("submit")
 @click.option("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline.")
 @click.option("--experiment", default="panoptic-fpn", show_default=True)
 @click.option("--run-name", default=None)
-@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Pipeline parameter (repeatable).")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="Pipeline parameter: data_uri=..., force=true, or a stage setting: train.iterations=1000 "
+                   "(stages: subset, preprocess, train, evaluate, register). Repeatable.")
 @click.option("--package", default=None, help="A compiled pipeline.yaml (default: compile now).")
+@_auth_options
 @_cluster_options
-def submit(host, experiment, run_name, params, package, **cluster):
+def submit(host, experiment, run_name, params, package, namespace, token_file, cookie, **cluster):
     """Create a run of the pipeline on a KFP host and print its URL."""
+    arguments = pipeline_arguments(params)
     package = package or compile_pipeline(os.path.abspath("pipeline.yaml"), _cluster(**cluster))
-    client = _client(host)
-    run = client.create_run_from_pipeline_package(
-        package, arguments=_arguments(params), run_name=run_name or f"{PIPELINE_NAME}-{time.strftime('%Y%m%d-%H%M%S')}",
-        experiment_name=experiment)
+    client = _client(host, namespace, token_file, cookie)
+    with _api(host):
+        run = client.create_run_from_pipeline_package(
+            package, arguments=arguments, run_name=run_name or f"{PIPELINE_NAME}-{time.strftime('%Y%m%d-%H%M%S')}",
+            experiment_id=_experiment_id(client, experiment, namespace), namespace=namespace or None)
     click.echo(f"run {run.run_id}: {host.rstrip('/')}/#/runs/details/{run.run_id}")
 
 
@@ -119,71 +256,92 @@ def submit(host, experiment, run_name, params, package, **cluster):
 @click.option("--experiment", default="panoptic-fpn", show_default=True)
 @click.option("--name", default=f"{PIPELINE_NAME}-retrain", show_default=True)
 @click.option("--max-concurrency", default=1, show_default=True)
-@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Pipeline parameter (repeatable).")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="Pipeline parameter or stage setting, as for submit. Repeatable.")
 @click.option("--package", default=None, help="A compiled pipeline.yaml (default: compile now).")
+@_auth_options
 @_cluster_options
-def schedule(host, cron, experiment, name, max_concurrency, params, package, **cluster):
-    """Create a recurring run: scheduled retraining on fresh data."""
+def schedule(host, cron, experiment, name, max_concurrency, params, package, namespace, token_file, cookie, **cluster):
+    """Create a recurring run: scheduled retraining. A run whose data, config and code equal the
+    champion's ends early with "nothing new" (pass --param force=true to retrain anyway)."""
     cron = cron6(cron)
+    arguments = pipeline_arguments(params)
     package = package or compile_pipeline(os.path.abspath("pipeline.yaml"), _cluster(**cluster))
-    client = _client(host)
-    job = client.create_recurring_run(experiment_id=_experiment_id(client, experiment), job_name=name,
-                                      cron_expression=cron6(cron), max_concurrency=max_concurrency,
-                                      params=_arguments(params), pipeline_package_path=package, no_catchup=True)
-    click.echo(f"recurring run {job.recurring_run_id} '{name}' on cron '{cron6(cron)}' in experiment {experiment}")
+    client = _client(host, namespace, token_file, cookie)
+    with _api(host):
+        job = client.create_recurring_run(experiment_id=_experiment_id(client, experiment, namespace), job_name=name,
+                                          cron_expression=cron, max_concurrency=max_concurrency, params=arguments,
+                                          pipeline_package_path=package, no_catchup=True)
+    click.echo(f"recurring run {job.recurring_run_id} '{name}' on cron '{cron}' in experiment {experiment}"
+               + (f" (namespace {namespace})" if namespace else ""))
 
 
 @contextlib.contextmanager
 def _task_log(path: str, verbose: bool):
-    """Send this process's stdout/stderr (kfp.local streams every task's full log there) to
-    ``path``, echoing only the lines that say which task runs and how it ended."""
+    """Send this process's stdout/stderr (kfp.local streams every task's full log there) through
+    a pipe into ``path`` as plain lines (colour codes and carriage-return redraws removed),
+    echoing only the lines that say which task runs, how it ended, and errors. ``verbose``:
+    everything to the console, as it comes."""
     if verbose:
         yield
         return
+    from components.common.logs import strip_ansi
+
     os.makedirs(os.path.dirname(path), exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    log = open(path, "ab")
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    done = threading.Event()
+    read_fd, write_fd = os.pipe()
+    os.dup2(write_fd, 1)
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
     keep = re.compile(r"Executing task|finished with status|Pipeline .* finished|Error|Traceback")
 
-    def echo():
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            while True:
-                line = f.readline()
-                if line:
-                    text = re.sub(r"\x1b\[[0-9;]*m", "", line.decode(errors="replace"))
-                    if keep.search(text):
-                        os.write(saved[0], text.encode())
-                elif done.is_set():
-                    return
-                else:
-                    time.sleep(0.2)
+    def pump():
+        with open(path, "a", encoding="utf-8") as log, os.fdopen(read_fd, "rb") as pipe:
+            pending = b""
+            for chunk in iter(lambda: pipe.read1(65536), b""):
+                pending += chunk
+                *lines, pending = re.split(rb"\r\n|\n|\r", pending)
+                for raw in lines:
+                    text = strip_ansi(raw.decode(errors="replace")).rstrip()
+                    if text:
+                        log.write(text + "\n")
+                        if keep.search(text):
+                            os.write(saved[0], (text + "\n").encode())
+                log.flush()
+            if pending.strip():
+                log.write(strip_ansi(pending.decode(errors="replace")).rstrip() + "\n")
 
-    t = threading.Thread(target=echo, daemon=True)
+    t = threading.Thread(target=pump, daemon=True)
     t.start()
     try:
         yield
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        done.set()
-        t.join(timeout=5)
-        os.dup2(saved[0], 1)
+        os.dup2(saved[0], 1)  # closes the pipe's last writer: the pump sees the end
         os.dup2(saved[1], 2)
+        t.join(timeout=10)
         for fd in saved:
             os.close(fd)
-        log.close()
 
 
-def run_local(data: str | None = None, *, root: str = "runs/local", mlflow_uri: str | None = None,
-              seed: int = 0, gate_margin: float = 0.0, gate_tolerance: float = 0.05, synth_train: int = 200,
-              synth_val: int = 50, verbose: bool = False, **params) -> dict:
-    """Run the whole DAG with kfp.local's SubprocessRunner on this machine. Returns a summary."""
+def local_settings(overrides: dict | None = None) -> dict:
+    """run-local's stage settings: LOCAL_SETTINGS with ``overrides`` ({stage: {key: value}}) on top."""
+    out = {stage: dict(LOCAL_SETTINGS.get(stage, {})) for stage in STAGE_SETTINGS}
+    for stage, values in (overrides or {}).items():
+        if stage not in out:
+            raise ValueError(f"{stage!r} is not a stage; stages: {', '.join(STAGE_SETTINGS)}")
+        out[stage].update(values)
+    return out
+
+
+def run_local(data: str | None = None, *, root: str = "runs/local", mlflow_uri: str | None = None, force: bool = False,
+              settings: dict | None = None, synth_train: int = 200, synth_val: int = 50, verbose: bool = False,
+              run_name: str = "") -> dict:
+    """Run the whole DAG with kfp.local's SubprocessRunner on this machine. ``settings``:
+    {stage: {key: value}} over ``LOCAL_SETTINGS``. Returns a summary."""
     from kfp import local
 
     from components.common.tracking import DEFAULT_EXPERIMENT, PIPELINE_TAG, setup
@@ -197,48 +355,76 @@ def run_local(data: str | None = None, *, root: str = "runs/local", mlflow_uri: 
             generate(data, SynthConfig(train=synth_train, val=synth_val, seed=0), progress=True)
     data = os.path.abspath(data) if "://" not in data else data
     mlflow_uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
-    args = {**LOCAL_DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=os.path.abspath(root),
                raise_on_error=True)
     t0 = time.perf_counter()
     log_path = os.path.join(os.path.abspath(root), "pipeline.log")
     with _task_log(log_path, verbose):
-        build_pipeline(None)(data_uri=data, seed=seed, mlflow_uri=mlflow_uri, gate_margin=gate_margin,
-                             gate_tolerance=gate_tolerance, **args)
+        build_pipeline(None)(data_uri=data, mlflow_uri=mlflow_uri, force=force, run_name=run_name,
+                             **local_settings(settings))
     elapsed = time.perf_counter() - t0
     mlflow = setup(mlflow_uri, DEFAULT_EXPERIMENT)
     run = mlflow.search_runs(experiment_names=[DEFAULT_EXPERIMENT], filter_string=f"tags.`{PIPELINE_TAG}` = 'pipeline'",
                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")[0]
     reports = sorted(glob.glob(os.path.join(os.path.abspath(root), "**", "report.html"), recursive=True),
                      key=os.path.getmtime)
-    return {"run_id": run.info.run_id, "metrics": run.data.metrics, "tags": run.data.tags,
-            "report": reports[-1] if reports else None, "seconds": elapsed, "mlflow_uri": mlflow_uri,
+    skipped = run.data.tags.get("decision") == "skip"
+    return {"run_id": run.info.run_id, "metrics": run.data.metrics, "tags": run.data.tags, "skipped": skipped,
+            "report": None if skipped or not reports else reports[-1], "seconds": elapsed, "mlflow_uri": mlflow_uri,
             "log": None if verbose else log_path}
+
+
+def _stage_overrides(items: tuple[str, ...]) -> dict:
+    out: dict = {}
+    for kv in items:
+        key, sep, value = kv.partition("=")
+        stage, _, sub = key.partition(".")
+        if not sep or not sub:
+            raise click.BadParameter(f"{kv!r}: use STAGE.KEY=VALUE, e.g. train.iterations=50")
+        out.setdefault(stage, {})[sub] = _value(value)
+    return out
 
 
 @pipeline.command("run-local")
 @click.option("--data", default=None, help="COCO panoptic root (default: a synthetic set in data/synth).")
-@click.option("--config", default=None, help=f"Model config (default {LOCAL_DEFAULTS['config']}).")
-@click.option("--iterations", type=int, default=None, help=f"Training iterations (default {LOCAL_DEFAULTS['iterations']}).")
+@click.option("--config", default=None, help=f"Model config (default {LOCAL_SETTINGS['train']['config']}).")
+@click.option("--iterations", type=int, default=None,
+              help=f"Training iterations (default {LOCAL_SETTINGS['train']['iterations']}).")
+@click.option("--init", default=None, help="Initial weights: config, scratch, imagenet, champion or a URI.")
 @click.option("--subset-size", default=None, help="Train subset: count, fraction or 'all'.")
 @click.option("--val-size", default=None, help="Val subset: count, fraction or 'all'.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--gate-margin", default=0.0, show_default=True)
-@click.option("--gate-tolerance", default=0.05, show_default=True)
+@click.option("--seed", type=int, default=None, help="Train subset seed (the val subset keeps its own).")
+@click.option("--gate-margin", type=float, default=None, help="PQ a new version must gain over the champion.")
+@click.option("--gate-tolerance", type=float, default=None, help="Largest per-category PQ drop allowed.")
+@click.option("--set", "sets", multiple=True, metavar="STAGE.KEY=VALUE", help="Any stage setting (repeatable).")
+@click.option("--force", is_flag=True, help="Retrain even when the data, config and code are the champion's.")
 @click.option("--root", default="runs/local", show_default=True, help="kfp.local pipeline root (artifacts).")
 @click.option("--verbose", is_flag=True, help="Show every task's full log (else it goes to ROOT/pipeline.log).")
-def run_local_cmd(data, config, iterations, subset_size, val_size, seed, gate_margin, gate_tolerance, root, verbose):
+def run_local_cmd(data, config, iterations, init, subset_size, val_size, seed, gate_margin, gate_tolerance, sets, force,
+                  root, verbose):
     """Run the same DAG on this machine (kfp.local, CPU, MLflow sqlite by default)."""
-    s = run_local(data, root=root, seed=seed, gate_margin=gate_margin, gate_tolerance=gate_tolerance, config=config,
-                  iterations=iterations, subset_size=subset_size, val_size=val_size, verbose=verbose)
+    over = _stage_overrides(sets)
+    for stage, key, value in (("train", "config", config), ("train", "iterations", iterations), ("train", "init", init),
+                              ("subset", "size", subset_size), ("subset", "val_size", val_size),
+                              ("subset", "seed", seed), ("register", "margin", gate_margin),
+                              ("register", "tolerance", gate_tolerance)):
+        if value is not None:
+            over.setdefault(stage, {})[key] = value
+    s = run_local(data, root=root, force=force, settings=over, verbose=verbose)
     m, t = s["metrics"], s["tags"]
     click.echo("")
     click.echo(f"pipeline run finished in {s['seconds'] / 60:.1f} min (MLflow run {s['run_id']}, {s['mlflow_uri']})")
+    if s["skipped"]:
+        click.echo(t.get("decision.reason", "nothing new"))
+        click.echo("retrain anyway: add --force")
+        return
     click.echo(f"{'':8s}{'PQ':>8s}{'SQ':>8s}{'RQ':>8s}")
     for name, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
         click.echo(f"{name:8s}" + "".join(f"{100 * m.get(k + suffix, float('nan')):8.2f}" for k in ("PQ", "SQ", "RQ")))
     click.echo(f"model: {t.get('model.name')} version {t.get('model.version')}, aliases: {t.get('model.aliases')} "
                f"(gate {'passed' if t.get('gate.promote') == 'True' else 'failed: the champion stays'})")
+    if t.get("gate.reason"):
+        click.echo(f"gate: {t['gate.reason']}")
     click.echo(f"report: {s['report']}")
     if s["log"]:
         click.echo(f"full log: {s['log']}")

@@ -1,7 +1,8 @@
 """KFP components: typed, thin wrappers over ``pipeline.steps``.
 
 Each body imports the step inside the function (KFP ships the function's source to the
-container, where our package is installed) and calls it. Artifacts are folders.
+container, where our package is installed) and calls it. Artifacts are folders. A stage's
+settings arrive as one ``dict`` parameter, parsed by the stage's settings dataclass.
 """
 
 
@@ -12,58 +13,76 @@ from pipeline.settings import CPU_IMAGE, GPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def select_subset(data_uri: str, size: str, val_size: str, strategy: str, seed: int, mlflow_uri: str,
-                  experiment: str, train_manifest: Output[Dataset], val_manifest: Output[Dataset]) -> str:
+def select_subset(data_uri: str, settings: dict, train: dict, mlflow_uri: str, experiment: str, run_name: str,
+                  train_manifest: Output[Dataset], val_manifest: Output[Dataset]) -> str:
     """Stage 1: reproducible train/val subsets; opens the pipeline's MLflow run (returns its id)."""
     from pipeline.steps import step_subset
 
-    return step_subset(data_uri=data_uri, train_out=train_manifest.path, val_out=val_manifest.path, size=size,
-                       val_size=val_size, strategy=strategy, seed=seed, mlflow_uri=mlflow_uri, experiment=experiment)
+    return step_subset(data_uri=data_uri, train_out=train_manifest.path, val_out=val_manifest.path, settings=settings,
+                       train=train, mlflow_uri=mlflow_uri, experiment=experiment, run_name=run_name)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def preprocess(train_manifest: Input[Dataset], val_manifest: Input[Dataset], shard_images: int,
-               max_bad_fraction: float, run_id: str, mlflow_uri: str, train_shards: Output[Dataset],
-               val_shards: Output[Dataset]):
+def decide(train_manifest: Input[Dataset], train: dict, register: dict, force: bool, run_id: str,
+           mlflow_uri: str) -> str:
+    """"train", or "skip" when the champion was trained on the same data, config and code."""
+    from pipeline.steps import step_decide
+
+    return step_decide(train_manifest=train_manifest.path, train=train, register=register, force=force,
+                       run_id=run_id, mlflow_uri=mlflow_uri)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def preprocess(train_manifest: Input[Dataset], val_manifest: Input[Dataset], settings: dict, run_id: str,
+               mlflow_uri: str, train_shards: Output[Dataset], val_shards: Output[Dataset]):
     """Stage 2: Parquet shards, data-quality gate, quarantine report."""
     from pipeline.steps import step_preprocess
 
-    step_preprocess(train_manifest=train_manifest.path, val_manifest=val_manifest.path,
-                    train_out=train_shards.path, val_out=val_shards.path, shard_images=shard_images,
-                    max_bad_fraction=max_bad_fraction, run_id=run_id, mlflow_uri=mlflow_uri)
+    step_preprocess(train_manifest=train_manifest.path, val_manifest=val_manifest.path, train_out=train_shards.path,
+                    val_out=val_shards.path, settings=settings, run_id=run_id, mlflow_uri=mlflow_uri)
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def train(train_shards: Input[Dataset], config: str, iterations: int, overrides: str, run_id: str, mlflow_uri: str,
-          checkpoint_uri: str, nodes: int, gpus_per_node: int, image: str, model: Output[Model]):
-    """Stage 3: train here, or launch a PyTorchJob when nodes > 1."""
+def train(train_shards: Input[Dataset], settings: dict, cluster: dict, register: dict, run_id: str,
+          mlflow_uri: str, model: Output[Model]):
+    """Stage 3: train here, or launch a PyTorchJob / TrainJob when nodes > 1."""
     from pipeline.steps import step_train
 
-    step_train(train_shards=train_shards.path, model_out=model.path, config=config, iterations=iterations,
-               overrides=overrides, run_id=run_id, mlflow_uri=mlflow_uri, checkpoint_uri=checkpoint_uri,
-               nodes=nodes, gpus_per_node=gpus_per_node, image=image)
+    step_train(train_shards=train_shards.path, model_out=model.path, settings=settings, cluster=cluster,
+               register=register, run_id=run_id, mlflow_uri=mlflow_uri)
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def evaluate(model: Input[Model], val_shards: Input[Dataset], run_id: str, mlflow_uri: str,
+def evaluate(model: Input[Model], val_shards: Input[Dataset], settings: dict, run_id: str, mlflow_uri: str,
              evaluation: Output[Dataset], metrics: Output[Metrics], report: Output[HTML]) -> float:
     """Stage 4: predictions, PQ/SQ/RQ, report.html (also this step's HTML artifact). Returns PQ."""
     import os
     import shutil
 
+    from components.common.metrics import METRIC_KEYS
     from pipeline.steps import step_evaluate
 
-    m = step_evaluate(model_uri=os.path.join(model.path, "model.pt"), val_shards=val_shards.path,
-                      out=evaluation.path, run_id=run_id, mlflow_uri=mlflow_uri)
-    for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st"):
+    m = step_evaluate(model_uri=os.path.join(model.path, "model.pt"), val_shards=val_shards.path, out=evaluation.path,
+                      settings=settings, run_id=run_id, mlflow_uri=mlflow_uri)
+    for k in METRIC_KEYS:
         metrics.log_metric(k, m[k])
     shutil.copyfile(os.path.join(evaluation.path, "report.html"), report.path)
     return m["PQ"]
 
 
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def score_champion(val_shards: Input[Dataset], settings: dict, register: dict, run_id: str, mlflow_uri: str,
+                   champion: Output[Dataset]) -> str:
+    """The champion's metrics on these validation shards (re-scored if it was measured on others)."""
+    from pipeline.steps import step_score_champion
+
+    return step_score_champion(val_shards=val_shards.path, out=champion.path, settings=settings, register=register,
+                               run_id=run_id, mlflow_uri=mlflow_uri)
+
+
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def register(model: Input[Model], evaluation: Input[Dataset], model_name: str, margin: float, tolerance: float,
-             run_id: str, mlflow_uri: str) -> str:
+def register(model: Input[Model], evaluation: Input[Dataset], champion: Input[Dataset], settings: dict, run_id: str,
+             mlflow_uri: str) -> str:
     """Stage 5: MLflow pyfunc + registered version (alias challenger) + the gate's decision.
 
     Returns the version to promote to champion, or "" when the gate failed. (One output named
@@ -74,14 +93,14 @@ def register(model: Input[Model], evaluation: Input[Dataset], model_name: str, m
     from pipeline.steps import step_register
 
     version, promote = step_register(model_uri=os.path.join(model.path, "model.pt"), eval_dir=evaluation.path,
-                                     name=model_name, margin=margin, tolerance=tolerance, run_id=run_id,
+                                     champion_dir=champion.path, settings=settings, run_id=run_id,
                                      mlflow_uri=mlflow_uri)
     return version if promote else ""
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def promote_champion(model_name: str, version: str, run_id: str, mlflow_uri: str):
+def promote_champion(register: dict, version: str, run_id: str, mlflow_uri: str):
     """Move alias champion to the version (runs only when the gate passed)."""
     from pipeline.steps import step_promote
 
-    step_promote(name=model_name, version=version, run_id=run_id, mlflow_uri=mlflow_uri)
+    step_promote(register=register, version=version, run_id=run_id, mlflow_uri=mlflow_uri)

@@ -1,17 +1,27 @@
 """The pipeline's steps as plain functions: a stage core + its MLflow logging.
 
 The KFP components in ``pipeline/components.py`` are thin wrappers over these, so the same
-code runs under kfp.local, on a cluster, and in tests without KFP. All MLflow calls go
+code runs under kfp.local, on a cluster, and in tests without KFP. Each step takes its stage's
+settings as one mapping (parsed by the stage's settings dataclass); all MLflow calls go
 through ``components.common.tracking``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 
 from components.common import storage
-from components.common.tracking import log_parent, shard_hash, stage_run, start_pipeline_run
+from components.common.logs import setup_logging
+from components.common.settings import parse_settings, settings_dict
+from components.common.tracking import CHAMPION, get_alias, log_parent, shard_hash, stage_run, start_pipeline_run
+
+log = logging.getLogger(__name__)
+
+LINEAGE_FILE = "lineage.json"   # written next to model.pt by the train step, read by register
+TRAIN_CONFIG_FILE = "train_config.json"
 
 
 def _flat(prefix: str, d: dict) -> dict:
@@ -25,34 +35,6 @@ def _flat(prefix: str, d: dict) -> dict:
     return out
 
 
-def step_subset(*, data_uri: str, train_out: str, val_out: str, size: str, val_size: str, strategy: str, seed: int,
-                mlflow_uri: str = "", experiment: str = "", run_name: str = "", train_split: str = "train2017",
-                val_split: str = "val2017", min_per_category: int = 50) -> str:
-    """Select the train and val subsets; create the pipeline's MLflow run. Returns its id."""
-    from components.select_subset.core import SubsetConfig, select_subset
-
-    def as_size(v):
-        return None if str(v) in ("", "all") else float(v)
-
-    params = {"data_uri": data_uri, "subset.size": size, "subset.val_size": val_size, "subset.strategy": strategy,
-              "subset.seed": seed}
-    run_id = start_pipeline_run(mlflow_uri or None, experiment or None, run_name or None)
-    log_parent(run_id, params=params, uri=mlflow_uri or None)
-    train = select_subset(SubsetConfig(size=as_size(size), strategy=strategy, seed=seed,
-                                       min_per_category=min_per_category), data_uri, train_split, train_out)
-    val = select_subset(SubsetConfig(size=as_size(val_size), seed=seed), data_uri, val_split, val_out)
-    with stage_run("subset", run_id, mlflow_uri or None, experiment or None) as ml:
-        ml.log_params(params)
-        ml.log_metrics({"train_images": len(train.image_ids), "val_images": len(val.image_ids)})
-        ml.set_tags({"lineage.manifest_hash": train.manifest["manifest_hash"],
-                     "lineage.val_manifest_hash": val.manifest["manifest_hash"]})
-        for name in ("manifest.json", "category_histogram.csv", "category_histogram.png"):
-            _log_file(ml, storage.join(train_out, name), "subset/train")
-        _log_file(ml, storage.join(val_out, "manifest.json"), "subset/val")
-    log_parent(run_id, tags={"lineage.manifest_hash": train.manifest["manifest_hash"]}, uri=mlflow_uri or None)
-    return run_id
-
-
 def _log_file(ml, uri: str, artifact_path: str) -> None:
     """Log a (local or s3://) file as an MLflow artifact."""
     import tempfile
@@ -64,17 +46,110 @@ def _log_file(ml, uri: str, artifact_path: str) -> None:
         ml.log_artifact(path, artifact_path)
 
 
-def step_preprocess(*, train_manifest: str, val_manifest: str, train_out: str, val_out: str, shard_images: int,
-                    max_bad_fraction: float, run_id: str = "", mlflow_uri: str = "", workers: int = 2) -> dict:
-    from components.preprocess.core import PreprocessConfig, load_index, preprocess
+def _manifest_hash(uri: str) -> str:
+    from components.common.manifests import load_manifest
 
-    cfg = PreprocessConfig(shard_images=shard_images, max_bad_fraction=max_bad_fraction, workers=workers)
+    return load_manifest(uri)["manifest_hash"]
+
+
+def _config_name(train) -> str:
+    """The config a pipeline run trains (its MLflow name shows it), from the train settings."""
+    from components.train.settings import TrainSettings
+
+    config = parse_settings(TrainSettings, train, "train settings").config
+    return os.path.splitext(os.path.basename(config))[0] if config.endswith((".yaml", ".yml")) else config
+
+
+def step_subset(*, data_uri: str, train_out: str, val_out: str, settings=None, train=None, mlflow_uri: str = "",
+                experiment: str = "", run_name: str = "") -> str:
+    """Select the train and val subsets; create the pipeline's MLflow run (named
+    ``panoptic-fpn <config> <date time>`` unless ``run_name`` is given). Returns its id."""
+    setup_logging()
+    from components.common.datasets import TRAINING, VALIDATION, log_datasets, log_datasets_to, subset_dataset
+    from components.common.tracking import pipeline_run_name
+    from components.select_subset.core import SubsetSettings, select_subset
+
+    s = parse_settings(SubsetSettings, settings, "subset settings")
+    params = {"data_uri": data_uri, **{f"subset.{k}": v for k, v in _flat("", settings_dict(s)).items()}}
+    name = run_name or pipeline_run_name(_config_name(train))
+    run_id = start_pipeline_run(mlflow_uri or None, experiment or None, name)
+    log_parent(run_id, params=params, uri=mlflow_uri or None)
+    train_subset = select_subset(s.train_config(), data_uri, s.train_split, train_out)
+    val = select_subset(s.val_config(), data_uri, s.val_split, val_out)
+    datasets = [(subset_dataset(train_subset.manifest), TRAINING), (subset_dataset(val.manifest), VALIDATION)]
+    with stage_run("subset", run_id, mlflow_uri or None, experiment or None) as ml:
+        ml.log_params(params)
+        ml.log_metrics({"train_images": len(train_subset.image_ids), "val_images": len(val.image_ids)})
+        ml.set_tags({"lineage.manifest_hash": train_subset.manifest["manifest_hash"],
+                     "lineage.val_manifest_hash": val.manifest["manifest_hash"]})
+        log_datasets(ml, datasets)
+        for name in ("manifest.json", "category_histogram.csv", "category_histogram.png"):
+            _log_file(ml, storage.join(train_out, name), "subset/train")
+        _log_file(ml, storage.join(val_out, "manifest.json"), "subset/val")
+        log_datasets_to(ml.MlflowClient(), run_id, datasets)
+    log_parent(run_id, tags={"lineage.manifest_hash": train_subset.manifest["manifest_hash"],
+                             "lineage.val_manifest_hash": val.manifest["manifest_hash"]}, uri=mlflow_uri or None)
+    return run_id
+
+
+def step_decide(*, train_manifest: str, train=None, register=None, force: bool = False, run_id: str = "",
+                mlflow_uri: str = "") -> str:
+    """"train", or "skip" when the champion was trained on this very data, config and code
+    (and ``force`` is off). A registry failure fails the step: it never decides by default."""
+    setup_logging()
+    from components.common.tracking import data_fingerprint
+    from components.register.core import RegisterConfig
+    from components.train.settings import TrainSettings, config_fingerprint, resolve_config
+
+    ts = parse_settings(TrainSettings, train, "train settings")
+    rs = parse_settings(RegisterConfig, register, "register settings")
+    fingerprint = data_fingerprint(_manifest_hash(train_manifest), config_fingerprint(resolve_config(ts)))
+    champion = get_alias(rs.name, CHAMPION, mlflow_uri or None)
+    if force:
+        decision, reason = "train", "forced"
+    elif champion is None:
+        decision, reason = "train", "no champion yet"
+    elif champion.tags.get("data_fingerprint") == fingerprint:
+        decision = "skip"
+        reason = (f"nothing new: champion {rs.name} version {champion.version} was trained on the same data, "
+                  f"config and code (fingerprint {fingerprint[:12]})")
+    else:
+        decision = "train"
+        reason = (f"new training data, config or code (fingerprint {fingerprint[:12]}, champion version "
+                  f"{champion.version}: {champion.tags.get('data_fingerprint', 'none')[:12]})")
+    with stage_run("decide", run_id or None, mlflow_uri or None) as ml:
+        ml.set_tags({"decision": decision, "decision.reason": reason, "lineage.data_fingerprint": fingerprint})
+    log_parent(run_id or None, tags={"decision": decision, "decision.reason": reason,
+                                     "lineage.data_fingerprint": fingerprint}, uri=mlflow_uri or None)
+    log.info("decide: %s (%s)", decision, reason)
+    return decision
+
+
+def _log_data(ml, index: dict, shards_uri: str, context: str, parent_run_id: str | None = None) -> None:
+    """The subset a shard folder was made from and the shards themselves, as MLflow dataset
+    inputs of the active stage run (and of the pipeline run, for the shards it adds)."""
+    from components.common.datasets import log_datasets, log_datasets_to, shards_dataset, subset_dataset_of_index
+
+    log_datasets(ml, [(subset_dataset_of_index(index), context), (shards_dataset(index, shards_uri), context)])
+    if parent_run_id:
+        log_datasets_to(ml.MlflowClient(), parent_run_id, [(shards_dataset(index, shards_uri), context)])
+
+
+def step_preprocess(*, train_manifest: str, val_manifest: str, train_out: str, val_out: str, settings=None,
+                    run_id: str = "", mlflow_uri: str = "") -> dict:
+    setup_logging()
+    from components.common.datasets import TRAINING, VALIDATION
+    from components.data.records import load_index
+    from components.preprocess.core import PreprocessConfig, preprocess
+
+    cfg = parse_settings(PreprocessConfig, settings, "preprocess settings")
     out = {}
     with stage_run("preprocess", run_id or None, mlflow_uri or None) as ml:
-        ml.log_params({"shard_images": shard_images, "max_bad_fraction": max_bad_fraction})
+        ml.log_params({k: v for k, v in settings_dict(cfg).items() if v is not None})
         for name, manifest, folder in (("train", train_manifest, train_out), ("val", val_manifest, val_out)):
             r = preprocess(cfg, manifest, folder, progress=False)
             index = load_index(folder)
+            _log_data(ml, index, folder, TRAINING if name == "train" else VALIDATION, run_id)
             ml.log_metrics({f"{name}_rows": r.rows_written, f"{name}_quarantined": r.quarantined,
                             f"{name}_shards": len(r.shards)})
             ml.set_tag(f"lineage.{name}_shards_hash", shard_hash(index))
@@ -87,86 +162,171 @@ def step_preprocess(*, train_manifest: str, val_manifest: str, train_out: str, v
     return out
 
 
-def step_train(*, train_shards: str, model_out: str, config: str, iterations: int = 0, overrides: str = "",
-               run_id: str = "", mlflow_uri: str = "", checkpoint_uri: str = "", nodes: int = 1,
-               gpus_per_node: int = 0, image: str = "", namespace: str = "") -> str:
-    """Train in this process (nodes == 1) or as a PyTorchJob on the Training Operator (nodes > 1).
+def step_train(*, train_shards: str, model_out: str, settings=None, cluster=None, register=None,
+               run_id: str = "", mlflow_uri: str = "") -> str:
+    """Train on one node (in this process, or torchrun over its GPUs) or as a multi-node job
+    (PyTorchJob or TrainJob). All of them train the one resolved config, written next to the
+    model as ``train_config.json``; ``lineage.json`` records what the model was made from.
     Returns the model.pt URI."""
-    from components.model.config import load_config, parse_overrides
+    setup_logging()
+    from components.common.cluster import ClusterSettings
+    from components.common.tracking import code_version, data_fingerprint, resolve_model_uri
+    from components.data.records import load_index
+    from components.register.core import RegisterConfig
+    from components.train.settings import TrainSettings, config_fingerprint, resolve_config
 
-    over = parse_overrides([o for o in overrides.split(";") if o.strip()]) if overrides else {}
-    cfg = load_config(config, over)
-    if iterations and iterations != cfg.solver.max_iter:
-        cfg = scale_schedule(cfg, int(iterations))
-    output = checkpoint_uri or model_out
-    with stage_run("train", run_id or None, mlflow_uri or None) as ml:
+    ts = parse_settings(TrainSettings, settings, "train settings")
+    name = parse_settings(RegisterConfig, register, "register settings").name
+    champion_uri = parent = None
+    if ts.init == "champion" and get_alias(name, CHAMPION, mlflow_uri or None) is not None:
+        champion_uri, parent = resolve_model_uri(f"models:/{name}@{CHAMPION}", mlflow_uri or None)
+    cfg = resolve_config(ts, champion_uri)
+    if cfg.model.weights.startswith("models:/") and parent is None:  # a URI naming an alias: pin its version
+        weights, parent = resolve_model_uri(cfg.model.weights, mlflow_uri or None)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=weights))
+    output = ts.checkpoint_uri or model_out
+    config_uri = storage.join(output, TRAIN_CONFIG_FILE)
+    storage.write_text(config_uri, json.dumps(cfg.to_dict(), indent=1, default=list))
+    index = load_index(train_shards)
+    lineage = {"train_manifest_hash": index.get("source_manifest_hash", ""), "train_shards_hash": shard_hash(index),
+               "data_fingerprint": data_fingerprint(index.get("source_manifest_hash", ""), config_fingerprint(cfg)),
+               "config": cfg.name, "code_version": code_version(), "parent_model_version": parent or "",
+               "init": ts.init}
+    with stage_run("train", run_id or None, mlflow_uri or None, system_metrics=True) as ml:
+        _log_data(ml, index, train_shards, "training")
         ml.log_params({k: v for k, v in _flat("", cfg.to_dict()).items() if len(str(v)) < 500})
+        ml.log_params({"init": ts.init, "nodes": ts.nodes, "gpus_per_node": ts.gpus_per_node})
+        ml.set_tags({f"lineage.{k}": v for k, v in lineage.items()})
         log_parent(run_id or None, params={"config": cfg.name, "iterations": cfg.solver.max_iter,
-                                           "batch": cfg.solver.ims_per_batch, "nodes": nodes},
-                   uri=mlflow_uri or None)
-        if nodes > 1:
-            from components.train.launcher import PyTorchJobSpec, run_pytorchjob
+                                           "batch": cfg.solver.ims_per_batch, "nodes": ts.nodes, "init": ts.init},
+                   tags={"lineage.parent_model_version": parent or ""}, uri=mlflow_uri or None)
+        stage_run_id = ml.active_run().info.run_id
+        if ts.nodes > 1:
+            from components.train.launcher import JobSpec, job_name, render_pytorchjob, render_trainjob, run_job
 
-            spec = PyTorchJobSpec(image=image, nodes=nodes, gpus_per_node=gpus_per_node, shards=train_shards,
-                                  output=output, config=config, overrides=overrides, iterations=iterations,
-                                  mlflow_uri=mlflow_uri, namespace=namespace or None)
-            run_pytorchjob(spec)
+            cs = parse_settings(ClusterSettings, cluster, "cluster settings")
+            spec = JobSpec(name=job_name(), image=ts.image or cs.gpu_image, nodes=ts.nodes,
+                           gpus_per_node=ts.gpus_per_node, shards=train_shards, output=output, config_uri=config_uri,
+                           env={"MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_RUN_ID": stage_run_id} if mlflow_uri else {},
+                           cluster=cs, namespace=ts.namespace or None, runtime=ts.runtime)
+            run_job(render_pytorchjob(spec) if ts.launcher == "pytorchjob" else render_trainjob(spec))
+        elif ts.gpus_per_node > 1:
+            _torchrun_here(ts.gpus_per_node, train_shards, output, config_uri, mlflow_uri, stage_run_id)
         else:
             from components.train.trainer import train
 
-            def log(metrics, step):
+            def log_metrics(metrics, step):
                 ml.log_metrics({f"train/{k}": float(v) for k, v in metrics.items() if k != "iter"}, step=step)
 
-            train(cfg, train_shards, output, progress=False, log_fn=log)
+            train(cfg, train_shards, output, device=ts.device, progress=False, log_fn=log_metrics)
         model_uri = storage.join(output, "model.pt")
         if output != model_out:
             storage.write_bytes(storage.join(model_out, "model.pt"), storage.read_bytes(model_uri))
+        storage.write_text(storage.join(model_out, LINEAGE_FILE), json.dumps(lineage, indent=1))
         if storage.exists(storage.join(output, "train_metrics.json")):
             _log_file(ml, storage.join(output, "train_metrics.json"), "train")
+        _log_file(ml, config_uri, "train")
     return storage.join(model_out, "model.pt")
 
 
-def scale_schedule(cfg, iterations: int):
-    """Run ``iterations`` instead of ``max_iter``: LR steps (and warmup, if longer than a tenth)
-    scale by the same factor, as detectron2's schedule scaling does."""
-    import dataclasses
+def _torchrun_here(gpus: int, shards: str, output: str, config_uri: str, mlflow_uri: str, stage_run_id: str) -> None:
+    """One node, several GPUs: the multi-node jobs' command, as one torchrun here."""
+    import subprocess
+    import sys
 
-    f = iterations / cfg.solver.max_iter
-    solver = dataclasses.replace(cfg.solver, max_iter=iterations,
-                                 steps=tuple(max(1, round(s * f)) for s in cfg.solver.steps),
-                                 warmup_iters=min(cfg.solver.warmup_iters, max(1, iterations // 10)),
-                                 checkpoint_period=min(cfg.solver.checkpoint_period, iterations))
-    return dataclasses.replace(cfg, solver=solver)
+    env = {**os.environ, **({"MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_RUN_ID": stage_run_id} if mlflow_uri else {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m",
+           "components.train", "--shards", shards, "--output", output, "--config", config_uri, "--quiet"]
+    subprocess.run(cmd, env=env, check=True)
 
 
-def step_evaluate(*, model_uri: str, val_shards: str, out: str, run_id: str = "", mlflow_uri: str = "",
-                  batch_size: int = 2, device: str = "auto") -> dict:
+def step_evaluate(*, model_uri: str, val_shards: str, out: str, settings=None, run_id: str = "",
+                  mlflow_uri: str = "") -> dict:
+    setup_logging()
+    from components.common.metrics import METRIC_KEYS
+    from components.data.records import load_index
     from components.evaluate.core import EvalConfig, evaluate
+    from components.evaluate.pq_files import PER_CLASS_TABLE, per_class_table
 
-    r = evaluate(model_uri, val_shards, out, EvalConfig(batch_size=batch_size, device=device), progress=False)
-    keys = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
-    with stage_run("evaluate", run_id or None, mlflow_uri or None) as ml:
-        ml.log_metrics({k: r.metrics[k] for k in keys})
+    cfg = parse_settings(EvalConfig, settings, "evaluate settings")
+    with stage_run("evaluate", run_id or None, mlflow_uri or None, system_metrics=True) as ml:
+        _log_data(ml, load_index(val_shards), val_shards, "validation")
+        r = evaluate(model_uri, val_shards, out, cfg, progress=False)
+        ml.log_metrics({k: r.metrics[k] for k in METRIC_KEYS})
         ml.log_metrics({"eval_images_per_s": r.metrics["timing"]["images_per_s_inference"],
                         "pq_overhead_vs_inference": r.metrics["timing"]["pq_overhead_vs_inference"]})
+        index = load_index(val_shards)
+        ml.log_table(per_class_table(r.metrics["results"], index["categories"]), PER_CLASS_TABLE)
         for name in ("metrics.json", "per_class.csv", "report.html"):
             _log_file(ml, storage.join(out, name), "evaluate")
-    log_parent(run_id or None, metrics={k: r.metrics[k] for k in keys}, uri=mlflow_uri or None)
+    log_parent(run_id or None, metrics={k: r.metrics[k] for k in METRIC_KEYS}, uri=mlflow_uri or None)
     return r.metrics
 
 
-def step_register(*, model_uri: str, eval_dir: str, name: str, margin: float, tolerance: float, run_id: str = "",
-                  mlflow_uri: str = "", lineage: dict | None = None) -> tuple[str, bool]:
-    """Register (alias challenger) and decide the gate; promotion is a separate step."""
-    from components.register.core import register
+def step_score_champion(*, val_shards: str, out: str, settings=None, register=None, run_id: str = "",
+                        mlflow_uri: str = "") -> str:
+    """The champion's metrics on *these* validation shards, in ``out/champion.json``: the ones it
+    was registered with when it was measured on the same validation manifest, else a fresh
+    evaluation of its model here. Returns "none", "logged" or "re-scored"."""
+    setup_logging()
+    from components.data.records import load_index
+    from components.register.core import RegisterConfig, champion_metrics
 
-    r = register(model_uri, eval_dir, name=name, margin=margin, tolerance=tolerance, parent_run_id=run_id or None,
-                 uri=mlflow_uri or None, promote=False, lineage=lineage)
+    name = parse_settings(RegisterConfig, register, "register settings").name
+    champion = get_alias(name, CHAMPION, mlflow_uri or None)
+    current = load_index(val_shards).get("source_manifest_hash")
+    if champion is None:
+        doc = {"status": "none"}
+    else:
+        logged = champion_metrics(champion, mlflow_uri or None)
+        if logged.get("val_manifest_hash") == current:
+            doc = {"status": "logged", "version": str(champion.version), "metrics": {**logged, "source": "logged"}}
+        else:
+            m = _evaluate_champion(name, champion.version, val_shards, storage.join(out, "evaluation"), settings,
+                                   mlflow_uri)
+            doc = {"status": "re-scored", "version": str(champion.version), "metrics": {**m, "source": "re-scored"},
+                   "previous_val_manifest_hash": logged.get("val_manifest_hash")}
+    storage.write_text(storage.join(out, "champion.json"), json.dumps(doc, indent=1))
+    if champion is not None:
+        with stage_run("score-champion", run_id or None, mlflow_uri or None) as ml:
+            ml.set_tags({"champion.version": str(champion.version), "champion.source": doc["status"],
+                         "lineage.val_manifest_hash": current or ""})
+            ml.log_metrics({f"champion_{k}": doc["metrics"][k] for k in ("PQ", "SQ", "RQ")})
+    return doc["status"]
+
+
+def _evaluate_champion(name: str, version, val_shards: str, out: str, settings, mlflow_uri: str) -> dict:
+    from components.evaluate.core import EvalConfig, evaluate
+
+    cfg = parse_settings(EvalConfig, settings, "evaluate settings")
+    if mlflow_uri:
+        os.environ.setdefault("MLFLOW_TRACKING_URI", mlflow_uri)
+    return evaluate(f"models:/{name}/{version}", val_shards, out, cfg, progress=False).metrics
+
+
+def step_register(*, model_uri: str, eval_dir: str, champion_dir: str = "", settings=None, run_id: str = "",
+                  mlflow_uri: str = "") -> tuple[str, bool]:
+    """Register (alias challenger) and decide the gate against the champion's metrics on the same
+    validation data (``champion_dir/champion.json``); promotion is a separate step."""
+    setup_logging()
+    from components.register.core import RegisterConfig, register
+
+    cfg = parse_settings(RegisterConfig, settings, "register settings")
+    champion_eval = None
+    if champion_dir and storage.exists(storage.join(champion_dir, "champion.json")):
+        doc = json.loads(storage.read_text(storage.join(champion_dir, "champion.json")))
+        champion_eval = doc.get("metrics")
+    lineage_uri = storage.join(storage.dirname(model_uri), LINEAGE_FILE)
+    lineage = json.loads(storage.read_text(lineage_uri)) if storage.exists(lineage_uri) else {}
+    r = register(model_uri, eval_dir, RegisterConfig(cfg.name, cfg.margin, cfg.tolerance, promote=False),
+                 champion_eval=champion_eval, parent_run_id=run_id or None, uri=mlflow_uri or None, lineage=lineage)
     return r.version, r.decision.promote
 
 
-def step_promote(*, name: str, version: str, run_id: str = "", mlflow_uri: str = "") -> None:
-    from components.register.core import promote_champion
+def step_promote(*, version: str, register=None, run_id: str = "", mlflow_uri: str = "") -> None:
+    setup_logging()
+    from components.register.core import RegisterConfig, promote_champion
 
-    promote_champion(name, version, uri=mlflow_uri or None)
+    cfg = parse_settings(RegisterConfig, register, "register settings")
+    promote_champion(cfg.name, version, uri=mlflow_uri or None, cfg=cfg)
     log_parent(run_id or None, tags={"model.aliases": "challenger,champion"}, uri=mlflow_uri or None)

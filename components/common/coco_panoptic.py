@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
 from components.common import storage
+from components.common.filenames import UnsafeFileName, file_name_problem  # noqa: F401 (part of the format)
 
 VOID = 0
 IGNORE_LABEL = 255
@@ -248,14 +250,98 @@ class PanopticSplit:
         return png_uri(self.root, self.split, annotation["file_name"])
 
 
+def _confined(name) -> str:
+    problem = file_name_problem(name)
+    if problem:
+        raise UnsafeFileName(f"{name!r}: file name leaves the dataset folder: {problem}")
+    return name
+
+
 def image_uri(root: str, split: str, file_name: str) -> str:
-    """Where COCO keeps an image: ``ROOT/SPLIT/FILE``."""
-    return storage.join(root, split, file_name)
+    """Where COCO keeps an image: ``ROOT/SPLIT/FILE``. Refuses a ``file_name`` that would leave
+    ``ROOT/SPLIT`` (``UnsafeFileName``)."""
+    return storage.join(root, split, _confined(file_name))
 
 
 def png_uri(root: str, split: str, file_name: str) -> str:
-    """Where COCO keeps a panoptic PNG: ``ROOT/annotations/panoptic_SPLIT/FILE``."""
-    return storage.join(root, "annotations", f"panoptic_{split}", file_name)
+    """Where COCO keeps a panoptic PNG: ``ROOT/annotations/panoptic_SPLIT/FILE`` (confined likewise)."""
+    return storage.join(root, "annotations", f"panoptic_{split}", _confined(file_name))
+
+
+MAX_SIDE = 65535          # pixels; a larger height or width is a broken entry, not an image
+MAX_SEGMENT_ID = 256**3 - 1
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def structure_problems(raw) -> list[str]:
+    """Every way the annotation JSON's structure is broken (types, required keys, ranges, unique
+    ids), as ``path: what`` lines. File names are checked per sample, not here."""
+    if not isinstance(raw, dict):
+        return [f"top level: expected an object, got {type(raw).__name__}"]
+    out = []
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(raw.get(key), list):
+            out.append(f"{key}: missing or not a list (not a COCO panoptic file?)")
+    if out:
+        return out
+    seen_cats = set()
+    for i, c in enumerate(raw["categories"]):
+        if not isinstance(c, dict) or not _is_int(c.get("id")) or not isinstance(c.get("name"), str) \
+                or c.get("isthing") not in (0, 1, True, False):
+            out.append(f"categories[{i}]: needs an integer id, a string name and isthing 0 or 1")
+        elif c["id"] in seen_cats:
+            out.append(f"categories[{i}]: category id {c['id']} is listed twice")
+        else:
+            seen_cats.add(c["id"])
+    seen_images = set()
+    for i, im in enumerate(raw["images"]):
+        if not isinstance(im, dict) or not _is_int(im.get("id")):
+            out.append(f"images[{i}]: needs an integer id")
+            continue
+        if im["id"] in seen_images:
+            out.append(f"images[{i}]: image id {im['id']} is listed twice")
+        seen_images.add(im["id"])
+        if not isinstance(im.get("file_name"), str):
+            out.append(f"images[{i}] (id {im['id']}): file_name must be a string")
+        for side in ("height", "width"):
+            if not _is_int(im.get(side)) or not 1 <= im[side] <= MAX_SIDE:
+                out.append(f"images[{i}] (id {im['id']}): {side} must be an integer in 1..{MAX_SIDE}, "
+                           f"not {str(im.get(side))[:40]}")
+    seen_anns = set()
+    for i, a in enumerate(raw["annotations"]):
+        if not isinstance(a, dict) or not _is_int(a.get("image_id")):
+            out.append(f"annotations[{i}]: needs an integer image_id")
+            continue
+        if a["image_id"] in seen_anns:
+            out.append(f"annotations[{i}]: a second annotation for image {a['image_id']}")
+        seen_anns.add(a["image_id"])
+        if not isinstance(a.get("file_name"), str):
+            out.append(f"annotations[{i}] (image {a['image_id']}): file_name must be a string")
+        segs = a.get("segments_info")
+        if not isinstance(segs, list):
+            out.append(f"annotations[{i}] (image {a['image_id']}): segments_info must be a list")
+            continue
+        for j, sg in enumerate(segs):
+            where = f"annotations[{i}].segments_info[{j}]"
+            if not isinstance(sg, dict) or not _is_int(sg.get("id")) or not 1 <= sg["id"] <= MAX_SEGMENT_ID:
+                out.append(f"{where}: needs an integer id in 1..{MAX_SEGMENT_ID}")
+            elif not _is_int(sg.get("category_id")):
+                out.append(f"{where}: category_id must be an integer")
+            elif sg.get("iscrowd", 0) not in (0, 1, True, False):
+                out.append(f"{where}: iscrowd must be 0 or 1")
+            elif "area" in sg and not (_is_num(sg["area"]) and 0 <= sg["area"] <= MAX_SIDE * MAX_SIDE):
+                out.append(f"{where}: area must be a number in 0..{MAX_SIDE * MAX_SIDE}")
+            elif "bbox" in sg and not (isinstance(sg["bbox"], list) and len(sg["bbox"]) == 4
+                                       and all(_is_num(v) and abs(v) <= MAX_SIDE for v in sg["bbox"])):
+                out.append(f"{where}: bbox must be 4 finite numbers [x, y, w, h]")
+    return out
 
 
 def annotation_json_uri(root: str, split: str) -> str:
@@ -271,11 +357,13 @@ def load_split(root: str, split: str) -> PanopticSplit:
             f"{{root}}/annotations/panoptic_{split}.json (make one with `panoptic data synth`)")
     try:
         raw = json.loads(storage.read_text(uri))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{uri}: not valid JSON ({e})") from e
-    for key in ("images", "annotations", "categories"):
-        if key not in raw:
-            raise ValueError(f"{uri}: missing top-level key {key!r} (not a COCO panoptic file?)")
+    problems = structure_problems(raw)
+    if problems:
+        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise ValueError(f"{uri}: {len(problems)} problem(s) in the structure of the annotation file; fix them "
+                         f"(or re-export it):\n  {shown}")
     return PanopticSplit(
         root=root, split=split, images=list(raw["images"]),
         annotations={int(a["image_id"]): a for a in raw["annotations"]},

@@ -20,6 +20,8 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from components.common import faults
+
 
 def is_remote(uri: str) -> bool:
     return str(uri).startswith("s3://")
@@ -77,6 +79,12 @@ def exists(uri: str) -> bool:
 def is_dir(uri: str) -> bool:
     fs, path = resolve(uri)
     return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def dirname(uri: str) -> str:
+    """The folder holding ``uri`` (a local path or s3:// key)."""
+    uri = str(uri)
+    return posixpath.dirname(uri.rstrip("/")) if is_remote(uri) else os.path.dirname(uri)
 
 
 def makedirs(uri: str) -> None:
@@ -149,6 +157,7 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        faults.point("storage.before_rename")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -14,6 +14,14 @@ from contextlib import contextmanager
 
 DEFAULT_EXPERIMENT = "panoptic-fpn"
 PIPELINE_TAG = "panoptic.kind"
+CHAMPION = "champion"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"   # MLflow 3's "model training" experiments
+SYSTEM_METRICS_INTERVAL_S = 5.0   # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it
+
+
+class RegistryError(RuntimeError):
+    """The model registry failed (unreachable, 5xx, refused): not the same as "no such model"."""
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -21,11 +29,28 @@ def tracking_uri(uri: str | None = None) -> str:
 
 
 def setup(uri: str | None = None, experiment: str | None = None):
+    """Point MLflow at the store and the experiment, creating the experiment as a model-training
+    one (MLflow 3's experiment kind: its UI opens on runs, not on GenAI traces). A kind someone
+    chose in the UI is left as it is."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(uri))
-    mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    exp = mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return mlflow
+
+
+def pipeline_run_name(config: str, when: float | None = None) -> str:
+    """``panoptic-fpn <config> <YYYY-MM-DD HH:MM>`` (UTC): the name of a pipeline run in MLflow."""
+    import time
+
+    return f"{DEFAULT_EXPERIMENT} {config} {time.strftime('%Y-%m-%d %H:%M', time.gmtime(when))}"
+
+
+def stage_run_name(stage: str, pipeline_run: str | None) -> str:
+    """``<stage> · <pipeline run>``: which pipeline run a stage belongs to, readable in any list."""
+    return f"{stage} · {pipeline_run}" if pipeline_run else stage
 
 
 def git_sha() -> str:
@@ -50,20 +75,27 @@ def start_pipeline_run(uri: str | None = None, experiment: str | None = None, ru
 
 
 @contextmanager
-def stage_run(stage: str, parent_run_id: str | None, uri: str | None = None, experiment: str | None = None):
-    """Log one stage: a run nested under ``parent_run_id`` (or a lone run when there is none).
+def stage_run(stage: str, parent_run_id: str | None, uri: str | None = None, experiment: str | None = None,
+              system_metrics: bool = False):
+    """Log one stage: a run named ``<stage> · <pipeline run>`` nested under ``parent_run_id`` (or
+    a lone run named ``<stage>`` when there is none).
 
     Yields the mlflow module with the stage run active; params/metrics/artifacts logged
     inside land in the stage run. ``log_parent`` below writes to the pipeline run itself.
+    ``system_metrics``: MLflow samples CPU/GPU utilisation and memory into the stage run
+    (``system/...``) while it is open (every ``SYSTEM_METRICS_INTERVAL_S`` seconds).
     """
     mlflow = setup(uri, experiment)
+    if system_metrics and not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     if parent_run_id:
-        with mlflow.start_run(run_id=parent_run_id):
-            with mlflow.start_run(run_name=stage, nested=True):
+        with mlflow.start_run(run_id=parent_run_id) as parent:
+            with mlflow.start_run(run_name=stage_run_name(stage, parent.info.run_name), nested=True,
+                                  experiment_id=parent.info.experiment_id, log_system_metrics=system_metrics):
                 mlflow.set_tag("panoptic.stage", stage)
                 yield mlflow
     else:
-        with mlflow.start_run(run_name=stage):
+        with mlflow.start_run(run_name=stage, log_system_metrics=system_metrics):
             mlflow.set_tag("panoptic.stage", stage)
             yield mlflow
 
@@ -84,6 +116,89 @@ def log_parent(parent_run_id: str | None, *, params: dict | None = None, metrics
         client.log_metric(parent_run_id, k, float(v))
     for k, v in (tags or {}).items():
         client.set_tag(parent_run_id, k, str(v))
+
+
+def is_not_found(error: Exception) -> bool:
+    """Whether an MLflow error says the registered model or alias does not exist (the only
+    answer that means "no champion yet"); timeouts, 5xx and the like are not."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(error, MlflowException):
+        return False
+    if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    return error.error_code == "INVALID_PARAMETER_VALUE" and "alias" in str(error) and "not found" in str(error)
+
+
+def get_alias(name: str, alias: str = CHAMPION, uri: str | None = None):
+    """The model version holding ``alias``, or None when the model or alias does not exist.
+    Any other registry failure raises ``RegistryError``: a caller must never take an outage
+    for "no champion" (that would promote whatever comes next)."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(tracking_uri(uri)).get_model_version_by_alias(name, alias)
+    except Exception as e:
+        if is_not_found(e):
+            return None
+        raise RegistryError(f"cannot look up {name}@{alias} in the MLflow registry at {tracking_uri(uri)}: "
+                            f"{type(e).__name__}: {str(e)[:300]}") from e
+
+
+def resolve_model_uri(uri: str, tracking: str | None = None) -> tuple[str, str | None]:
+    """``models:/name@alias`` -> (``models:/name/version``, "name/version"): the concrete version,
+    so that every process (and the lineage) sees the same one. Other URIs come back as they are."""
+    if uri.startswith("models:/") and "@" in uri:
+        name, alias = uri[len("models:/"):].split("@", 1)
+        version = get_alias(name, alias, tracking)
+        if version is None:
+            raise FileNotFoundError(f"{uri}: no version of {name} holds the alias {alias!r}")
+        return f"models:/{name}/{version.version}", f"{name}/{version.version}"
+    if uri.startswith("models:/"):
+        return uri, uri[len("models:/"):]
+    return uri, None
+
+
+def download_model_file(uri: str, tracking: str | None = None) -> str:
+    """The local path of the ``model.pt`` inside an MLflow model (``models:/...``, ``runs:/...``)."""
+    import glob
+    import tempfile
+
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(tracking))
+    uri, _ = resolve_model_uri(uri, tracking)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="panoptic-model-"))
+    found = sorted(glob.glob(os.path.join(local, "**", "model.pt"), recursive=True))
+    if not found:
+        raise FileNotFoundError(f"{uri}: the MLflow model holds no model.pt (not a panoptic-fpn model?)")
+    return found[0]
+
+
+def code_version() -> str:
+    """This code's version: the package version and a hash of its source (``components/``: the
+    stages, the model, the configs), so an edit shows even before it is committed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("panoptic-pipeline")
+    except PackageNotFoundError:
+        v = "0"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # components/
+    h = hashlib.sha256()
+    for folder, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            if name.endswith((".py", ".yaml")):
+                h.update(os.path.relpath(os.path.join(folder, name), root).encode())
+                with open(os.path.join(folder, name), "rb") as f:
+                    h.update(f.read())
+    return f"{v}+src.{h.hexdigest()[:12]}"
+
+
+def data_fingerprint(train_manifest_hash: str, config_fingerprint: str, code: str | None = None) -> str:
+    """What a trained model is a function of: the training data, the config, the code."""
+    doc = {"train_manifest": train_manifest_hash, "config": config_fingerprint, "code": code or code_version()}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 def shard_hash(index: dict) -> str:

@@ -12,15 +12,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
 from components.common import storage
-from components.common.coco_panoptic import (VOID, CategoryMaps, PanopticSplit, check_image_decodes, decode_png_rgb,
-                                             load_split, segment_stats)
+from components.common.coco_panoptic import (
+    VOID,
+    CategoryMaps,
+    PanopticSplit,
+    UnsafeFileName,
+    check_image_decodes,
+    decode_png_rgb,
+    file_name_problem,
+    load_split,
+    segment_stats,
+)
 from components.common.jpeg_check import JpegStructureError, check_jpeg_structure
+from components.common.logs import progress as progress_bar
 
 # What each kind of problem means for the user: how to fix it.
 FIXES = {
+    "file_name_outside_dataset": "use the plain file name relative to the split's folder (no '..', no absolute path)",
     "missing_annotation": "add an entry to `annotations` for this image, or drop the image from `images`",
     "annotation_without_image": "add the image to `images`, or drop this annotation",
     "missing_image": "restore the image file, or drop the image from the JSON",
@@ -28,7 +38,8 @@ FIXES = {
     "missing_png": "restore the panoptic PNG named by the annotation's file_name",
     "corrupt_png": "re-export the panoptic PNG; it does not decode",
     "size_mismatch": "image, PNG and JSON height/width must agree; re-export the PNG at the image's size",
-    "id_not_in_segments_info": "every non-zero id in the PNG needs a segments_info entry (or paint those pixels 0 = VOID)",
+    "id_not_in_segments_info": "every non-zero id in the PNG needs a segments_info entry (or paint those pixels "
+                               "0 = VOID)",
     "segment_not_in_png": "drop segments_info entries whose id has no pixel in the PNG",
     "duplicate_segment_id": "segment ids must be unique within an image",
     "unknown_category": "use a category id listed in `categories`, or add the category",
@@ -70,6 +81,12 @@ def check_sample(image: dict, annotation: dict | None, image_bytes: bytes | None
     def bad(file, kind, message):
         problems.append(Problem(image_id, file, kind, message))
 
+    for what, entry in (("image", image), ("panoptic PNG", annotation)):
+        problem = file_name_problem(entry.get("file_name")) if entry is not None else None
+        if problem:  # never opened: the caller reads nothing for such a name (sample_uris)
+            bad(repr(entry.get("file_name")), "file_name_outside_dataset", f"{what} file_name: {problem}")
+    if problems:
+        return problems, None
     if annotation is None:
         bad(image_name, "missing_annotation", f"image {image_id} has no entry in `annotations`")
         return problems, None
@@ -118,7 +135,8 @@ def check_sample(image: dict, annotation: dict | None, image_bytes: bytes | None
             if "area" in s and int(s["area"]) != int(areas[k]):
                 bad(png_name, "area_mismatch", f"segment {seg_id}: area {s['area']} in JSON, {int(areas[k])} px in PNG")
             if "bbox" in s and [int(round(v)) for v in s["bbox"]] != boxes[k].tolist():
-                bad(png_name, "bbox_mismatch", f"segment {seg_id}: bbox {s['bbox']} in JSON, {boxes[k].tolist()} in PNG")
+                bad(png_name, "bbox_mismatch",
+                    f"segment {seg_id}: bbox {s['bbox']} in JSON, {boxes[k].tolist()} in PNG")
     return problems, rgb
 
 
@@ -132,6 +150,15 @@ def image_decodable_size(data: bytes, name: str) -> tuple[int, int]:
         return check_jpeg_structure(data)
     except JpegStructureError:
         return check_image_decodes(data, name)
+
+
+def sample_uris(data: PanopticSplit, image: dict, annotation: dict | None) -> tuple[str, str]:
+    """The image's and the PNG's URIs; "" for a missing annotation or a file name that would leave
+    the dataset folder (``check_sample`` reports it; nothing is read)."""
+    try:
+        return data.image_uri(image), data.png_uri(annotation) if annotation else ""
+    except UnsafeFileName:
+        return "", ""
 
 
 def read_or_none(uri: str) -> bytes | None:
@@ -183,20 +210,23 @@ def validate_split(root: str, split: str, workers: int = 4, progress: bool = Tru
     image_ids = {int(im["id"]) for im in data.images}
     for image_id, ann in data.annotations.items():
         if image_id not in image_ids:
-            report.problems.append(Problem(image_id, data.png_uri(ann), "annotation_without_image",
+            try:
+                where = data.png_uri(ann)
+            except UnsafeFileName:
+                where = repr(ann.get("file_name"))
+            report.problems.append(Problem(image_id, where, "annotation_without_image",
                                            f"annotation for image_id {image_id}, which is not in `images`"))
 
     def one(image: dict) -> list[Problem]:
         ann = data.annotations.get(int(image["id"]))
-        image_uri = data.image_uri(image)
-        png_uri = data.png_uri(ann) if ann else ""
-        problems, _ = check_sample(image, ann, read_or_none(image_uri), read_or_none(png_uri) if ann else None,
-                                   data.categories, image_uri, png_uri)
+        image_uri, png_uri = sample_uris(data, image, ann)
+        problems, _ = check_sample(image, ann, read_or_none(image_uri) if image_uri else None,
+                                   read_or_none(png_uri) if png_uri else None, data.categories, image_uri, png_uri)
         return problems
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for problems in tqdm(pool.map(one, data.images), total=len(data.images), desc=f"validate {split}",
-                             disable=not progress, unit="img"):
+        for problems in progress_bar(pool.map(one, data.images), total=len(data.images), desc=f"validate {split}",
+                                     enabled=progress, unit="img"):
             if problems:
                 report.bad_images += 1
                 report.problems.extend(problems)

@@ -17,19 +17,21 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from components.common import storage
-from components.common.coco_panoptic import bbox_of, decode_image, encode_png
+from components.common.coco_panoptic import decode_image, encode_png
+from components.common.devices import pick_device
+from components.common.logs import progress as progress_bar
+from components.common.metrics import summary_metrics
+from components.common.overlays import overlay
+from components.data.reader import ShardDataset, collate
+from components.data.records import load_index
 from components.evaluate.pq import PQStat
-from components.evaluate.report import overlay, render_report, thumbnail
-from components.model.weights import load_model
-from components.preprocess.reader import ShardDataset, collate
-from components.preprocess.targets import AugConfig
-from components.train.trainer import pick_device
+from components.evaluate.report import render_report, thumbnail
+from components.model.artifact import load_model
+from components.model.inference import prediction_to_coco
 
 
 @dataclass(frozen=True)
@@ -53,18 +55,6 @@ class EvalResult:
     predictions_json: str
 
 
-def prediction_to_coco(panoptic: torch.Tensor, segments: list[dict]) -> tuple[np.ndarray, list[dict]]:
-    """The model's (ids, segments) -> COCO segments_info with area and bbox from the id map."""
-    ids = panoptic.cpu().numpy().astype(np.uint32)
-    info = []
-    for s in segments:
-        mask = ids == s["id"]
-        info.append({"id": int(s["id"]), "category_id": int(s["category_id"]), "iscrowd": 0,
-                     "area": int(mask.sum()), "bbox": bbox_of(mask), "isthing": int(bool(s["isthing"])),
-                     **({"score": round(float(s["score"]), 5)} if "score" in s else {})})
-    return ids, info
-
-
 def _image_pq(stat: PQStat, categories: dict) -> float:
     return stat.results(categories)["All"]["pq"]
 
@@ -83,12 +73,13 @@ def _postprocess(sample: dict, panoptic_seg, categories: dict, pred_dir: str, wr
     return image_stat, ann, ids, info, t1 - t0, time.perf_counter() - t1
 
 
-def evaluate(model_uri: str, shards: str, out: str, cfg: EvalConfig = EvalConfig(), progress: bool = True) -> EvalResult:
+def evaluate(model_uri: str, shards: str, out: str, cfg: EvalConfig = EvalConfig(),
+             progress: bool = True) -> EvalResult:
     """Evaluate ``model_uri`` on ``shards`` (with ``index.json``); write everything under ``out``."""
     device = pick_device(cfg.device)
     model, mcfg, cats = load_model(model_uri, device)
     categories = {c["id"]: c for c in cats.to_json()}
-    dataset = ShardDataset(shards, cats, AugConfig.from_input(mcfg.input), train=False, with_gt=True, rank=0, world_size=1)
+    dataset = ShardDataset(shards, cats, mcfg.input, train=False, with_gt=True, rank=0, world_size=1)
     total = min(len(dataset), cfg.max_images or len(dataset))
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate)
 
@@ -96,13 +87,14 @@ def evaluate(model_uri: str, shards: str, out: str, cfg: EvalConfig = EvalConfig
     pred_dir = storage.join(out, "predictions", "panoptic_val")
     annotations, worst = [], []  # worst: heap of (-pq, image_id, sample data) of size report_samples
     t_infer = t_pq = t_write = 0.0
-    seen = 0
-    bar = tqdm(total=total, desc="evaluate", unit="img", disable=not progress)
+    seen = empty = 0  # empty: images with no predicted segment
+    bar = progress_bar(total=total, desc="evaluate", unit="img", enabled=progress)
 
     def consume(sample: dict, result: tuple) -> None:
         """Fold one image's results in, in sample order (so sums and files are deterministic)."""
-        nonlocal stat, t_pq, t_write
+        nonlocal stat, t_pq, t_write, empty
         image_stat, ann, ids, info, dt_pq, dt_write = result
+        empty += not info
         stat += image_stat
         annotations.append(ann)
         t_pq += dt_pq
@@ -152,16 +144,17 @@ def evaluate(model_uri: str, shards: str, out: str, cfg: EvalConfig = EvalConfig
     pred_json = storage.join(out, "predictions", "panoptic_val.json")
     storage.write_text(pred_json, json.dumps({"annotations": annotations, "categories": list(categories.values())}))
     metrics = {
-        "PQ": results["All"]["pq"], "SQ": results["All"]["sq"], "RQ": results["All"]["rq"],
-        "PQ_th": results["Things"]["pq"], "SQ_th": results["Things"]["sq"], "RQ_th": results["Things"]["rq"],
-        "PQ_st": results["Stuff"]["pq"], "SQ_st": results["Stuff"]["sq"], "RQ_st": results["Stuff"]["rq"],
-        "images": seen, "results": results, "counts": {str(k): v for k, v in stat.counts().items()},
+        **summary_metrics(results),
+        "images": seen, "images_without_prediction": empty, "results": results,
+        "counts": {str(k): v for k, v in stat.counts().items()},
         # pq_s and write_s add up the worker threads' time; loop_s is the wall time of the
         # whole pass (loading, inference and, overlapped with it, PQ and writing)
         "timing": {"inference_s": t_infer, "pq_s": t_pq, "write_s": t_write, "loop_s": t_loop,
                    "pq_overhead_vs_inference": t_pq / max(t_infer, 1e-9),
                    "images_per_s_inference": seen / max(t_infer, 1e-9), "device": str(device)},
         "model": model_uri, "shards": shards,
+        # what the gate checks before comparing two models' metrics: the same validation data
+        "val_manifest_hash": load_index(shards).get("source_manifest_hash"),
     }
     metrics_uri = storage.join(out, "metrics.json")
     storage.write_text(metrics_uri, json.dumps(metrics, indent=1))
@@ -181,6 +174,7 @@ def evaluate(model_uri: str, shards: str, out: str, cfg: EvalConfig = EvalConfig
     for _, _, pq, sample, ids, info in sorted(worst, key=lambda t: (t[2], t[3]["image_id"])):
         image = decode_image(sample["image_bytes"], sample["file_name"])
         samples.append({"image_id": sample["image_id"], "file_name": sample["file_name"], "pq": pq,
+                        "predicted_segments": len(info),
                         "image": thumbnail(image),
                         "gt_overlay": thumbnail(overlay(image, sample["gt_ids"], sample["segments_info"], categories)),
                         "pred_overlay": thumbnail(overlay(image, ids, info, categories))})
@@ -188,6 +182,7 @@ def evaluate(model_uri: str, shards: str, out: str, cfg: EvalConfig = EvalConfig
     storage.write_text(report_uri, render_report(
         title="Panoptic FPN evaluation", results=results, categories=categories, samples=samples,
         extra={"model": model_uri, "shards": shards, "images": seen, "config": mcfg.name,
+               "images with no predicted segment": empty,
                "inference": f"{seen / max(t_infer, 1e-9):.2f} images/s on {device}",
                "PQ accumulation": f"{100 * t_pq / max(t_infer, 1e-9):.2f}% of inference time"}))
     return EvalResult(metrics, metrics_uri, report_uri, per_class_uri, pred_json)

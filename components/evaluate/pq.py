@@ -20,20 +20,16 @@ the in-memory predictions while inference runs.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
 from components.common import storage
-from components.common.coco_panoptic import VOID, decode_png
-
-
-class PredictionError(ValueError):
-    """A prediction set that cannot be scored; the message names the image and the fix."""
+from components.common.coco_panoptic import VOID, decode_png, file_name_problem
+from components.common.logs import progress as progress_bar
+from components.evaluate.pq_files import PredictionError, match_annotations, read_json
 
 
 @dataclass
@@ -138,20 +134,22 @@ class PQStat:
             if isthing is not None and (info["isthing"] == 1) != isthing:
                 continue
             s = self.per_cat.get(cat, CategoryStat())
-            if s.tp + s.fp + s.fn == 0:
-                per_class[cat] = {"pq": 0.0, "sq": 0.0, "rq": 0.0}
+            counts = {"tp": s.tp, "fp": s.fp, "fn": s.fn}
+            if s.tp + s.fp + s.fn == 0:  # not present: panopticapi's zeros, and the counts that say why
+                per_class[cat] = {"pq": 0.0, "sq": 0.0, "rq": 0.0, **counts}
                 continue
             n += 1
             denom = s.tp + 0.5 * s.fp + 0.5 * s.fn
             pc, sc, rc = s.iou / denom, (s.iou / s.tp if s.tp else 0), s.tp / denom
-            per_class[cat] = {"pq": pc, "sq": sc, "rq": rc}
+            per_class[cat] = {"pq": pc, "sq": sc, "rq": rc, **counts}
             pq, sq, rq = pq + pc, sq + sc, rq + rc
         # panopticapi divides by n unguarded; with no category present we report 0 instead of failing
         return ({"pq": pq / n if n else 0.0, "sq": sq / n if n else 0.0, "rq": rq / n if n else 0.0, "n": n},
                 per_class)
 
     def results(self, categories: dict[int, dict]) -> dict:
-        """``{"All", "Things", "Stuff": {pq, sq, rq, n}, "per_class": {cat: {pq, sq, rq}}}``."""
+        """``{"All", "Things", "Stuff": {pq, sq, rq, n}, "per_class": {cat: {pq, sq, rq, tp, fp, fn}}}``.
+        A category with tp + fp + fn = 0 is not present in either set (see ``present``)."""
         out = {}
         for name, isthing in (("All", None), ("Things", True), ("Stuff", False)):
             out[name], per_class = self.average(categories, isthing)
@@ -183,6 +181,9 @@ def pair_counts(gt_ids: np.ndarray, pred_ids: np.ndarray) -> tuple[np.ndarray, n
 
 
 def _read_png(folder: str, name: str, image_id, what: str) -> np.ndarray:
+    problem = file_name_problem(name)
+    if problem:  # never read outside the folder given
+        raise PredictionError(f"In the image with ID {image_id} the {what} file_name {name!r}: {problem}.")
     uri = storage.join(folder, name)
     try:
         data = storage.read_bytes(uri)
@@ -197,7 +198,7 @@ def _read_png(folder: str, name: str, image_id, what: str) -> np.ndarray:
 def _score_chunk(args) -> PQStat:
     pairs, gt_dir, pred_dir, categories, progress = args
     stat = PQStat()
-    for gt_ann, pred_ann in tqdm(pairs, desc="pq", unit="img", disable=not progress):
+    for gt_ann, pred_ann in progress_bar(pairs, desc="pq", unit="img", enabled=progress):
         image_id = gt_ann["image_id"]
         gt = _read_png(gt_dir, gt_ann["file_name"], image_id, "ground-truth")
         pred = _read_png(pred_dir, pred_ann["file_name"], image_id, "prediction")
@@ -205,27 +206,21 @@ def _score_chunk(args) -> PQStat:
     return stat
 
 
-def match_annotations(gt_json: dict, pred_json: dict) -> list[tuple[dict, dict]]:
-    preds = {el["image_id"]: el for el in pred_json["annotations"]}
-    pairs = []
-    for gt_ann in gt_json["annotations"]:
-        if gt_ann["image_id"] not in preds:
-            raise PredictionError(f"no prediction for the image with id: {gt_ann['image_id']}")
-        pairs.append((gt_ann, preds[gt_ann["image_id"]]))
-    return pairs
-
-
 def pq_compute(gt_json_file: str, pred_json_file: str, gt_folder: str | None = None, pred_folder: str | None = None,
                workers: int = 1, progress: bool = False) -> dict:
-    """PQ of a prediction set; the same inputs and result shape as ``panopticapi.evaluation.pq_compute``.
+    """PQ of a prediction set with this module's engine; the same inputs and result shape as
+    ``panopticapi.evaluation.pq_compute``. Files may be local or ``s3://``; folders default to
+    the JSON path without ``.json``. ``workers`` > 1 scores chunks of images in that many
+    processes. (`panoptic pq` goes through ``pq_files``, which picks the fastest engine.)"""
+    gt = read_json(gt_json_file, "ground-truth", gt=True)
+    pred = read_json(pred_json_file, "prediction", gt=False)
+    return pq_compute_docs(gt, pred, gt_folder or gt_json_file[: -len(".json")],
+                           pred_folder or pred_json_file[: -len(".json")], workers=workers, progress=progress)
 
-    Files may be local or ``s3://``. Folders default to the JSON path without ``.json``.
-    ``workers`` > 1 scores chunks of images in that many processes.
-    """
-    gt_json = json.loads(storage.read_text(gt_json_file))
-    pred_json = json.loads(storage.read_text(pred_json_file))
-    gt_folder = gt_folder or gt_json_file[: -len(".json")]
-    pred_folder = pred_folder or pred_json_file[: -len(".json")]
+
+def pq_compute_docs(gt_json: dict, pred_json: dict, gt_folder: str, pred_folder: str, workers: int = 1,
+                    progress: bool = False) -> dict:
+    """``pq_compute`` on JSON documents already read and checked (``pq_files.read_json``)."""
     categories = {el["id"]: el for el in gt_json["categories"]}
     pairs = match_annotations(gt_json, pred_json)
     stat = PQStat()
@@ -238,16 +233,3 @@ def pq_compute(gt_json_file: str, pred_json_file: str, gt_folder: str | None = N
     else:
         stat = _score_chunk((pairs, gt_folder, pred_folder, categories, progress))
     return stat.results(categories)
-
-
-def format_table(results: dict, categories: dict[int, dict] | None = None) -> str:
-    lines = [f"{'':10s}|{'PQ':>8s}{'SQ':>8s}{'RQ':>8s}{'N':>6s}", "-" * 40]
-    for name in ("All", "Things", "Stuff"):
-        r = results[name]
-        lines.append(f"{name:10s}|{100 * r['pq']:8.2f}{100 * r['sq']:8.2f}{100 * r['rq']:8.2f}{r['n']:6d}")
-    if categories:
-        lines += ["", f"{'category':20s}{'PQ':>8s}{'SQ':>8s}{'RQ':>8s}"]
-        for cat, r in sorted(results["per_class"].items(), key=lambda kv: -kv[1]["pq"]):
-            name = categories.get(int(cat), {}).get("name", str(cat))
-            lines.append(f"{name:20s}{100 * r['pq']:8.2f}{100 * r['sq']:8.2f}{100 * r['rq']:8.2f}")
-    return "\n".join(lines)

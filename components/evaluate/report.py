@@ -1,4 +1,4 @@
-"""Pictures of panoptic results: overlays, the per-class chart, and the self-contained report.html."""
+"""The evaluation report: the per-class chart and the self-contained report.html."""
 
 from __future__ import annotations
 
@@ -9,35 +9,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from components.common.coco_panoptic import segment_index_map
 from components.common.plots import figure_png, pyplot
-
-
-def segment_colors(segments: list[dict], categories: dict[int, dict], seed: int = 0) -> list[tuple[int, int, int]]:
-    """A colour per segment: its category's colour, jittered per instance so neighbours differ."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for s in segments:
-        base = np.asarray(categories.get(s["category_id"], {}).get("color", (200, 200, 200)), float)
-        jitter = rng.integers(-40, 41, 3) if categories.get(s["category_id"], {}).get("isthing") else 0
-        out.append(tuple(int(v) for v in np.clip(base + jitter, 0, 255)))
-    return out
-
-
-def overlay(image: np.ndarray, ids: np.ndarray, segments: list[dict], categories: dict[int, dict],
-            alpha: float = 0.55) -> np.ndarray:
-    """Blend segment colours over an (H, W, 3) image; boundaries dark; VOID left as is."""
-    index = segment_index_map(ids, [s["id"] for s in segments])
-    colors = np.array(segment_colors(segments, categories) + [(0, 0, 0)], np.float32)
-    painted = colors[index]  # index -1 -> the last row
-    out = image.astype(np.float32)
-    labelled = index >= 0
-    out[labelled] = (1 - alpha) * out[labelled] + alpha * painted[labelled]
-    edge = np.zeros(ids.shape, bool)
-    edge[:-1] |= ids[:-1] != ids[1:]
-    edge[:, :-1] |= ids[:, :-1] != ids[:, 1:]
-    out[edge] *= 0.25
-    return np.clip(out, 0, 255).astype(np.uint8)
+from components.evaluate.pq_files import present
 
 
 def png_data_uri(arr: np.ndarray | bytes) -> str:
@@ -50,19 +23,29 @@ def png_data_uri(arr: np.ndarray | bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
+CHART_WIDTH_IN, CHART_DPI, ROW_IN = 9.0, 100, 0.19  # 900 px wide whatever the number of categories
+
+
 def per_class_chart(results: dict, categories: dict[int, dict]) -> bytes:
-    """Bar chart of per-category PQ, things and stuff coloured apart, best first."""
+    """Horizontal bars of per-category PQ, one row per category *present* (in the ground truth or
+    the predictions), things and stuff coloured apart, best first. The chart is 900 px wide and
+    grows in height with the categories (readable at COCO's 133)."""
     plt = pyplot()
 
-    rows = sorted(((int(c), r["pq"]) for c, r in results["per_class"].items()), key=lambda t: -t[1])
-    names = [categories[c]["name"] for c, _ in rows]
-    colors = ["#d95f02" if categories[c]["isthing"] else "#1b9e77" for c, _ in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.32 * len(rows) + 2), 3.8), dpi=100)
-    ax.bar(range(len(rows)), [100 * v for _, v in rows], color=colors)
-    ax.set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("PQ")
-    ax.set_ylim(0, 100)
-    ax.set_title("PQ per category (orange: things, green: stuff)")
+    rows = sorted(((int(c), r["pq"]) for c, r in results["per_class"].items() if present(r)),
+                  key=lambda t: (-t[1], t[0]))
+    height = max(1.6, 0.9 + ROW_IN * len(rows))
+    fig, ax = plt.subplots(figsize=(CHART_WIDTH_IN, height), dpi=CHART_DPI)
+    y = range(len(rows))
+    ax.barh(y, [100 * v for _, v in rows],
+            color=["#d95f02" if categories[c]["isthing"] else "#1b9e77" for c, _ in rows])
+    ax.set_yticks(list(y), [categories[c]["name"] for c, _ in rows], fontsize=8)
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # best on top, no margin rows
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("PQ")
+    ax.xaxis.set_label_position("top")
+    ax.xaxis.tick_top()
+    ax.set_title(f"PQ per category present ({len(rows)}; orange: things, green: stuff)", fontsize=10)
     return figure_png(fig)
 
 
@@ -82,17 +65,27 @@ def render_report(*, title: str, results: dict, categories: dict[int, dict], sam
     ``gt_overlay``, ``pred_overlay`` ((H, W, 3) uint8 arrays).
     """
     esc = html.escape
+    absent = [int(c) for c, r in results["per_class"].items() if not present(r)]
     rows = "".join(
         f"<tr><td>{name}</td><td>{100 * results[name]['pq']:.2f}</td><td>{100 * results[name]['sq']:.2f}</td>"
         f"<td>{100 * results[name]['rq']:.2f}</td><td>{results[name]['n']}</td></tr>"
         for name in ("All", "Things", "Stuff"))
     cls_rows = "".join(
         f"<tr><td>{esc(categories[int(c)]['name'])}</td><td>{'thing' if categories[int(c)]['isthing'] else 'stuff'}"
-        f"</td><td>{100 * r['pq']:.2f}</td><td>{100 * r['sq']:.2f}</td><td>{100 * r['rq']:.2f}</td></tr>"
-        for c, r in sorted(results["per_class"].items(), key=lambda kv: -kv[1]["pq"]))
+        + (f"</td><td>{100 * r['pq']:.2f}</td><td>{100 * r['sq']:.2f}</td><td>{100 * r['rq']:.2f}</td>"
+           f"<td>{r.get('tp', '')}</td><td>{r.get('fp', '')}</td><td>{r.get('fn', '')}</td></tr>" if present(r) else
+           "</td><td colspan='6' class='absent'>not present (in neither the ground truth nor the predictions)"
+           "</td></tr>")
+        for c, r in sorted(results["per_class"].items(), key=lambda kv: (not present(kv[1]), -kv[1]["pq"], int(kv[0]))))
+    absent_note = (f"<p class='note'>Not present in the ground truth nor the predictions, so not in the chart or the "
+                   f"averages: {len(absent)} categor{'y' if len(absent) == 1 else 'ies'} "
+                   f"({esc(', '.join(categories[c]['name'] for c in sorted(absent)[:12]))}"
+                   f"{', ...' if len(absent) > 12 else ''}).</p>" if absent else "")
     facts = "".join(f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in (extra or {}).items())
     cards = "".join(
         f"<div class='card'><h3>image {s['image_id']} ({esc(s['file_name'])}): PQ {100 * s['pq']:.1f}</h3>"
+        + ("<p class='note'>No segment was predicted in this image: the prediction shows the photo alone.</p>"
+           if s.get("predicted_segments") == 0 else "") +
         f"<div class='row'><figure><img src='{png_data_uri(s['image'])}'><figcaption>image</figcaption></figure>"
         f"<figure><img src='{png_data_uri(s['gt_overlay'])}'><figcaption>ground truth</figcaption></figure>"
         f"<figure><img src='{png_data_uri(s['pred_overlay'])}'><figcaption>prediction</figcaption></figure>"
@@ -110,14 +103,19 @@ figure {{ margin: 0; }} figcaption {{ font-size: 12px; color: #555; text-align: 
 .card {{ border-top: 1px solid #ddd; padding-top: 8px; margin-top: 12px; }}
 h3 {{ font-size: 15px; margin: 4px 0; }}
 details {{ margin: 12px 0; }}
+img {{ max-width: 100%; height: auto; }}
+.chart {{ max-height: 80vh; overflow-y: auto; max-width: 920px; }}
+.note {{ background: #fff4e5; border-left: 4px solid #f0a020; padding: 4px 8px; font-size: 14px; }}
+td.absent {{ color: #888; text-align: left; font-style: italic; }}
 </style></head><body>
 <h1>{esc(title)}</h1>
 <ul>{facts}</ul>
 <h2>Panoptic Quality</h2>
 <table><tr><th></th><th>PQ</th><th>SQ</th><th>RQ</th><th>categories</th></tr>{rows}</table>
-<img src="{chart}" alt="per-class PQ">
+<div class="chart"><img src="{chart}" alt="per-class PQ"></div>
+{absent_note}
 <details><summary>per-category table</summary>
-<table><tr><th>category</th><th>kind</th><th>PQ</th><th>SQ</th><th>RQ</th></tr>{cls_rows}</table></details>
+<table><tr><th>category</th><th>kind</th><th>PQ</th><th>SQ</th><th>RQ</th><th>TP</th><th>FP</th><th>FN</th></tr>{cls_rows}</table></details>
 <h2>Samples, worst first</h2>
 {cards}
 </body></html>

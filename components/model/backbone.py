@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.ops import FrozenBatchNorm2d
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+import torch.nn.functional as F
 import torchvision
-
-FPN_STRIDES = (4, 8, 16, 32, 64)
+import torchvision.ops
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 
 def _move_stride_to_1x1(resnet: nn.Module) -> None:
@@ -17,6 +17,19 @@ def _move_stride_to_1x1(resnet: nn.Module) -> None:
         block = layer[0]
         if hasattr(block, "conv3"):  # bottleneck
             block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
+
+
+class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
+    """Batch norm with fixed statistics and affine parameters (torchvision's, same tensors).
+
+    Without autograd it runs as one fused ``F.batch_norm`` (faster, and rounding exactly as
+    detectron2's FrozenBN does at inference); with autograd, as a scale and shift, which keeps
+    no statistics' gradients around."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.requires_grad:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
 
 
 def _norm_layer(norm: str):

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from components.data.targets import InputConfig
+
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 
@@ -43,6 +45,7 @@ class ModelConfig:
     fpn_channels: int = 256
     anchor_sizes: tuple = (32, 64, 128, 256, 512)
     anchor_ratios: tuple = (0.5, 1.0, 2.0)
+    anchor_offset: float = 0.0              # first anchor at the cell's corner (detectron2's default)
     rpn_pre_nms_topk_train: int = 2000
     rpn_pre_nms_topk_test: int = 1000
     rpn_post_nms_topk_train: int = 1000
@@ -77,15 +80,6 @@ class ModelConfig:
     pixel_mean: tuple = (103.530, 116.280, 123.675)
     pixel_std: tuple = (1.0, 1.0, 1.0)
     weights: str = ""                       # "", a URL, a local path, s3://..., or "torchvision:NAME"
-
-
-@dataclass
-class InputConfig:
-    min_size_train: tuple = (640, 672, 704, 736, 768, 800)
-    max_size_train: int = 1333
-    min_size_test: int = 800
-    max_size_test: int = 1333
-    flip_prob: float = 0.5
 
 
 @dataclass
@@ -147,8 +141,13 @@ def _merge(base: dict, over: dict) -> dict:
 
 def _read_yaml(path: str) -> dict:
     try:
-        with open(path) as f:
-            doc = yaml.safe_load(f) or {}
+        if "://" in path:  # a resolved config written next to a job's output (s3://...)
+            from components.common import storage
+
+            doc = yaml.safe_load(storage.read_text(path)) or {}
+        else:
+            with open(path) as f:
+                doc = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found; built-in configs: {', '.join(builtin_configs())}") from None
     except yaml.YAMLError as e:
@@ -209,8 +208,10 @@ def builtin_configs() -> list[str]:
 
 
 def load_config(name_or_path: str, overrides: dict | None = None) -> Config:
-    """A built-in config by name (``r50_1x``, ``r50_3x``, ``tiny``) or a YAML file path."""
-    path = name_or_path if name_or_path.endswith((".yaml", ".yml")) else os.path.join(CONFIG_DIR, f"{name_or_path}.yaml")
+    """A built-in config by name (``r50_1x``, ``r50_3x``, ``r101_3x``, ``tiny``) or a YAML (or JSON)
+    file path or URI."""
+    path = name_or_path if name_or_path.endswith((".yaml", ".yml", ".json")) else \
+        os.path.join(CONFIG_DIR, f"{name_or_path}.yaml")
     doc = _read_yaml(path)
     if overrides:
         doc = _merge(doc, overrides)

@@ -45,24 +45,27 @@ class SemSegFPNHead(nn.Module):
                  ignore_value: int = IGNORE_LABEL):
         super().__init__()
         self.common_stride, self.loss_weight, self.ignore_value = common_stride, loss_weight, ignore_value
-        self.levels = []
+        self.level_names = []
         for stride in strides:
             n = max(1, int(math.log2(stride) - math.log2(common_stride)))
-            blocks = [ConvNorm(in_channels if k == 0 else conv_dims, conv_dims, norm) for k in range(n)]
+            blocks: list[nn.Module] = []
+            for k in range(n):
+                blocks.append(ConvNorm(in_channels if k == 0 else conv_dims, conv_dims, norm))
+                if stride != common_stride:
+                    blocks.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            # one Sequential per level, upsampling modules in between: conv k is at index 2k,
+            # the layout (and so the parameter names) of detectron2's head
             name = f"p{int(math.log2(stride))}"
-            self.add_module(name, nn.ModuleList(blocks))
-            self.levels.append((name, stride != common_stride))
+            self.add_module(name, nn.Sequential(*blocks))
+            self.level_names.append(name)
         self.predictor = nn.Conv2d(conv_dims, num_classes, 1)
-        nn.init.normal_(self.predictor.weight, std=0.001)
+        nn.init.kaiming_normal_(self.predictor.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.predictor.bias)
 
     def layers(self, features: list[torch.Tensor]) -> torch.Tensor:
         out = None
-        for (name, upsample), x in zip(self.levels, features):
-            for block in getattr(self, name):
-                x = block(x)
-                if upsample:
-                    x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        for name, x in zip(self.level_names, features):
+            x = getattr(self, name)(x)
             out = x if out is None else out + x
         return self.predictor(out)
 

@@ -1,42 +1,75 @@
-"""Weights: our model artifact, torchvision checkpoints, and detectron2 model-zoo checkpoints.
+"""Initial weights for a model: fetch a checkpoint, read it safely, convert it, load it strictly.
 
 ``load_weights(model, spec)`` takes:
 
 * ``torchvision:NAME``: a torchvision checkpoint by name (``resnet50_imagenet``,
-  ``resnet18_imagenet``, ``maskrcnn_resnet50_fpn_coco``), downloaded once into
-  ``$PANOPTIC_CACHE`` (default ``~/.cache/panoptic``);
-* an ``http(s)://`` URL (cached the same way), a local path or an ``s3://`` URI holding a
-  torchvision state dict (full Mask R-CNN or backbone only), one of our ``model.pt`` files, or
-  a detectron2 checkpoint (``.pkl`` from the model zoo, or ``.pth``), converted by
-  ``convert_detectron2``.
+  ``resnet18_imagenet``, ``resnet101_imagenet``, ``maskrcnn_resnet50_fpn_coco``), downloaded
+  once into ``$PANOPTIC_CACHE`` (default ``~/.cache/panoptic``);
+* an MLflow model URI (``models:/panoptic-fpn@champion``, ``models:/NAME/3``, ``runs:/ID/model``):
+  fine-tuning from a registered model;
+* an ``http(s)://`` URL (cached the same way), a local path or an ``s3://`` URI holding: one of
+  our ``model.pt`` files, a detectron2 checkpoint (model zoo ``.pkl`` or a ``.pth`` it wrote),
+  detectron2's Caffe2-format ImageNet ResNets (``R-50.pkl``, ``R-101.pkl``), a torchvision
+  ImageNet ResNet or Mask R-CNN state dict.
 
-Tensors whose shapes differ from the model's (e.g. a COCO classifier for a dataset with other
-classes) are skipped and reported, never silently loaded.
+Reading never runs code from the file: torch files load with ``weights_only=True`` and
+pickles through an unpickler that admits only containers, numbers, strings and numpy arrays.
+
+Loading is strict. Every tensor of the checkpoint lands in the model, or the load fails
+naming each one that did not. The one exception is a category set of another size (fine-tuning
+to a custom dataset): the class-dependent layers (box classifier and regressor, mask
+predictor, semantic predictor) keep their fresh initialisation, and the log says which and
+why. Parts of the model the checkpoint does not cover (the heads, for an ImageNet backbone)
+start fresh, and the log lists them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import pickle
 import re
 import urllib.request
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from components.common import storage
-from components.common.coco_panoptic import CategoryMaps
-from components.model.config import Config, from_dict
+from components.model import convert
 
-MODEL_FORMAT = "panoptic-fpn/v1"
+log = logging.getLogger(__name__)
 
 TORCHVISION_URLS = {
     "resnet50_imagenet": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "resnet101_imagenet": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
     "resnet18_imagenet": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
     "maskrcnn_resnet50_fpn_coco": "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth",
 }
+
+# Layers whose shape follows the number of categories: re-initialised, never loaded, when the
+# checkpoint was trained on another category set.
+CLASS_DEPENDENT = ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred.",
+                   "roi_heads.mask_head.predictor.", "sem_seg_head.predictor.")
+
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."  # torch.save's pre-zip format
+_PICKLE_ALLOWED = {
+    ("collections", "OrderedDict"), ("_codecs", "encode"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # pickle protocol 5
+}
+
+
+class WeightsError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+class UnsafeCheckpointError(WeightsError):
+    """A checkpoint that would need to run code (import or call something) to be read."""
 
 
 def cache_dir() -> str:
@@ -45,10 +78,14 @@ def cache_dir() -> str:
 
 def fetch(spec: str) -> bytes:
     """The bytes behind a weights spec (see module docstring), from the cache when there."""
+    if spec.startswith(("models:/", "runs:/")):  # a registered model: its model.pt
+        from components.common.tracking import download_model_file
+
+        spec = download_model_file(spec)
     if spec.startswith("torchvision:"):
         name = spec.split(":", 1)[1]
         if name not in TORCHVISION_URLS:
-            raise ValueError(f"unknown torchvision weights {name!r}; known: {', '.join(TORCHVISION_URLS)}")
+            raise WeightsError(f"unknown torchvision weights {name!r}; known: {', '.join(TORCHVISION_URLS)}")
         spec = TORCHVISION_URLS[name]
     if spec.startswith(("http://", "https://")):
         path = os.path.join(cache_dir(), hashlib.sha256(spec.encode()).hexdigest()[:16] + "-" + os.path.basename(spec))
@@ -68,153 +105,157 @@ def fetch(spec: str) -> bytes:
         raise FileNotFoundError(f"{spec}: weights file not found") from None
 
 
-def read_state(data: bytes, name: str = "<weights>") -> dict:
-    """A checkpoint's raw content: torch.save zip, or a (detectron2) pickle of numpy arrays."""
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    except Exception:
+def refused_global(error: Exception) -> str:
+    """The ``module.name`` a weights-only torch load refused, from its message (torch words it
+    'GLOBAL module.name' across versions), else "objects"."""
+    m = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return m.group(1) if m else "objects"
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _PICKLE_ALLOWED:
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(f"{module}.{name}")
+
+
+def read_checkpoint(data: bytes, name: str = "<weights>") -> dict:
+    """A checkpoint's content as plain data. torch files (zip or legacy) load with
+    ``weights_only=True``; other pickles (detectron2's ``.pkl``) through an unpickler that
+    admits only dicts, lists, tuples, strings, numbers and numpy arrays. Anything that would
+    import or call something else is refused with ``UnsafeCheckpointError``; nothing runs."""
+    if data[:4] == b"PK\x03\x04" or data.startswith(_TORCH_LEGACY_MAGIC):
         try:
-            return pickle.loads(data, encoding="latin1")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(
+                f"{name}: refused: this torch file needs {refused_global(e)} to load, which could run code. Load "
+                f"only files of tensors and plain data; if you trust it, re-save its state_dict with torch.save"
+            ) from None
         except Exception as e:
-            raise ValueError(f"{name}: neither a torch checkpoint nor a pickle ({e})") from e
+            raise WeightsError(f"{name}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    else:
+        try:
+            state = _DataOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
+        except UnsafeCheckpointError as e:
+            raise UnsafeCheckpointError(
+                f"{name}: refused: this pickle needs {e} to load, which could run code; a checkpoint holds only "
+                f"arrays, numbers and strings") from None
+        except Exception as e:
+            raise WeightsError(f"{name}: neither a torch checkpoint nor a pickle of arrays "
+                               f"({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{name}: a checkpoint is a mapping of names to tensors, this file holds a "
+                           f"{type(state).__name__}")
+    return state
 
 
-def is_detectron2(state: dict) -> bool:
-    return any(k.startswith(("backbone.bottom_up.", "backbone.fpn_", "proposal_generator.", "roi_heads.box_head.fc1",
-                             "roi_heads.box_head.fc2", "roi_heads.mask_head.mask_fcn", "roi_heads.mask_head.predictor"))
-               for k in state)
+@dataclass
+class LoadReport:
+    """What a load did: every checkpoint tensor is in exactly one of ``loaded``, ``reinitialized``
+    or ``dropped``; ``fresh`` lists the model's tensors the checkpoint did not cover."""
+    kind: str
+    loaded: list[str] = field(default_factory=list)
+    reinitialized: list[str] = field(default_factory=list)
+    dropped: dict[str, str] = field(default_factory=dict)
+    fresh: list[str] = field(default_factory=list)
 
 
-_RES = re.compile(r"^backbone\.bottom_up\.res(\d)\.(\d+)\.(conv[123]|shortcut)(\.norm)?\.(\w+)$")
-
-
-def convert_detectron2(state: dict, num_things: int | None = None) -> dict[str, torch.Tensor]:
-    """detectron2 Panoptic FPN parameter names and layouts -> ours.
-
-    * ResNet: ``res{2..5}.{i}.conv{j}[.norm]`` -> ``layer{1..4}.{i}.conv{j}``/``bn{j}``, shortcut ->
-      ``downsample.0``/``.1``; stem -> ``conv1``/``bn1``.
-    * FPN: ``fpn_lateral{2..5}`` -> ``inner_blocks.{0..3}.0``; ``fpn_output{k}`` -> ``layer_blocks``.
-    * RPN: ``rpn_head.conv`` -> ``rpn.head.conv.0.0``, ``objectness_logits`` -> ``cls_logits``,
-      ``anchor_deltas`` -> ``bbox_pred``.
-    * Box head: ``fc1``/``fc2`` -> ``fc6``/``fc7``. detectron2 puts background as the *last*
-      class and predicts boxes for foreground classes only; torchvision puts background first
-      and predicts boxes for it too: logits are rotated, a zero box row is prepended.
-    * Mask head: ``mask_fcn{1..4}`` -> ``mask_head.{0..3}.0``, ``deconv`` -> ``conv5_mask``,
-      ``predictor`` -> ``mask_fcn_logits`` with a zero background channel prepended.
-    * Semantic head: same names as ours.
-    """
-    if "model" in state and isinstance(state["model"], dict):
+def identify(state: dict) -> tuple[str, dict]:
+    """(kind, the tensors) of a checkpoint's content."""
+    if isinstance(state.get("format"), str) and state["format"].startswith("panoptic-fpn/"):
+        return state["format"], state["state_dict"]
+    if "blobs" in state and isinstance(state["blobs"], dict):   # Detectron (Caffe2) pickles
+        state = state["blobs"]
+    elif isinstance(state.get("model"), dict):                  # detectron2 checkpoints
         state = state["model"]
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        t = torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
-        new = None
-        m = _RES.match(key)
-        if m:
-            stage, block, conv, norm, leaf = m.groups()
-            prefix = f"backbone.body.layer{int(stage) - 1}.{block}."
-            if conv == "shortcut":
-                new = prefix + ("downsample.1." if norm else "downsample.0.") + leaf
-            else:
-                j = conv[-1]
-                new = prefix + (f"bn{j}." if norm else f"conv{j}.") + leaf
-        elif key.startswith("backbone.bottom_up.stem.conv1."):
-            leaf = key.split(".")[-1]
-            new = "backbone.body." + ("bn1." if ".norm." in key else "conv1.") + leaf
-        elif key.startswith("backbone.fpn_lateral"):
-            k = int(key[len("backbone.fpn_lateral")]) - 2
-            new = f"backbone.fpn.inner_blocks.{k}.0.{key.split('.')[-1]}"
-        elif key.startswith("backbone.fpn_output"):
-            k = int(key[len("backbone.fpn_output")]) - 2
-            new = f"backbone.fpn.layer_blocks.{k}.0.{key.split('.')[-1]}"
-        elif key.startswith("proposal_generator.rpn_head."):
-            part, leaf = key.split(".")[-2:]
-            new = {"conv": "rpn.head.conv.0.0.", "objectness_logits": "rpn.head.cls_logits.",
-                   "anchor_deltas": "rpn.head.bbox_pred."}[part] + leaf
-        elif key.startswith("roi_heads.box_head.fc"):
-            j = int(key.split(".")[2][2:])
-            new = f"roi_heads.box_head.fc{j + 5}.{key.split('.')[-1]}"
-        elif key.startswith("roi_heads.box_predictor.cls_score."):
-            new, t = key, torch.cat([t[-1:], t[:-1]])  # background last -> first
-        elif key.startswith("roi_heads.box_predictor.bbox_pred."):
-            new, t = key, torch.cat([torch.zeros_like(t[:4]), t])  # a box regressor for background
-        elif key.startswith("roi_heads.mask_head.mask_fcn"):
-            j = int(key.split(".")[2][len("mask_fcn"):])
-            new = f"roi_heads.mask_head.{j - 1}.0.{key.split('.')[-1]}"
-        elif key.startswith("roi_heads.mask_head.deconv."):
-            new = "roi_heads.mask_predictor.conv5_mask." + key.split(".")[-1]
-        elif key.startswith("roi_heads.mask_head.predictor."):
-            new, t = "roi_heads.mask_predictor.mask_fcn_logits." + key.split(".")[-1], \
-                torch.cat([torch.zeros_like(t[:1]), t])
-        elif key.startswith("sem_seg_head."):
-            new = key
-        elif key in ("pixel_mean", "pixel_std"):
-            new = key
-        if new is not None:
-            out[new] = t.float() if t.is_floating_point() else t
-    if num_things is not None and "roi_heads.box_predictor.cls_score.weight" in out:
-        n = out["roi_heads.box_predictor.cls_score.weight"].shape[0] - 1
-        if n != num_things:
-            raise ValueError(f"the detectron2 checkpoint predicts {n} thing classes, the model {num_things}")
-    return out
+    keys = list(state)
+    if any(k.startswith(("backbone.bottom_up.", "proposal_generator.")) for k in keys):
+        return "detectron2", state
+    if "conv1_w" in state or any(k.startswith("res2_0_branch") for k in keys):
+        return "caffe2-resnet", state
+    if "conv1.weight" in state and "layer1.0.conv1.weight" in state:
+        return "torchvision-resnet", state
+    if any(k.startswith("backbone.body.") for k in keys):
+        return "torchvision-maskrcnn", state
+    return "unknown", state
 
 
-def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
-    """Load the tensors whose names and shapes match; return what was loaded, skipped, missing."""
+def to_our_names(kind: str, state: dict) -> tuple[dict, dict]:
+    if kind == "panoptic-fpn/v1":
+        return convert.from_torchvision_heads(state, semantic_head_v1=True)
+    if kind == "detectron2":
+        return convert.from_detectron2(state)
+    if kind == "caffe2-resnet":
+        return convert.from_caffe2_resnet(state)
+    if kind == "torchvision-resnet":
+        return convert.from_torchvision_resnet(state)
+    if kind == "torchvision-maskrcnn":
+        return convert.from_torchvision_heads(state)
+    return {k: convert.as_tensor(v) for k, v in state.items()}, {}
+
+
+def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str, kind: str,
+                      dropped: dict | None = None) -> LoadReport:
+    """Copy ``state`` into ``model``; fail naming every tensor that does not fit (see module doc)."""
     own = model.state_dict()
-    loaded, skipped = [], []
-    for k, v in state.items():
-        if k in own and own[k].shape == v.shape:
-            own[k].copy_(v.to(own[k].dtype))
-            loaded.append(k)
-        elif k in own:
-            skipped.append(f"{k} (shape {tuple(v.shape)} vs {tuple(own[k].shape)})")
+    report = LoadReport(kind, dropped=dict(dropped or {}))
+    unmatched = []
+    for key, value in state.items():
+        if key in ("pixel_mean", "pixel_std"):  # normalisation the checkpoint was trained with
+            ours = getattr(model, key, None)
+            if ours is not None and not torch.allclose(ours.flatten().cpu(), value.flatten().float(), atol=1e-3):
+                raise WeightsError(f"{name}: trained with {key} {value.flatten().tolist()}, the config has "
+                                   f"{ours.flatten().tolist()}; set model.{key} to the checkpoint's values")
+            report.dropped[key] = "checked against the config (normalisation constants are not parameters)"
+        elif key not in own:
+            unmatched.append(f"{key} (no such tensor in the model)")
+        elif own[key].shape != value.shape:
+            if key.startswith(CLASS_DEPENDENT):
+                report.reinitialized.append(key)
+            else:
+                unmatched.append(f"{key} (shape {tuple(value.shape)}, the model's {tuple(own[key].shape)})")
         else:
-            skipped.append(f"{k} (not in the model)")
-    missing = [k for k in own if k not in state]
-    return {"loaded": loaded, "skipped": skipped, "missing": missing}
-
-
-def load_weights(model: torch.nn.Module, spec: str, verbose: bool = True) -> dict[str, list[str]]:
-    """Initialise ``model`` from a weights spec (see module docstring)."""
-    state = read_state(fetch(spec), spec)
-    if isinstance(state, dict) and state.get("format") == MODEL_FORMAT:
-        state = state["state_dict"]
-    elif is_detectron2(state.get("model", state) if isinstance(state, dict) else state):
-        state = convert_detectron2(state)
-    elif "conv1.weight" in state and "layer1.0.conv1.weight" in state:  # an ImageNet backbone
-        state = {f"backbone.body.{k}": v for k, v in state.items() if not k.startswith("fc.")}
-    report = load_state_into(model, state)
-    if not report["loaded"]:
-        raise ValueError(f"{spec}: no tensor matched the model's names and shapes; is it a Panoptic FPN, "
-                         f"Mask R-CNN, ResNet or detectron2 checkpoint?")
-    if verbose and report["skipped"]:
-        print(f"weights {spec}: loaded {len(report['loaded'])} tensors, skipped {len(report['skipped'])}: "
-              f"{', '.join(report['skipped'][:5])}{' ...' if len(report['skipped']) > 5 else ''}")
+            report.loaded.append(key)
+    if unmatched:
+        raise WeightsError(f"{name} ({kind}): {len(unmatched)} tensor(s) of the checkpoint do not fit the model "
+                           f"and nothing was loaded:\n  " + "\n  ".join(unmatched) +
+                           "\nIs it a checkpoint of this architecture (model.backbone, fpn_channels, head sizes)?")
+    if not report.loaded:
+        raise WeightsError(f"{name}: no tensor of the checkpoint matched the model")
+    with torch.no_grad():
+        for key in report.loaded:
+            own[key].copy_(state[key].to(own[key].dtype))
+    used = set(report.loaded) | set(report.reinitialized)
+    report.fresh = [k for k in own if k not in used]
     return report
 
 
-def save_model(model: torch.nn.Module, cfg: Config, categories: CategoryMaps, uri: str) -> None:
-    """Write the model artifact: weights + config + categories, one file (local or s3://)."""
-    buf = io.BytesIO()
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": MODEL_FORMAT, "state_dict": state, "config": cfg.to_dict(),
-                "categories": categories.to_json()}, buf)
-    storage.write_bytes(uri, buf.getvalue())
+def _groups(keys: list[str]) -> str:
+    counts: dict[str, int] = OrderedDict()
+    for k in keys:
+        group = ".".join(k.split(".")[:2])
+        counts[group] = counts.get(group, 0) + 1
+    return ", ".join(f"{g} ({n})" for g, n in counts.items())
 
 
-def load_model(uri: str, device: str | torch.device = "cpu"):
-    """Read a ``model.pt`` artifact. Returns (model in eval mode, config, categories)."""
-    from components.model.panoptic_fpn import PanopticFPN
-
-    try:
-        blob = torch.load(io.BytesIO(fetch(uri)), map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{uri}: model file not found (train one with `panoptic train`)") from None
-    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{uri}: not a {MODEL_FORMAT} model artifact")
-    cfg = from_dict(blob["config"], uri)
-    categories = CategoryMaps.from_json(blob["categories"])
-    model = PanopticFPN.from_config(cfg, categories)
-    model.load_state_dict(blob["state_dict"])
-    return model.to(device).eval(), cfg, categories
+def load_weights(model: torch.nn.Module, spec: str) -> LoadReport:
+    """Initialise ``model`` from a weights spec (see module docstring); returns the report and
+    logs what was loaded, re-initialised, dropped and left fresh."""
+    kind, raw = identify(read_checkpoint(fetch(spec), spec))
+    state, dropped = to_our_names(kind, raw)
+    report = load_state_strict(model, state, spec, kind, dropped)
+    log.info("weights %s (%s): loaded %d tensors", spec, kind, len(report.loaded))
+    if report.reinitialized:
+        log.warning("weights %s: the checkpoint was trained on another category set; re-initialized the "
+                    "class-dependent layers: %s", spec, ", ".join(report.reinitialized))
+    if report.dropped:
+        reasons: dict[str, list[str]] = {}
+        for k, why in report.dropped.items():
+            reasons.setdefault(why, []).append(k)
+        for why, keys in reasons.items():
+            shown = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
+            log.info("weights %s: not loaded (%s): %s", spec, why, shown)
+    if report.fresh:
+        log.info("weights %s: not in the checkpoint, initialized fresh: %s", spec, _groups(report.fresh))
+    return report

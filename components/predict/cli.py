@@ -1,53 +1,78 @@
-"""`panoptic predict IMAGE... --model URI --out DIR`."""
+"""`panoptic predict IMAGE... --model URI --out DIR` (local paths or s3:// URIs, in and out)."""
 
 from __future__ import annotations
 
+import io
 import json
-import os
+import posixpath
 
 import click
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def list_images(inputs) -> list[str]:
+    """Each input is an image file or a folder of them, local or s3://."""
+    from components.common import storage
+
+    files = []
+    for p in inputs:
+        if storage.is_dir(p):
+            files += [storage.join(p, n) for n in storage.listdir(p) if n.lower().endswith(IMAGE_SUFFIXES)]
+        elif storage.exists(p):
+            files.append(p)
+        else:
+            raise click.ClickException(f"{p}: no such file or folder")
+    return files
 
 
 @click.command("predict")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--model", "model_uri", required=True,
               help="model.pt (path, s3://, URL) or MLflow URI, e.g. models:/panoptic-fpn@champion.")
-@click.option("--out", required=True, help="Output folder.")
+@click.option("--out", required=True, help="Output folder (local or s3://).")
 def predict_cmd(images, model_uri, out):
-    """For each IMAGE (file or folder of images) write NAME.png (COCO panoptic ids),
-    NAME_overlay.png (a picture of the segments) and NAME.json (segments_info)."""
-    from components.common.coco_panoptic import decode_image, encode_png
-    from components.evaluate.report import overlay
-    from components.register.pyfunc import load_panoptic_model, predict_image
+    """For each IMAGE (a file or a folder of images; local or s3://) write NAME.png (COCO
+    panoptic ids), NAME_overlay.png (a picture of the segments) and NAME.json (segments_info)
+    to OUT. An image that does not decode is skipped with its reason; the exit code is then 1."""
     from PIL import Image
-    from tqdm import tqdm
 
-    files = []
-    for p in images:
-        if os.path.isdir(p):
-            files += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith((".jpg", ".jpeg", ".png")))
-        elif os.path.exists(p):
-            files.append(p)
-        else:
-            raise click.ClickException(f"{p}: no such file or folder")
-    model, cfg, cats = load_panoptic_model(model_uri)
+    from components.common import storage
+    from components.common.coco_panoptic import decode_image, encode_png
+    from components.common.logs import progress as progress_bar
+    from components.common.overlays import overlay
+    from components.common.tracking import RegistryError
+    from components.model.artifact import load_model
+    from components.model.inference import predict_image
+    from components.model.weights import WeightsError
+
+    files = list_images(images)
+    try:
+        model, cfg, cats = load_model(model_uri, "cpu")
+    except (WeightsError, FileNotFoundError, RegistryError, OSError) as e:
+        raise click.ClickException(str(e))
     categories = {c["id"]: c for c in cats.to_json()}
-    os.makedirs(out, exist_ok=True)
-    for path in tqdm(files, desc="predict", unit="img", disable=len(files) < 2):
+    skipped = 0
+    for path in progress_bar(files, desc="predict", unit="img", enabled=len(files) > 1):
         try:
-            image = decode_image(open(path, "rb").read(), path)
-        except ValueError as e:
-            raise click.ClickException(str(e))
+            image = decode_image(storage.read_bytes(path), path)
+        except (ValueError, OSError) as e:
+            click.echo(f"skipped {path}: {e}", err=True)
+            skipped += 1
+            continue
         ids, info = predict_image(model, cfg, image)
-        stem = os.path.splitext(os.path.basename(path))[0]
-        with open(os.path.join(out, f"{stem}.png"), "wb") as f:
-            f.write(encode_png(ids))
-        Image.fromarray(overlay(image, ids, info, categories)).save(os.path.join(out, f"{stem}_overlay.png"))
+        stem = posixpath.basename(path).rsplit(".", 1)[0]
+        storage.write_bytes(storage.join(out, f"{stem}.png"), encode_png(ids))
+        buf = io.BytesIO()
+        Image.fromarray(overlay(image, ids, info, categories)).save(buf, format="PNG")
+        storage.write_bytes(storage.join(out, f"{stem}_overlay.png"), buf.getvalue())
         for s in info:
             s["category_name"] = categories[s["category_id"]]["name"]
-        with open(os.path.join(out, f"{stem}.json"), "w") as f:
-            json.dump({"file_name": os.path.basename(path), "segments_info": info}, f, indent=1)
-    click.echo(f"wrote {len(files)} predictions to {out}")
+        storage.write_text(storage.join(out, f"{stem}.json"),
+                           json.dumps({"file_name": posixpath.basename(path), "segments_info": info}, indent=1))
+    click.echo(f"wrote {len(files) - skipped} predictions to {out}" + (f"; skipped {skipped}" if skipped else ""))
+    if skipped:
+        raise SystemExit(1)
 
 
 predict_cmd.name = "predict"

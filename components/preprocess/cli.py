@@ -6,15 +6,19 @@ import click
 
 from components.preprocess.core import DataQualityError, PreprocessConfig, preprocess
 
+DEFAULTS = PreprocessConfig()
+
 
 @click.command("preprocess")
 @click.option("--manifest", required=True, help="manifest.json (or its folder) from `panoptic subset`.")
 @click.option("--out", required=True, help="Shard folder or s3:// prefix.")
 @click.option("--source", default=None, help="Dataset root, if not the one recorded in the manifest.")
-@click.option("--shard-images", default=500, show_default=True, help="Images per shard.")
+@click.option("--shard-images", default=DEFAULTS.shard_images, show_default=True, help="Images per shard.")
 @click.option("--max-side", type=int, default=None, help="Resize images whose longer side exceeds this.")
-@click.option("--max-bad-fraction", default=0.01, show_default=True, help="Fail when more samples are quarantined.")
-@click.option("--workers", default=2, show_default=True, help="Shard writers at once: this process + N-1 spawned ones (0 or 1: this process alone).")
+@click.option("--max-bad-fraction", default=DEFAULTS.max_bad_fraction, show_default=True,
+              help="Fail when more samples are quarantined.")
+@click.option("--workers", type=int, default=None, show_default="one per core",
+              help="Shard writers at once: this process + N-1 spawned ones (0 or 1: this process alone).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def preprocess_cmd(manifest, out, source, shard_images, max_side, max_bad_fraction, workers, quiet):
     """Write the manifest's samples as Parquet shards + index.json + quarantine.jsonl.

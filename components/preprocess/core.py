@@ -18,26 +18,33 @@ from __future__ import annotations
 
 import io
 import json
-import os
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 import multiprocessing as mp
+import os
 import queue
 import threading
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from tqdm import tqdm
 
-from components.common import storage
-from components.common.coco_panoptic import (CategoryMaps, bbox_of, encode_png, image_uri, load_split, png_uri,
-                                             rgb2id)
+from components.common import faults, storage
+from components.common.coco_panoptic import (
+    CategoryMaps,
+    UnsafeFileName,
+    bbox_of,
+    encode_png,
+    image_uri,
+    load_split,
+    png_uri,
+    rgb2id,
+)
+from components.common.logs import progress as progress_bar
+from components.common.manifests import canonical_hash, load_manifest, sha256_bytes, subset_profile
 from components.common.validation import check_sample, read_or_none
-from components.preprocess.records import COMPRESSION, SCHEMA, SCHEMA_VERSION
-from components.select_subset.core import canonical_hash, load_manifest, sha256_bytes
-
+from components.data.records import COMPRESSION, SCHEMA, SCHEMA_VERSION
 
 # Source reads in flight per shard writer: a few for local files (the page cache or a disk),
 # more for S3, where each GET waits on the network.
@@ -58,14 +65,14 @@ class PreprocessConfig:
         max_side: if set, images with a longer side are resized (JPEG re-encoded, PNG nearest).
         max_bad_fraction: fail the stage when more than this fraction of samples is quarantined.
         workers: shard writers working at once: this process and ``workers - 1`` spawned
-            processes (0 or 1: this process alone).
+            processes (0 or 1: this process alone; None: one per core, the default).
         row_group_images: Parquet row-group size; the reader splits work by row group.
     """
 
     shard_images: int = 500
     max_side: int | None = None
     max_bad_fraction: float = 0.01
-    workers: int = 2
+    workers: int | None = None
     row_group_images: int = 32
     jpeg_quality: int = 95
 
@@ -118,10 +125,15 @@ def _resize(image_bytes: bytes, ids: np.ndarray, segments: list[dict], max_side:
 
 
 def _source_uris(job: dict, image: dict | None, ann: dict | None) -> tuple[str, str]:
+    """"" for what must not be read: no image, or a file name leaving the dataset folder (the
+    quality gate quarantines it as such)."""
     if image is None:
         return "", ""
-    return (image_uri(job["source"], job["split"], image["file_name"]),
-            png_uri(job["source"], job["split"], ann["file_name"]) if ann else "")
+    try:
+        return (image_uri(job["source"], job["split"], image["file_name"]),
+                png_uri(job["source"], job["split"], ann["file_name"]) if ann else "")
+    except UnsafeFileName:
+        return "", ""
 
 
 def _read_pair(uris: tuple[str, str]) -> tuple[bytes | None, bytes | None]:
@@ -151,7 +163,8 @@ def _check_and_collect(job: dict, uris: list, contents) -> tuple[dict, list]:
                     for s in ann["segments_info"]]
         h, w = int(image["height"]), int(image["width"])
         if cfg.max_side and max(h, w) > cfg.max_side:
-            image_bytes, png_bytes, h, w, segments = _resize(image_bytes, rgb2id(rgb), segments, cfg.max_side, cfg.jpeg_quality)
+            image_bytes, png_bytes, h, w, segments = _resize(image_bytes, rgb2id(rgb), segments, cfg.max_side,
+                                                             cfg.jpeg_quality)
         rows["image_id"].append(image_id)
         rows["file_name"].append(image["file_name"])
         rows["height"].append(h)
@@ -179,16 +192,20 @@ def _write_shard(job: dict) -> dict:
 
     table = pa.Table.from_pydict(rows, schema=SCHEMA)
     buf = pa.BufferOutputStream()
+    # page checksums: a flipped bit in a stored page is an error at read time, not a silently
+    # different image or segment
     pq.write_table(table, buf, compression=COMPRESSION, row_group_size=cfg.row_group_images,
-                   write_statistics=False, store_schema=True)
+                   write_statistics=False, store_schema=True, write_page_checksum=True)
     payload = buf.getvalue().to_pybytes()
     name = shard_name(job["k"])
     storage.write_bytes(storage.join(job["out"], name), payload)
+    faults.point("preprocess.shard_written")
     marker = {"shard": name, "plan_hash": job["plan_hash"], "rows": table.num_rows, "bytes": len(payload),
               "sha256": sha256_bytes(payload), "images_in": len(job["samples"]), "quarantine": quarantine}
     # The marker is written last: its presence means the shard is complete.
     storage.write_text(storage.join(job["out"], "_done", name.replace(".parquet", ".json")),
                        json.dumps(marker, sort_keys=True))
+    faults.point("preprocess.marker_written")
     return marker
 
 
@@ -259,15 +276,15 @@ def preprocess(cfg: PreprocessConfig, manifest_uri: str, out: str, source: str |
             todo.append(job)
     skipped = len(markers)
 
-    bar = tqdm(total=len(ids), desc="preprocess", unit="img", disable=not progress,
-               initial=sum(m["images_in"] for m in markers.values()))
+    bar = progress_bar(total=len(ids), desc="preprocess", unit="img", enabled=progress,
+                       initial=sum(m["images_in"] for m in markers.values()))
 
     def finished(marker: dict) -> None:
         markers[marker_k[marker["shard"]]] = marker
         bar.update(marker["images_in"])
 
     marker_k = {shard_name(job["k"]): job["k"] for job in todo}
-    _run_jobs(todo, cfg.workers, finished)
+    _run_jobs(todo, (os.cpu_count() or 1) if cfg.workers is None else cfg.workers, finished)
     bar.close()
 
     shards = [markers[k] for k in sorted(markers)]
@@ -280,6 +297,7 @@ def preprocess(cfg: PreprocessConfig, manifest_uri: str, out: str, source: str |
     index = {
         "schema_version": SCHEMA_VERSION,
         "source_manifest_hash": manifest["manifest_hash"],
+        "source_profile": subset_profile(manifest),
         "source": {"root": source, "split": split},
         "categories": data.categories.to_json(),
         "params": cfg.content_params(),
@@ -372,12 +390,3 @@ def _count_kinds(quarantine: list[dict]) -> dict[str, int]:
         for kind in sorted({r["kind"] for r in q["reasons"]}):
             counts[kind] = counts.get(kind, 0) + 1
     return dict(sorted(counts.items()))
-
-
-def load_index(uri: str) -> dict:
-    """Read ``index.json``; ``uri`` may be the file or the shard folder."""
-    uri, index = storage.read_json_doc(uri, "index.json", "shard index not found (run `panoptic preprocess` first)")
-    if index.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{uri}: schema_version {index.get('schema_version')} but this code reads "
-                         f"{SCHEMA_VERSION}; re-run `panoptic preprocess`")
-    return index

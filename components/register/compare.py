@@ -1,63 +1,156 @@
-"""`panoptic runs compare`: a table of pipeline runs from MLflow."""
+"""`panoptic runs compare`: a table of pipeline runs from MLflow, and the retraining history as a chart.
+
+A row per pipeline run (and per model registered by hand with `panoptic register`, which has
+no pipeline run): PQ/SQ/RQ, what the run decided ("train" or "skip": nothing new), the gate's
+decision and reason, the version it registered and its aliases now, the params that differ.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+from datetime import datetime
 
 from components.common.tracking import DEFAULT_EXPERIMENT, PIPELINE_TAG, setup
 
 METRICS = ("PQ", "SQ", "RQ", "PQ_th", "PQ_st")
 
 
-def _current_aliases(mlflow, names: set[str]) -> dict[tuple[str, str], list[str]]:
+def _current_aliases(names: set[str]) -> dict[tuple[str, str], list[str]]:
     """(model name, version) -> its aliases now (registration-time tags go stale)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(mlflow.get_tracking_uri())
+    from components.common.tracking import is_not_found, tracking_uri
+
+    client = MlflowClient(tracking_uri())
     out: dict[tuple[str, str], list[str]] = {}
     for name in names:
         try:
             aliases = client.get_registered_model(name).aliases
-        except Exception:  # the model was deleted
-            continue
+        except Exception as e:
+            if is_not_found(e):  # the model was deleted
+                continue
+            raise
         for alias, version in sorted(aliases.items()):
             out.setdefault((name, str(version)), []).append(alias)
     return out
 
 
-def compare_runs(experiment: str | None = None, as_csv: bool = False, max_runs: int = 50) -> str:
+def history(experiment: str | None = None, max_runs: int = 50) -> list[dict]:
+    """The runs, oldest first: pipeline runs and registrations made by hand."""
     mlflow = setup(None, experiment)
-    runs = mlflow.search_runs(experiment_names=[experiment or DEFAULT_EXPERIMENT],
-                              filter_string=f"tags.`{PIPELINE_TAG}` = 'pipeline'", max_results=max_runs,
-                              output_format="list")
-    if not runs:
-        return "no pipeline runs yet (run `make run` or `panoptic pipeline run-local`)"
-    current = _current_aliases(mlflow, {r.data.tags.get("model.name") for r in runs} - {None})
-    params = sorted({k for r in runs for k in r.data.params})
-    differing = [p for p in params if len({r.data.params.get(p) for r in runs}) > 1]
+    exp = [experiment or DEFAULT_EXPERIMENT]
+    runs = mlflow.search_runs(experiment_names=exp, filter_string=f"tags.`{PIPELINE_TAG}` = 'pipeline'",
+                              max_results=max_runs, output_format="list")
+    by_hand = [r for r in mlflow.search_runs(experiment_names=exp, filter_string="tags.`panoptic.stage` = 'register'",
+                                             max_results=max_runs, output_format="list")
+               if "mlflow.parentRunId" not in r.data.tags]
+    models = {r.data.tags.get("model.name") for r in runs} | {"panoptic-fpn"}
+    current = _current_aliases(models - {None})
     rows = []
-    for r in runs:
-        m = r.data.metrics
-        dur = ((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000 if r.info.start_time else 0
-        rows.append({"run": r.info.run_id[:8], "name": r.info.run_name or "", **{k: m.get(k) for k in METRICS},
-                     "duration_s": round(dur), "version": r.data.tags.get("model.version", ""),
-                     "aliases": ",".join(current.get((r.data.tags.get("model.name"), r.data.tags.get("model.version")),
-                                                     [])),
-                     **{p: r.data.params.get(p, "") for p in differing}})
-    rows.sort(key=lambda row: -(row["PQ"] if row["PQ"] is not None else -1))
-    cols = list(rows[0])
+    for r, kind in [(r, "pipeline") for r in runs] + [(r, "by hand") for r in by_hand]:
+        m, t = r.data.metrics, r.data.tags
+        start = r.info.start_time or 0
+        dur = ((r.info.end_time or start) - start) / 1000 if start else 0
+        version = t.get("model.version", "")
+        if kind == "by hand":  # its version: the one whose register_run_id is this run
+            version = _version_of_run(r.info.run_id)
+        promote = t.get("gate.promote")
+        rows.append({"run": r.info.run_id[:8], "name": r.info.run_name or "", "kind": kind,
+                     "start": datetime.fromtimestamp(start / 1000).strftime("%Y-%m-%d %H:%M") if start else "",
+                     "start_ms": start, **{k: m.get(k) for k in METRICS},
+                     "decision": t.get("decision", "train" if kind == "by hand" else ""),
+                     "gate": {"True": "pass", "False": "fail"}.get(str(promote), ""), "version": version,
+                     "aliases": ",".join(current.get((t.get("model.name", "panoptic-fpn"), version), [])),
+                     "reason": t.get("gate.reason") or t.get("decision.reason", ""), "duration_s": round(dur),
+                     "params": dict(r.data.params)})
+    rows.sort(key=lambda row: row["start_ms"])
+    return rows
+
+
+def _version_of_run(run_id: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    from components.common.tracking import tracking_uri
+
+    try:
+        found = MlflowClient(tracking_uri()).search_model_versions(f"tags.register_run_id = '{run_id}'")
+    except Exception:
+        return ""
+    return str(found[0].version) if found else ""
+
+
+def compare_runs(experiment: str | None = None, as_csv: bool = False, max_runs: int = 50) -> str:
+    rows = history(experiment, max_runs)
+    if not rows:
+        return "no pipeline runs yet (run `make run` or `panoptic pipeline run-local`)"
+    params = sorted({k for r in rows for k in r["params"]})
+    differing = [p for p in params if len({r["params"].get(p) for r in rows}) > 1]
+    table = []
+    for r in sorted(rows, key=lambda row: -(row["PQ"] if row["PQ"] is not None else -1)):
+        table.append({k: r[k] for k in ("run", "name", "start", *METRICS, "decision", "gate", "version", "aliases",
+                                        "duration_s")} | {p: r["params"].get(p, "") for p in differing}
+                     | {"reason": r["reason"]})
+    cols = list(table[0])
     if as_csv:
         buf = io.StringIO()
         w = csv.DictWriter(buf, cols, lineterminator="\n")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(table)
         return buf.getvalue()
 
-    def fmt(v):
-        return "-" if v is None else f"{100 * v:.2f}" if isinstance(v, float) else str(v)
+    def fmt(v, col):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{100 * v:.2f}"
+        return str(v)[:70] if col == "reason" else str(v)
 
-    widths = {c: max(len(c), *(len(fmt(r[c])) for r in rows)) for c in cols}
+    widths = {c: max(len(c), *(len(fmt(r[c], c)) for r in table)) for c in cols}
     lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
-    lines += ["  ".join(fmt(r[c]).ljust(widths[c]) for c in cols) for r in rows]
+    lines += ["  ".join(fmt(r[c], c).ljust(widths[c]) for c in cols) for r in table]
     return "\n".join(lines)
+
+
+def history_chart(path: str, experiment: str | None = None, max_runs: int = 50) -> str:
+    """PQ, SQ and RQ of each run over time (PNG at ``path``): champions (promoted) as stars,
+    rejected challengers as crosses, runs that found nothing new as grey ticks, registrations
+    made by hand as squares; each run numbered, and its gate's reason listed under the chart."""
+    from components.common import storage
+    from components.common.plots import figure_png, pyplot
+
+    rows = history(experiment, max_runs)
+    plt = pyplot()
+    fig, (ax, notes_ax) = plt.subplots(2, 1, figsize=(10, 4.5 + 0.17 * len(rows)),
+                                       gridspec_kw={"height_ratios": [4, max(1.0, 0.25 * len(rows))]})
+    xs = list(range(1, len(rows) + 1))
+    for key, color in (("PQ", "#1f77b4"), ("SQ", "#2ca02c"), ("RQ", "#ff7f0e")):
+        pts = [(x, 100 * r[key]) for x, r in zip(xs, rows) if r[key] is not None]
+        if pts:
+            ax.plot(*zip(*pts), "-", color=color, alpha=0.5, label=key)
+    for x, r in zip(xs, rows):
+        if r["PQ"] is None:
+            ax.axvline(x, color="0.8", lw=1, zorder=0)
+            continue
+        y = 100 * r["PQ"]
+        marker, color, label = ("*", "gold", "champion") if r["gate"] == "pass" else \
+            ("x", "red", "rejected challenger") if r["gate"] == "fail" else ("s", "purple", "by hand")
+        if r["kind"] == "by hand":
+            marker, label = "s", f"by hand ({label})"
+        ax.scatter([x], [y], marker=marker, s=160 if marker == "*" else 60, color=color, edgecolor="k", zorder=3,
+                   label=label)
+        ax.annotate(f"#{x}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    seen = dict(zip(labels, handles))
+    if any(r["PQ"] is None for r in rows):
+        seen["nothing new (skipped)"] = plt.Line2D([], [], color="0.8", lw=1)
+    ax.legend(seen.values(), seen.keys(), loc="lower right", fontsize=8, ncol=2)
+    ax.set_xticks(xs, [r["start"][5:] for r in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("%")
+    ax.set_title("Retraining history: PQ / SQ / RQ per run")
+    notes = [f"#{x} {r['start']}  {r['decision'] or '-'} {r['gate'] or ''} v{r['version'] or '-'}: {r['reason'][:110]}"
+             for x, r in zip(xs, rows)]
+    notes_ax.axis("off")
+    notes_ax.text(0, 1, "\n".join(notes), fontsize=7, family="monospace", va="top", transform=notes_ax.transAxes)
+    storage.write_bytes(path, figure_png(fig))
+    return path

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import click
 
+from components.common import storage
 from components.select_subset.core import STRATEGIES, SubsetConfig, select_subset
+
+TOP = 10  # categories listed on the console; the CSV and the chart hold them all
 
 
 def _size(value: str | None) -> float | None:
@@ -22,7 +25,8 @@ def _list(value: str) -> tuple:
 
 
 @click.command("subset")
-@click.option("--source", required=True, help="COCO panoptic root (local or s3://), with annotations/panoptic_SPLIT.json.")
+@click.option("--source", required=True,
+              help="COCO panoptic root (local or s3://), with annotations/panoptic_SPLIT.json.")
 @click.option("--split", default="train2017", show_default=True)
 @click.option("--out", required=True, help="Folder (or s3:// prefix) for manifest.json and the histogram.")
 @click.option("--size", default="all", show_default=True, help="Count (20000), fraction (0.2) or 'all'.")
@@ -52,9 +56,15 @@ def subset(source, split, out, size, strategy, seed, min_per_category, include_c
     click.echo(f"selected {m['num_images']} of {m['num_eligible']} eligible images "
                f"({m['source']['num_images']} in {split}); strategy={strategy} seed={seed}")
     hist = m["category_histogram"]
-    click.echo(f"{'category':>10s} {'full':>8s} {'subset':>8s}")
-    for cid in sorted(hist["full"], key=lambda c: -hist["full"][c]):
-        click.echo(f"{cid:>10s} {hist['full'][cid]:>8d} {hist['subset'][cid]:>8d}")
+    present = [c for c in hist["subset"] if hist["subset"][c]]
+    click.echo(f"categories: {len(present)} of {len(hist['full'])} present in the subset; the most frequent:")
+    click.echo(f"  {'category':>10s} {'images (full)':>14s} {'images (subset)':>16s}")
+    for cid in sorted(hist["subset"], key=lambda c: (-hist["subset"][c], int(c)))[:TOP]:
+        click.echo(f"  {cid:>10s} {hist['full'][cid]:>14d} {hist['subset'][cid]:>16d}")
+    absent = [c for c in hist["full"] if hist["full"][c] and not hist["subset"][c]]
+    if absent:
+        click.echo(f"  absent from the subset though in the split: {len(absent)} categories")
+    click.echo(f"every category: {storage.join(out, 'category_histogram.csv')} (chart: category_histogram.png)")
     for note, val in m["notes"].items():
         click.echo(f"note: {note}: {val}")
     click.echo(f"manifest: {result.manifest_uri} (hash {m['manifest_hash'][:12]})")

@@ -9,7 +9,6 @@ category in the subset vs the full split).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 from collections import Counter
@@ -19,6 +18,7 @@ import numpy as np
 
 from components.common import storage
 from components.common.coco_panoptic import CategoryMaps, annotation_json_uri, load_split
+from components.common.manifests import canonical_hash, sha256_bytes
 from components.common.plots import figure_png, pyplot
 
 MANIFEST_SCHEMA = 1
@@ -59,19 +59,52 @@ class SubsetConfig:
             raise ValueError("max_segments must be >= min_segments")
 
 
+@dataclass(frozen=True)
+class SubsetSettings:
+    """The subset stage's settings in the pipeline: the train subset (``SubsetConfig``'s fields)
+    and the validation subset, each from its split.
+
+    The validation subset has its own seed, so changing the training seed (a new training
+    sample) keeps the evaluation data, and so the gate's comparison, the same.
+    """
+
+    size: float | None = None
+    strategy: str = "random"
+    seed: int = 0
+    min_per_category: int = 50
+    include_categories: tuple = ()
+    exclude_categories: tuple = ()
+    min_segments: int = 0
+    max_segments: int | None = None
+    crowded_only: bool = False
+    val_size: float | None = None
+    val_seed: int = 0
+    train_split: str = "train2017"
+    val_split: str = "val2017"
+
+    def __post_init__(self):
+        for name in ("size", "val_size"):  # "all" (the CLI's and the DAG's word) is None
+            if getattr(self, name) in ("all", ""):
+                object.__setattr__(self, name, None)
+            elif isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, float(getattr(self, name)))
+        self.train_config(), self.val_config()  # validate both now
+
+    def train_config(self) -> "SubsetConfig":
+        return SubsetConfig(size=self.size, strategy=self.strategy, seed=self.seed,
+                            min_per_category=self.min_per_category, include_categories=self.include_categories,
+                            exclude_categories=self.exclude_categories, min_segments=self.min_segments,
+                            max_segments=self.max_segments, crowded_only=self.crowded_only)
+
+    def val_config(self) -> "SubsetConfig":
+        return SubsetConfig(size=self.val_size, seed=self.val_seed)
+
+
 @dataclass
 class SubsetResult:
     manifest_uri: str
     image_ids: list[int]
     manifest: dict = field(repr=False)
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def canonical_hash(obj) -> str:
-    return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
 
 
 def _category_ids(names_or_ids, cats: CategoryMaps) -> set[int]:
@@ -112,7 +145,10 @@ def eligible_images(annotations: dict[int, dict], cats: CategoryMaps, cfg: Subse
 
 def choose(eligible: list[int], annotations: dict[int, dict], cfg: SubsetConfig) -> tuple[list[int], dict]:
     """Pick the subset. Returns (sorted image ids, notes such as unmet category minimums)."""
-    n = len(eligible) if cfg.size is None else (int(cfg.size) if cfg.size >= 1 else int(round(cfg.size * len(eligible))))
+    if cfg.size is None:
+        n = len(eligible)
+    else:
+        n = int(cfg.size) if cfg.size >= 1 else int(round(cfg.size * len(eligible)))
     if n > len(eligible):
         raise ValueError(f"asked for {n} images but only {len(eligible)} images match the filters; "
                          f"lower --size or relax the filters")
@@ -221,14 +257,3 @@ def select_subset(cfg: SubsetConfig, source: str, split: str, out: str) -> Subse
     storage.write_bytes(storage.join(out, "category_histogram.png"),
                         _histogram_png(full_hist, sub_hist, data.categories, len(annotated), len(image_ids)))
     return SubsetResult(manifest_uri=manifest_uri, image_ids=image_ids, manifest=manifest)
-
-
-def load_manifest(uri: str) -> dict:
-    """Read a manifest; ``uri`` may be the file or the folder holding ``manifest.json``."""
-    uri, manifest = storage.read_json_doc(uri, "manifest.json", "manifest not found (run `panoptic subset` first)")
-    claimed = manifest.pop("manifest_hash", None)
-    if claimed != canonical_hash(manifest):
-        raise ValueError(f"{uri}: manifest_hash does not match its content (edited by hand?); "
-                         f"re-run `panoptic subset`")
-    manifest["manifest_hash"] = claimed
-    return manifest

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from components.common import storage
 from components.common.coco_panoptic import Category, annotation_json_uri, bbox_of, encode_png, image_uri, png_uri
+from components.common.logs import progress as progress_bar
 
 THING_CATEGORIES = (
     Category(1, "disc", True, (220, 40, 40), "shape"),
@@ -141,7 +141,8 @@ def render_scene(rng: np.random.Generator, cfg: SynthConfig):
     top = by_name["sky"] if rng.random() < 0.6 else by_name["wall"]
     bottom = by_name["grass"] if rng.random() < 0.5 else by_name["sand"]
     xs = np.arange(w)
-    horizon = h * rng.uniform(0.35, 0.6) + h * 0.05 * np.sin(xs / w * 2 * np.pi * rng.uniform(0.5, 2) + rng.uniform(0, 6))
+    wave = np.sin(xs / w * 2 * np.pi * rng.uniform(0.5, 2) + rng.uniform(0, 6))
+    horizon = h * rng.uniform(0.35, 0.6) + h * 0.05 * wave
     yy = np.arange(h)[:, None]
     top_mask = yy < horizon[None, :]
     bottom_mask = ~top_mask
@@ -236,7 +237,7 @@ def generate_split(out: str, split: str, count: int, cfg: SynthConfig, progress:
     ``workers`` > 1 renders in that many processes; the files are the same whatever the number.
     """
     jobs = [(out, split, i, cfg) for i in range(count)]
-    bar = tqdm(total=count, desc=f"synth {split}", disable=not progress, unit="img")
+    bar = progress_bar(total=count, desc=f"synth {split}", unit="img", enabled=progress)
     results = []
     if workers > 1 and count > 1:
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:

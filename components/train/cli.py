@@ -37,7 +37,13 @@ def train_cmd(shards, output, config_name, overrides, device, no_resume, mlflow,
     if mlflow and os.environ.get("MLFLOW_TRACKING_URI") and int(os.environ.get("RANK", 0)) == 0:
         from components.common.tracking import metric_logger
         log_fn = metric_logger(prefix="train/")
-    result = train(cfg, shards, output, device=device, resume=not no_resume, progress=not quiet, log_fn=log_fn)
+    from components.data.reader import ShardError
+    from components.model.weights import WeightsError
+
+    try:
+        result = train(cfg, shards, output, device=device, resume=not no_resume, progress=not quiet, log_fn=log_fn)
+    except (WeightsError, ShardError, ConfigError, FileNotFoundError) as e:
+        raise click.ClickException(str(e))
     if result.preempted:
         click.echo(f"stopped at iteration {result.iterations} (SIGTERM); checkpoint saved, re-run to resume")
         raise SystemExit(143)

@@ -1,97 +1,144 @@
-"""Multi-node training on the Kubeflow Training Operator: render a PyTorchJob, run it, wait.
+"""Multi-node training on Kubernetes: render a PyTorchJob (Training Operator v1) or a TrainJob
+(Kubeflow Trainer v2, torch runtime), create it, wait for it.
 
-Each replica runs our CUDA image with ``torchrun``, so the trainer is the same code as on one
-node. The operator injects ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK`` (the pod's index) and
-``WORLD_SIZE`` into every pod; Kubernetes expands ``$(VAR)`` in the command from them:
+Every pod runs our CUDA image with ``torchrun``, so the trainer is the same code as on one
+node, and it trains the *resolved* config the pipeline step wrote next to its output (so the
+schedule scaling, overrides and initial weights are those of a single-node run). The pods get
+the cluster settings' environment, secrets, resources, tolerations and node selector
+(``components/common/cluster.py``), and ``MLFLOW_RUN_ID``: rank 0 logs into the pipeline's
+train run.
 
-    torchrun --nnodes=N --nproc_per_node=G --node_rank=$(RANK) \
+PyTorchJob: the operator injects ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK`` (the pod's index)
+and ``WORLD_SIZE``; Kubernetes expands ``$(VAR)`` in the command from them:
+
+    torchrun --nnodes=N --nproc_per_node=G --node_rank=$(RANK) \\
              --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT) -m components.train ...
 
-The tests run exactly this command with those variables set by hand, as two local "nodes".
+TrainJob: the torch runtime sets torchrun's own ``PET_NNODES``, ``PET_NPROC_PER_NODE``,
+``PET_NODE_RANK``, ``PET_MASTER_ADDR`` and ``PET_MASTER_PORT``, so the command is plain
+``torchrun -m components.train ...``. The tests run the PyTorchJob's command with those
+variables set by hand, as two local "nodes".
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import shlex
 import time
 from dataclasses import dataclass, field
 
-GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+from components.common.cluster import ClusterSettings
+
+log = logging.getLogger(__name__)
+
+PYTORCHJOB = ("kubeflow.org", "v1", "pytorchjobs")
+TRAINJOB = ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
 
 
 @dataclass
-class PyTorchJobSpec:
+class JobSpec:
+    """One multi-node training job.
+
+    Args:
+        name: the job's name (unique in its namespace).
+        image: the training image.
+        nodes / gpus_per_node: pods, and processes (GPUs) per pod.
+        shards / output: the train stage's input shards and output folder (local or s3://).
+        config_uri: the resolved training config (JSON) every pod trains.
+        env: extra literal environment (MLflow tracking URI and run id).
+        cluster: where the pods land and what they carry.
+        namespace: the job's namespace (None: the one this process runs in).
+        runtime: the TrainJob's ClusterTrainingRuntime.
+    """
+
+    name: str
     image: str
     nodes: int
     gpus_per_node: int
     shards: str
     output: str
-    config: str = "r50_1x"
-    overrides: str = ""            # "key=value;key=value"
-    iterations: int = 0
-    mlflow_uri: str = ""
-    name: str = ""
-    namespace: str | None = None
-    service_account: str = "panoptic-pipeline"
-    s3_secret: str = "panoptic-s3"
+    config_uri: str
     env: dict = field(default_factory=dict)
-    cpu: str = "8"
-    memory: str = "48Gi"
-    shm_size: str = "16Gi"
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    namespace: str | None = None
+    runtime: str = "torch-distributed"
 
-    def job_name(self) -> str:
-        return self.name or f"panoptic-train-{int(time.time())}"
-
-
-def train_command(spec: PyTorchJobSpec) -> list[str]:
-    """The replica's command; ``$(RANK)``, ``$(MASTER_ADDR)``, ``$(MASTER_PORT)`` are expanded by Kubernetes."""
-    cmd = ["torchrun", f"--nnodes={spec.nodes}", f"--nproc_per_node={max(spec.gpus_per_node, 1)}",
-           "--node_rank=$(RANK)", "--master_addr=$(MASTER_ADDR)", "--master_port=$(MASTER_PORT)",
-           "-m", "components.train", "--shards", spec.shards, "--output", spec.output, "--config", spec.config,
-           "--quiet"]
-    for o in [o for o in spec.overrides.split(";") if o.strip()]:
-        cmd += ["--set", o.strip()]
-    if spec.iterations:
-        cmd += ["--set", f"solver.max_iter={spec.iterations}"]
-    return cmd
+    def train_args(self) -> list[str]:
+        return ["-m", "components.train", "--shards", self.shards, "--output", self.output,
+                "--config", self.config_uri, "--quiet"]
 
 
-def render_pytorchjob(spec: PyTorchJobSpec) -> dict:
-    """The PyTorchJob manifest: one Master and nodes-1 Workers, OnFailure restarts (the trainer
-    resumes from its latest checkpoint), GPUs, shared memory for DataLoader workers, non-root."""
-    if spec.nodes < 2:
-        raise ValueError("a PyTorchJob is for nodes >= 2; train in the pipeline step for one node")
-    env = [{"name": "MLFLOW_TRACKING_URI", "value": spec.mlflow_uri}] if spec.mlflow_uri else []
-    env += [{"name": k, "value": str(v)} for k, v in spec.env.items()]
-    env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": spec.s3_secret, "key": key, "optional": True}}}
-            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
-    resources = {"limits": {"cpu": spec.cpu, "memory": spec.memory}, "requests": {"cpu": spec.cpu, "memory": spec.memory}}
-    if spec.gpus_per_node:
-        resources["limits"]["nvidia.com/gpu"] = spec.gpus_per_node
-        resources["requests"]["nvidia.com/gpu"] = spec.gpus_per_node
+def job_name(prefix: str = "panoptic-train") -> str:
+    return f"{prefix}-{int(time.time())}"
 
-    def replica(count: int) -> dict:
-        return {
-            "replicas": count,
-            "restartPolicy": "OnFailure",
-            "template": {"spec": {
-                "serviceAccountName": spec.service_account,
-                "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
-                "containers": [{"name": "pytorch", "image": spec.image, "command": train_command(spec), "env": env,
-                                "resources": resources,
-                                "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}],
-                "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}],
-                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-            }},
-        }
 
-    meta = {"name": spec.job_name(), "labels": {"app.kubernetes.io/part-of": "panoptic-pipeline"}}
+def torchrun_command(spec: JobSpec) -> list[str]:
+    """The PyTorchJob replica's command; ``$(RANK)``, ``$(MASTER_ADDR)``, ``$(MASTER_PORT)``
+    are expanded by Kubernetes from the operator's variables."""
+    return ["torchrun", f"--nnodes={spec.nodes}", f"--nproc_per_node={max(spec.gpus_per_node, 1)}",
+            "--node_rank=$(RANK)", "--master_addr=$(MASTER_ADDR)", "--master_port=$(MASTER_PORT)"] + spec.train_args()
+
+
+def _metadata(spec: JobSpec) -> dict:
+    meta = {"name": spec.name, "labels": {"app.kubernetes.io/part-of": "panoptic-pipeline"}}
     if spec.namespace:
         meta["namespace"] = spec.namespace
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "PyTorchJob", "metadata": meta,
+    return meta
+
+
+def render_pytorchjob(spec: JobSpec) -> dict:
+    """One Master and nodes-1 Workers, OnFailure restarts (the trainer resumes from its latest
+    checkpoint), GPUs, shared memory for DataLoader workers, non-root."""
+    if spec.nodes < 2:
+        raise ValueError("a PyTorchJob is for nodes >= 2; one node trains in the pipeline step")
+    c = spec.cluster
+    volumes, mounts = c.volumes()
+
+    def replica(count: int) -> dict:
+        pod = {
+            "serviceAccountName": c.service_account,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
+            "containers": [{"name": "pytorch", "image": spec.image, "command": torchrun_command(spec),
+                            "env": c.pod_env(spec.env), "resources": c.pod_resources(spec.gpus_per_node),
+                            "volumeMounts": mounts}],
+            "volumes": volumes,
+            "tolerations": c.tolerations(),
+        }
+        if c.node_selector:
+            pod["nodeSelector"] = dict(c.node_selector)
+        return {"replicas": count, "restartPolicy": "OnFailure", "template": {"spec": pod}}
+
+    return {"apiVersion": f"{PYTORCHJOB[0]}/{PYTORCHJOB[1]}", "kind": "PyTorchJob", "metadata": _metadata(spec),
             "spec": {"runPolicy": {"cleanPodPolicy": "None", "backoffLimit": 3},
                      "pytorchReplicaSpecs": {"Master": replica(1), "Worker": replica(spec.nodes - 1)}}}
+
+
+def render_trainjob(spec: JobSpec) -> dict:
+    """A TrainJob on the torch runtime (``trainer.kubeflow.org/v1alpha1``). The trainer section
+    holds image, command, env, nodes, processes and resources per node; what the trainer API
+    does not carry (service account, security context, tolerations, node selector, volumes)
+    goes into a runtime patch of the runtime's ``node`` job and container."""
+    if spec.nodes < 2:
+        raise ValueError("a TrainJob is for nodes >= 2; one node trains in the pipeline step")
+    c = spec.cluster
+    volumes, mounts = c.volumes()
+    pod = {"serviceAccountName": c.service_account, "volumes": volumes, "tolerations": c.tolerations(),
+           "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
+           "containers": [{"name": "node", "volumeMounts": mounts}]}
+    if c.node_selector:
+        pod["nodeSelector"] = dict(c.node_selector)
+    return {
+        "apiVersion": f"{TRAINJOB[0]}/{TRAINJOB[1]}", "kind": "TrainJob", "metadata": _metadata(spec),
+        "spec": {
+            "runtimeRef": {"name": spec.runtime, "apiGroup": TRAINJOB[0], "kind": "ClusterTrainingRuntime"},
+            "trainer": {"image": spec.image, "command": ["torchrun"] + spec.train_args(), "env": c.pod_env(spec.env),
+                        "numNodes": spec.nodes, "numProcPerNode": max(spec.gpus_per_node, 1),
+                        "resourcesPerNode": c.pod_resources(spec.gpus_per_node)},
+            "runtimePatches": [{"manager": "panoptic-pipeline", "trainingRuntimeSpec": {"template": {"spec": {
+                "replicatedJobs": [{"name": "node", "template": {"spec": {"template": {"spec": pod}}}}]}}}}],
+        },
+    }
 
 
 def expand_command(command: list[str], env: dict[str, str]) -> list[str]:
@@ -103,9 +150,14 @@ class TrainingJobFailed(RuntimeError):
     pass
 
 
-def run_pytorchjob(spec: PyTorchJobSpec, timeout_s: float = 7 * 24 * 3600, poll_s: float = 30.0, api=None) -> dict:
-    """Create the PyTorchJob and wait until it succeeds; raise ``TrainingJobFailed`` naming the
-    job, its namespace and the operator's message when it fails or times out."""
+def _succeeded(kind: str, conditions: dict) -> bool:
+    return ("Succeeded" if kind == "PyTorchJob" else "Complete") in conditions
+
+
+def run_job(job: dict, timeout_s: float = 7 * 24 * 3600, poll_s: float = 30.0, api=None) -> dict:
+    """Create a rendered PyTorchJob or TrainJob and wait until it succeeds; raise
+    ``TrainingJobFailed`` naming the job, its namespace and the controller's message when it
+    fails or times out."""
     if api is None:
         from kubernetes import client, config
 
@@ -114,26 +166,30 @@ def run_pytorchjob(spec: PyTorchJobSpec, timeout_s: float = 7 * 24 * 3600, poll_
         except config.ConfigException:
             config.load_kube_config()
         api = client.CustomObjectsApi()
-    namespace = spec.namespace or _current_namespace()
-    job = render_pytorchjob(spec)
+    group, version, plural = PYTORCHJOB if job["kind"] == "PyTorchJob" else TRAINJOB
+    namespace = job["metadata"].get("namespace") or current_namespace()
     name = job["metadata"]["name"]
-    api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
-    print(f"created PyTorchJob {namespace}/{name}: {spec.nodes} nodes x {spec.gpus_per_node} GPUs; "
-          f"command: {shlex.join(train_command(spec))}", flush=True)
+    api.create_namespaced_custom_object(group, version, namespace, plural, job)
+    command = (job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+               if job["kind"] == "PyTorchJob" else job["spec"]["trainer"]["command"])
+    log.info("created %s %s/%s; command: %s", job["kind"], namespace, name, shlex.join(command))
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        status = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name).get("status", {})
+        status = api.get_namespaced_custom_object(group, version, namespace, plural, name).get("status", {})
         conditions = {c["type"]: c for c in status.get("conditions", []) if c.get("status") == "True"}
-        if "Succeeded" in conditions:
+        if _succeeded(job["kind"], conditions):
             return status
         if "Failed" in conditions:
-            raise TrainingJobFailed(f"PyTorchJob {namespace}/{name} failed: {conditions['Failed'].get('message', '')}"
-                                    f" (see `kubectl -n {namespace} logs -l training.kubeflow.org/job-name={name}`)")
+            label = ("training.kubeflow.org/job-name" if job["kind"] == "PyTorchJob"
+                     else "jobset.sigs.k8s.io/jobset-name")
+            message = conditions["Failed"].get("message", "")
+            raise TrainingJobFailed(f"{job['kind']} {namespace}/{name} failed: {message}"
+                                    f" (see `kubectl -n {namespace} logs -l {label}={name}`)")
         time.sleep(poll_s)
-    raise TrainingJobFailed(f"PyTorchJob {namespace}/{name} did not finish within {timeout_s:.0f}s")
+    raise TrainingJobFailed(f"{job['kind']} {namespace}/{name} did not finish within {timeout_s:.0f}s")
 
 
-def _current_namespace() -> str:
+def current_namespace() -> str:
     try:
         with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
             return f.read().strip()

@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import time
@@ -27,16 +28,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from components.common import storage
 from components.common.coco_panoptic import CategoryMaps
+from components.common.devices import pick_device
+from components.common.logs import progress as progress_bar
+from components.data.reader import ShardDataset, collate
+from components.data.records import load_index
+from components.model.artifact import save_model
 from components.model.config import Config
 from components.model.panoptic_fpn import PanopticFPN
-from components.model.weights import load_weights, save_model
-from components.preprocess.core import load_index
-from components.preprocess.reader import ShardDataset, collate
-from components.preprocess.targets import AugConfig
+from components.model.weights import UnsafeCheckpointError, load_weights, refused_global
 
 CHECKPOINT_DIR = "checkpoints"
 KEEP_CHECKPOINTS = 3
@@ -62,19 +64,6 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def pick_device(requested: str | None) -> torch.device:
-    """``auto``/None: this process's GPU (``LOCAL_RANK``) if there is one, else the CPU. A bare
-    ``cuda`` gets the index too (``torch.cuda.set_device`` refuses a device without one)."""
-    if requested and requested != "auto":
-        dev = torch.device(requested)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 # -- optimizer and schedule ------------------------------------------------------------------
@@ -106,7 +95,13 @@ def lr_factor(it: int, cfg: Config) -> float:
 # -- checkpoints -----------------------------------------------------------------------------
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The generators' states as tensors and plain data (a checkpoint loads with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, words, py_gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": py_gauss}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -115,17 +110,41 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     # the generators take CPU byte tensors, wherever the checkpoint was mapped
     torch.set_rng_state(state["torch"].cpu())
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n, p = state["numpy"], state["python"]
+    if isinstance(n, dict):
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        random.setstate((p["version"], tuple(int(w) for w in p["words"].tolist()), p["gauss"]))
+    else:  # a checkpoint written before: numpy's tuple and Python's as they come
+        np.random.set_state(n)
+        random.setstate(p)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
+
+
+def load_checkpoint(uri: str) -> dict:
+    """A training checkpoint, read without running code (``weights_only``). Checkpoints written
+    before their RNG states were tensors hold numpy arrays; numpy's array constructors are
+    admitted for them (they build arrays, nothing else)."""
+    import torch.serialization
+
+    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 renamed it; the deprecated alias warns
+    reconstruct = core.multiarray._reconstruct
+    # pickles name it by the module numpy had when they were written: admit both spellings
+    safe_numpy = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np.dtypes.Int64DType, reconstruct,
+                  (reconstruct, "numpy.core.multiarray._reconstruct")]
+    try:
+        with torch.serialization.safe_globals(safe_numpy):
+            return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(f"{uri}: refused: this checkpoint needs {refused_global(e)} to load, which could "
+                                    f"run code; delete it to start over") from None
 
 
 def save_checkpoint(output: str, iteration: int, model, optimizer, scheduler, scaler, cfg: Config) -> str:
     buf = io.BytesIO()
     torch.save({"iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
-                "config": cfg.to_dict()}, buf)
+                "config": json.loads(json.dumps(cfg.to_dict(), default=list))}, buf)
     name = f"model_{iteration:07d}.pth"
     folder = storage.join(output, CHECKPOINT_DIR)
     storage.write_bytes(storage.join(folder, name), buf.getvalue())
@@ -218,7 +237,7 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
     if ckpt_uri:
         # loaded on the CPU: load_state_dict copies into the model's and optimizer's devices, and
         # the RNG states must stay CPU tensors (a GPU map broke resume on CUDA)
-        ckpt = torch.load(io.BytesIO(storage.read_bytes(ckpt_uri)), map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(ckpt_uri)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -232,7 +251,7 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
 
-    dataset = ShardDataset(shards, categories, AugConfig.from_input(cfg.input), train=True, infinite=True, seed=cfg.seed,
+    dataset = ShardDataset(shards, categories, cfg.input, train=True, infinite=True, seed=cfg.seed,
                            shuffle_buffer=cfg.data.shuffle_buffer, rank=rank, world_size=world)
     dataset.resume_after(start, per_rank)
     loader = DataLoader(dataset, batch_size=per_rank, num_workers=cfg.data.num_workers, collate_fn=collate,
@@ -249,7 +268,8 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
     end = min(s.max_iter, stop_after) if stop_after else s.max_iter
     preempted = False
     done = start
-    bar = tqdm(total=s.max_iter, initial=start, desc=f"train {cfg.name}", unit="it", disable=not progress or rank)
+    bar = progress_bar(total=s.max_iter, initial=start, desc=f"train {cfg.name}", unit="it",
+                       enabled=progress and not rank)
     t_last, it_last = time.perf_counter(), start
     model.train()
     with _Preemption() as preemption:
@@ -259,7 +279,8 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
                 losses = ddp_model(batch)
             loss = sum(losses.values())
             if not math.isfinite(float(loss.detach())):
-                raise FloatingPointError(f"loss became {float(loss)} at iteration {it + 1}: {_reduce_losses(losses, 1)}; "
+                raise FloatingPointError(f"loss became {float(loss)} at iteration {it + 1}: "
+                                         f"{_reduce_losses(losses, 1)}; "
                                          f"lower solver.base_lr or enable solver.clip_grad_norm")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

@@ -1,38 +1,58 @@
-"""The whole DAG through kfp.local (SubprocessRunner) on a small synthetic set, twice."""
+"""The whole DAG through kfp.local (SubprocessRunner) on a small synthetic set: a first run makes
+the champion; a scheduled run on the same data ends early with "nothing new"; a forced run
+retrains and meets the gate."""
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from components.synthetic.generator import SynthConfig, generate
 from pipeline.cli import run_local
 
-OVERRIDES = ";".join(["input.min_size_train=[128]", "input.max_size_train=192", "input.min_size_test=128",
-                      "input.max_size_test=192", "solver.ims_per_batch=2", "data.num_workers=0"])
+OVERRIDES = ["input.min_size_train=[128]", "input.max_size_train=192", "input.min_size_test=128",
+             "input.max_size_test=192", "solver.ims_per_batch=2", "data.num_workers=0"]
 
 
 @pytest.mark.slow
-def test_local_pipeline_registers_a_champion_and_gates_the_next(tmp_path, monkeypatch):
+def test_local_pipeline_registers_a_champion_skips_nothing_new_and_gates_the_next(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     generate(str(tmp_path / "coco"), SynthConfig(train=10, val=4, seed=5, min_side=128, max_side=192), progress=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    kw = dict(root=str(tmp_path / "root"), mlflow_uri=uri, config="tiny", iterations=4, shard_images=4,
-              overrides=OVERRIDES)
-    first = run_local(str(tmp_path / "coco"), **kw)
+    settings = {"train": {"config": "tiny", "iterations": 4, "overrides": OVERRIDES}, "preprocess": {"shard_images": 4}}
+    kw = dict(root=str(tmp_path / "root"), mlflow_uri=uri, settings=settings)
+    # the first run as a user runs it, its output going to a file (a pipe): plain lines only
+    cli = [os.path.join(os.path.dirname(sys.executable), "panoptic"), "pipeline", "run-local", "--data",
+           str(tmp_path / "coco"), "--root", kw["root"], "--set", "train.config=tiny", "--set", "train.iterations=4",
+           "--set", f"train.overrides={json.dumps(OVERRIDES)}", "--set", "preprocess.shard_images=4"]
+    out = subprocess.run(cli, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    log = open(os.path.join(kw["root"], "pipeline.log")).read()
+    for text in (out.stdout, out.stderr, log):
+        assert "\r" not in text and "\x1b[" not in text  # no progress redraws, no colour codes
+    assert "creating initial database tables" not in (out.stdout + out.stderr).lower()
+    assert "PQ" in out.stdout and "version 1" in out.stdout and "Executing task 'train'" in out.stdout
+    assert "Executing task 'train'" in log and "finished with status" in log
+    first = _latest(uri)
+    assert first["tags"]["decision.reason"] == "no champion yet"
     assert first["tags"]["model.version"] == "1" and "champion" in first["tags"]["model.aliases"]
     for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st"):
         assert k in first["metrics"]
-    assert first["report"] and os.path.getsize(first["report"]) > 10_000
-    assert "<h2>Panoptic Quality</h2>" in open(first["report"]).read()
+    report = next(os.path.join(d, f) for d, _, files in os.walk(kw["root"]) for f in files if f == "report.html")
+    assert os.path.getsize(report) > 10_000 and "<h2>Panoptic Quality</h2>" in open(report).read()
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    assert str(client.get_model_version_by_alias("panoptic-fpn", "champion").version) == "1"
+    champion = client.get_model_version_by_alias("panoptic-fpn", "champion")
+    assert str(champion.version) == "1" and champion.tags["data_fingerprint"] and champion.tags["val_manifest_hash"]
     children = client.search_runs([client.get_run(first["run_id"]).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{first['run_id']}'")
     stages = {r.data.tags["panoptic.stage"]: r for r in children}
-    assert set(stages) == {"subset", "preprocess", "train", "evaluate", "register"}
+    assert set(stages) == {"subset", "decide", "preprocess", "train", "evaluate", "register"}
     arts = {a.path for a in client.list_artifacts(stages["evaluate"].info.run_id, "evaluate")}
     assert {"evaluate/report.html", "evaluate/metrics.json", "evaluate/per_class.csv"} <= arts
     assert "train/loss_sem_seg" in stages["train"].data.metrics
@@ -40,16 +60,27 @@ def test_local_pipeline_registers_a_champion_and_gates_the_next(tmp_path, monkey
     assert parent.data.tags["lineage.manifest_hash"] and parent.data.tags["lineage.shards_hash"]
     assert parent.data.tags["git_sha"] and parent.data.params["config"] == "tiny"
 
-    # a second run must beat the champion by 0.5 PQ: the gate fails, the champion stays
-    second = run_local(str(tmp_path / "coco"), gate_margin=0.5, **kw)
-    assert second["tags"]["model.version"] == "2" and second["tags"]["model.aliases"] == "challenger"
+    # the scheduled run on unchanged data: nothing new, nothing trained or registered
+    second = run_local(str(tmp_path / "coco"), **kw)
+    assert second["skipped"] and second["tags"]["decision"] == "skip"
+    assert "nothing new" in second["tags"]["decision.reason"] and "version 1" in second["tags"]["decision.reason"]
+    assert len(client.search_model_versions("name = 'panoptic-fpn'")) == 1
+    kids = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{second['run_id']}'")
+    assert {r.data.tags["panoptic.stage"] for r in kids} == {"subset", "decide"}
+    assert second["seconds"] < 60
+
+    # forced: it trains again, and must beat the champion by 0.5 PQ: the gate fails, the champion stays
+    third = run_local(str(tmp_path / "coco"), force=True,
+                      **{**kw, "settings": {**settings, "register": {"margin": 0.5}}})
+    assert not third["skipped"] and third["tags"]["decision.reason"] == "forced"
+    assert third["tags"]["model.version"] == "2" and third["tags"]["model.aliases"] == "challenger"
     assert str(client.get_model_version_by_alias("panoptic-fpn", "champion").version) == "1"
-    assert str(client.get_model_version_by_alias("panoptic-fpn", "challenger").version) == "2"
     reg = client.search_runs([parent.info.experiment_id], filter_string=
-                             f"tags.mlflow.parentRunId = '{second['run_id']}' and tags.`panoptic.stage` = 'register'")[0]
+                             f"tags.mlflow.parentRunId = '{third['run_id']}' and tags.`panoptic.stage` = 'register'")[0]
     assert reg.data.tags["gate.promote"] == "False" and "margin" in reg.data.tags["gate.reason"]
 
-    # runs compare: both pipeline runs, current aliases from the registry
+    # runs compare: all pipeline runs, current aliases from the registry
     import csv
     import io
 
@@ -57,6 +88,16 @@ def test_local_pipeline_registers_a_champion_and_gates_the_next(tmp_path, monkey
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     rows = list(csv.DictReader(io.StringIO(compare_runs(as_csv=True))))
-    assert {r["version"]: r["aliases"] for r in rows} == {"1": "champion", "2": "challenger"}
-    assert all(float(r["PQ"]) >= 0 for r in rows)
+    assert {r["version"]: r["aliases"] for r in rows if r["version"]} == {"1": "champion", "2": "challenger"}
+    assert any(r["decision"] == "skip" for r in rows)
     assert "PQ" in compare_runs().splitlines()[0]
+
+
+def _latest(uri: str) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("panoptic-fpn")
+    run = client.search_runs([exp.experiment_id], filter_string="tags.`panoptic.kind` = 'pipeline'",
+                             order_by=["attributes.start_time DESC"], max_results=1)[0]
+    return {"run_id": run.info.run_id, "tags": run.data.tags, "metrics": run.data.metrics}

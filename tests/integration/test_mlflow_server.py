@@ -33,15 +33,15 @@ def trained(synth_root, tmp_path_factory):
 def test_register_gate_alias_and_predict_on_a_real_server(trained, synth_root, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from components.register.core import register
+    from components.register.core import RegisterConfig, register
 
     model, eval_dir = trained
     with moto_s3("mlflow-artifacts"), postgres_database() as db, \
             mlflow_server(db, "s3://mlflow-artifacts/panoptic") as url:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        first = register(model, eval_dir, name="pfpn", margin=0.0, tolerance=0.05)
+        first = register(model, eval_dir, RegisterConfig(name="pfpn", margin=0.0, tolerance=0.05))
         assert first.version == "1" and first.aliases == ["challenger", "champion"] and first.decision.promote
-        second = register(model, eval_dir, name="pfpn", margin=0.01, tolerance=0.05)
+        second = register(model, eval_dir, RegisterConfig(name="pfpn", margin=0.01, tolerance=0.05))
         assert second.version == "2" and second.aliases == ["challenger"] and not second.decision.promote
         assert "does not beat" in second.decision.reason
         client = MlflowClient(url)

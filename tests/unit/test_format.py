@@ -5,8 +5,17 @@ import numpy as np
 import pytest
 
 from components.common import storage
-from components.common.coco_panoptic import (Category, CategoryMaps, IGNORE_LABEL, bbox_of, decode_png,
-                                             encode_png, id2rgb, load_split, rgb2id)
+from components.common.coco_panoptic import (
+    IGNORE_LABEL,
+    Category,
+    CategoryMaps,
+    bbox_of,
+    decode_png,
+    encode_png,
+    id2rgb,
+    load_split,
+    rgb2id,
+)
 from components.synthetic.generator import CATEGORIES
 
 
@@ -26,7 +35,8 @@ def test_id2rgb_rejects_out_of_range():
 
 
 def test_rgb2id_matches_panopticapi():
-    from panopticapi.utils import id2rgb as ref_id2rgb, rgb2id as ref_rgb2id
+    from panopticapi.utils import id2rgb as ref_id2rgb
+    from panopticapi.utils import rgb2id as ref_rgb2id
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 256**3, size=(20, 30))
     assert np.array_equal(id2rgb(ids), ref_id2rgb(ids).astype(np.uint8))
@@ -75,8 +85,18 @@ def test_load_split_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="not valid JSON"):
         load_split(str(tmp_path), "train2017")
     (tmp_path / "annotations" / "panoptic_train2017.json").write_text(json.dumps({"images": []}))
-    with pytest.raises(ValueError, match="missing top-level key 'annotations'"):
+    with pytest.raises(ValueError, match="annotations: missing or not a list"):
         load_split(str(tmp_path), "train2017")
+    doc = {"images": [{"id": 1, "file_name": "a.jpg", "height": "tall", "width": 10**12},
+                      {"id": 1, "file_name": "b.jpg", "height": 4, "width": 4}],
+           "annotations": [{"image_id": 1, "file_name": "a.png", "segments_info": [{"id": 2**40, "category_id": 1}]}],
+           "categories": [{"id": 1, "name": "x", "isthing": 1}]}
+    (tmp_path / "annotations" / "panoptic_train2017.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError) as e:
+        load_split(str(tmp_path), "train2017")
+    for what in ("4 problem(s)", "images[0] (id 1): height must be an integer", "images[0] (id 1): width",
+                 "images[1]: image id 1 is listed twice", "annotations[0].segments_info[0]: needs an integer id"):
+        assert what in str(e.value)
 
 
 def test_storage_atomic_write_and_listing(tmp_path):

@@ -1,4 +1,4 @@
-import io
+import logging
 import pickle
 
 import numpy as np
@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from components.common.coco_panoptic import Category, CategoryMaps
+from components.model.artifact import load_model, save_model
 from components.model.config import ConfigError, load_config, parse_overrides
 from components.model.panoptic_fpn import PanopticFPN, param_count
-from components.model.postprocessing import combine_semantic_and_instance_outputs
-from components.model.weights import convert_detectron2, load_weights
-from tests.detectron2_names import detectron2_panoptic_fpn_r50
+from components.model.postprocessing import combine_semantic_and_instance_outputs, paste_masks
+from components.model.weights import CLASS_DEPENDENT, WeightsError, load_weights
+from tests.detectron2_weights import detectron2_keys, detectron2_state
 
 
 def coco_like(num_things, num_stuff):
@@ -24,17 +25,19 @@ def r50():
     return PanopticFPN.from_config(load_config("r50_1x"), coco_like(80, 53))
 
 
-def test_r50_1x_has_detectrons_parameter_count(r50):
-    d2 = sum(int(np.prod(shape)) for _, shape, is_param in detectron2_panoptic_fpn_r50() if is_param)
-    ours = param_count(r50)
-    # the documented differences: torchvision's box regressor and mask predictor also have
-    # outputs for background (4 x 1024 + 4, and 256 + 1 parameters)
-    assert ours - d2 == (4 * 1024 + 4) + (256 + 1)
-    assert 45_000_000 < d2 < 47_000_000
-    # frozen: stem + res2, as detectron2's FREEZE_AT=2
+@pytest.fixture(scope="module")
+def d2_state():
+    return detectron2_state(50)
+
+
+def test_r50_1x_has_detectrons_parameters(r50):
+    """The same tensors as a real detectron2 build lists (fixtures/detectron2/keys_r50.json):
+    the same parameter count, and one of ours for each of its tensors, shape for shape."""
+    keys = detectron2_keys(50)
+    assert param_count(r50) == 45_973_990  # detectron2's panoptic_fpn_R_50 (FrozenBN stats are buffers)
+    assert len(r50.state_dict()) == len(keys) == 330
     frozen = [n for n, p in r50.named_parameters() if not p.requires_grad]
     assert frozen and all(n.startswith(("backbone.body.conv1", "backbone.body.layer1")) for n in frozen)
-    # MSRA stride placement
     assert r50.backbone.body.layer2[0].conv1.stride == (2, 2) and r50.backbone.body.layer2[0].conv2.stride == (1, 1)
 
 
@@ -53,8 +56,7 @@ def test_r50_train_step_on_cpu(r50):
     before = [p.detach().clone() for p in params[-3:]]
     opt = torch.optim.SGD(params, lr=0.001, momentum=0.9)
     losses = r50([sample])
-    assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask",
-                           "loss_sem_seg"}
+    assert set(losses) == {"loss_sem_seg", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"}
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     opt.step()
@@ -66,56 +68,142 @@ def test_r50_train_step_on_cpu(r50):
     assert panoptic.shape == (240, 300) and out["sem_seg"].shape == (54, 240, 300)
 
 
-def test_detectron2_checkpoint_converts_and_loads(tmp_path):
-    torch.manual_seed(0)
-    cats = coco_like(6, 5)
-    model = PanopticFPN.from_config(load_config("r50_1x"), cats)
-    rng = np.random.default_rng(1)
-    fake = {name: rng.standard_normal(shape).astype(np.float32)
-            for name, shape, _ in detectron2_panoptic_fpn_r50(num_things=6, num_stuff=5)}
-    path = tmp_path / "model_final.pkl"  # the model zoo's layout: a pickle of numpy arrays
-    path.write_bytes(pickle.dumps({"model": fake, "__author__": "test", "matching_heuristics": True}))
-    report = load_weights(model, str(path))
-    assert report["skipped"] == []
-    assert report["missing"] == []
+def _pkl(tmp_path, state, name="model_final.pkl"):
+    path = tmp_path / name  # the model zoo's layout: a pickle of numpy arrays under "model"
+    path.write_bytes(pickle.dumps({"model": state, "__author__": "test"}))
+    return str(path)
+
+
+def test_detectron2_checkpoint_loads_every_tensor(tmp_path, d2_state):
+    torch.manual_seed(1)
+    model = PanopticFPN.from_config(load_config("r50_1x"), coco_like(80, 53))
+    report = load_weights(model, _pkl(tmp_path, d2_state))
+    assert report.kind == "detectron2" and len(report.loaded) == len(d2_state) == 330
+    assert report.fresh == [] and report.reinitialized == [] and report.dropped == {}
     sd = model.state_dict()
-    eq = lambda ours, theirs: torch.equal(sd[ours], torch.from_numpy(fake[theirs]))
-    assert eq("backbone.body.conv1.weight", "backbone.bottom_up.stem.conv1.weight")
+    def eq(ours, theirs):
+        return torch.equal(sd[ours], torch.from_numpy(d2_state[theirs]))
+
     assert eq("backbone.body.bn1.running_var", "backbone.bottom_up.stem.conv1.norm.running_var")
-    assert eq("backbone.body.layer3.5.conv2.weight", "backbone.bottom_up.res4.5.conv2.weight")
     assert eq("backbone.body.layer2.0.downsample.1.bias", "backbone.bottom_up.res3.0.shortcut.norm.bias")
     assert eq("backbone.fpn.inner_blocks.3.0.weight", "backbone.fpn_lateral5.weight")
-    assert eq("backbone.fpn.layer_blocks.0.0.bias", "backbone.fpn_output2.bias")
-    assert eq("rpn.head.cls_logits.weight", "proposal_generator.rpn_head.objectness_logits.weight")
-    assert eq("roi_heads.box_head.fc7.weight", "roi_heads.box_head.fc2.weight")
-    assert eq("roi_heads.mask_head.3.0.weight", "roi_heads.mask_head.mask_fcn4.weight")
-    assert eq("sem_seg_head.p5.2.norm.weight", "sem_seg_head.p5.2.norm.weight")
-    # class layouts: detectron2's background is last, torchvision's first
-    cls = torch.from_numpy(fake["roi_heads.box_predictor.cls_score.weight"])
-    assert torch.equal(sd["roi_heads.box_predictor.cls_score.weight"][0], cls[-1])
-    assert torch.equal(sd["roi_heads.box_predictor.cls_score.weight"][1:], cls[:-1])
-    assert torch.equal(sd["roi_heads.box_predictor.bbox_pred.weight"][4:],
-                       torch.from_numpy(fake["roi_heads.box_predictor.bbox_pred.weight"]))
-    assert sd["roi_heads.box_predictor.bbox_pred.weight"][:4].abs().sum() == 0
-    assert torch.equal(sd["roi_heads.mask_predictor.mask_fcn_logits.weight"][1:],
-                       torch.from_numpy(fake["roi_heads.mask_head.predictor.weight"]))
-    # a .pth in detectron2's naming converts the same way
-    buf = io.BytesIO()
-    torch.save({"model": {k: torch.from_numpy(v) for k, v in fake.items()}}, buf)
-    assert set(convert_detectron2(torch.load(io.BytesIO(buf.getvalue()), weights_only=False))) == set(sd)
+    assert eq("rpn.head.objectness_logits.weight", "proposal_generator.rpn_head.objectness_logits.weight")
+    assert eq("sem_seg_head.p5.4.norm.weight", "sem_seg_head.p5.4.norm.weight")  # conv 3 of P5: index 4
 
 
-def test_wrong_class_count_is_reported_not_loaded(tmp_path):
-    model = PanopticFPN.from_config(load_config("tiny", {"model": {"backbone_norm": "FrozenBN"}}), coco_like(6, 5))
-    fake = {"roi_heads.box_predictor.cls_score.weight": np.zeros((81, 256), np.float32),
-            "roi_heads.box_head.fc1.weight": np.ones(tuple(model.roi_heads.box_head.fc6.weight.shape), np.float32)}
-    path = tmp_path / "x.pkl"
-    path.write_bytes(pickle.dumps({"model": fake}))
-    report = load_weights(model, str(path), verbose=False)
-    assert report["loaded"] == ["roi_heads.box_head.fc6.weight"]
-    assert "roi_heads.box_predictor.cls_score.weight (shape (81, 256) vs (7, 256))" in report["skipped"]
-    with pytest.raises(FileNotFoundError, match="weights file not found"):
-        load_weights(model, str(tmp_path / "nope.pth"))
+def test_unmatched_checkpoint_tensors_fail_the_load_naming_each(tmp_path, d2_state):
+    model = PanopticFPN.from_config(load_config("r50_1x"), coco_like(80, 53))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = dict(d2_state)
+    bad["sem_seg_head.p5.1.weight"] = bad.pop("sem_seg_head.p5.2.weight")       # a misplaced name
+    bad["backbone.fpn_lateral6.weight"] = np.zeros((256, 2048, 1, 1), np.float32)  # a tensor we lack
+    bad["backbone.fpn_output2.weight"] = np.zeros((128, 256, 3, 3), np.float32)    # a wrong shape
+    with pytest.raises(WeightsError) as e:
+        load_weights(model, _pkl(tmp_path, bad))
+    msg = str(e.value)
+    assert "3 tensor(s)" in msg and "nothing was loaded" in msg
+    for name in ("sem_seg_head.p5.1.weight", "backbone.fpn.inner_blocks.4.0.weight",
+                 "backbone.fpn.layer_blocks.0.0.weight"):
+        assert name in msg
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_other_category_count_reinitializes_only_class_layers(tmp_path, d2_state, caplog):
+    torch.manual_seed(2)
+    model = PanopticFPN.from_config(load_config("r50_1x"), coco_like(6, 5))
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level(logging.WARNING, logger="components.model.weights"):
+        report = load_weights(model, _pkl(tmp_path, d2_state))
+    assert sorted(report.reinitialized) == sorted(k for k in fresh if k.startswith(CLASS_DEPENDENT))
+    assert len(report.reinitialized) == 8 and len(report.loaded) == 330 - 8
+    assert "another category set" in caplog.text and "roi_heads.box_predictor.cls_score.weight" in caplog.text
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], fresh[k]) for k in report.reinitialized)
+    assert torch.equal(sd["roi_heads.box_head.fc2.weight"], torch.from_numpy(d2_state["roi_heads.box_head.fc2.weight"]))
+
+
+def test_caffe2_imagenet_resnet_loads_into_the_backbone(tmp_path, d2_state):
+    """detectron2's ImageNetPretrained/MSRA/R-50.pkl layout: Caffe2 names under "blobs", affine-only
+    norms (statistics implied: 0 and 1 - eps), momentum blobs and the classifier left out."""
+    blobs = {"conv1_w": d2_state["backbone.bottom_up.stem.conv1.weight"],
+             "res_conv1_bn_s": d2_state["backbone.bottom_up.stem.conv1.norm.weight"],
+             "res_conv1_bn_b": d2_state["backbone.bottom_up.stem.conv1.norm.bias"],
+             "fc1000_w": np.zeros((1000, 2048), np.float32), "fc1000_b": np.zeros(1000, np.float32)}
+    branch = {"conv1": "2a", "conv2": "2b", "conv3": "2c", "shortcut": "1"}
+    for k, v in d2_state.items():
+        parts = k.split(".")
+        if k.startswith("backbone.bottom_up.res") and parts[-1] in ("weight", "bias"):
+            stage, block, conv = parts[2][3:], parts[3], parts[4]
+            leaf = "_w" if parts[-2] == conv else ("_bn_s" if parts[-1] == "weight" else "_bn_b")
+            blobs[f"res{stage}_{block}_branch{branch[conv]}{leaf}"] = v
+            blobs[f"res{stage}_{block}_branch{branch[conv]}{leaf}_momentum"] = np.zeros_like(v)
+    path = tmp_path / "R-50.pkl"
+    path.write_bytes(pickle.dumps({"blobs": blobs}, protocol=2))
+    model = PanopticFPN.from_config(load_config("r50_1x"), coco_like(80, 53))
+    report = load_weights(model, str(path))
+    assert report.kind == "caffe2-resnet"
+    assert all(k.startswith("backbone.body.") for k in report.loaded) and len(report.loaded) == 265
+    assert set(report.dropped.values()) == {"ImageNet classifier", "optimizer momentum"}
+    assert all(not k.startswith("backbone.body.") for k in report.fresh)
+    sd = model.state_dict()
+    assert torch.equal(sd["backbone.body.layer3.5.bn2.weight"],
+                       torch.from_numpy(d2_state["backbone.bottom_up.res4.5.conv2.norm.weight"]))
+    assert torch.all(sd["backbone.body.layer3.5.bn2.running_var"] == 1 - 1e-5)
+
+
+def test_v1_model_artifact_converts_on_load(tmp_path):
+    """A model.pt written before format v2 (torchvision's head layout: background class first,
+    a background box regressor and mask channel, the semantic head's convs in a plain list)."""
+    cats = coco_like(3, 2)
+    model = PanopticFPN.from_config(load_config("tiny"), cats).eval()
+    save_model(model, load_config("tiny"), cats, str(tmp_path / "v2.pt"))
+    v1 = {}
+    for k, t in model.state_dict().items():
+        k1 = (k.replace("rpn.head.conv.", "rpn.head.conv.0.0.")
+              .replace("rpn.head.objectness_logits.", "rpn.head.cls_logits.")
+              .replace("rpn.head.anchor_deltas.", "rpn.head.bbox_pred.").replace("box_head.fc1.", "box_head.fc6.")
+              .replace("box_head.fc2.", "box_head.fc7.").replace("mask_head.deconv.", "mask_predictor.conv5_mask.")
+              .replace("mask_head.predictor.", "mask_predictor.mask_fcn_logits."))
+        if ".mask_fcn" in k1 and "logits" not in k1:
+            n = int(k1.split("mask_fcn")[1][0])
+            k1 = k1.replace(f"mask_head.mask_fcn{n}.", f"mask_head.{n - 1}.0.")
+        if k.startswith("sem_seg_head.p") and k.split(".")[1] in ("p3", "p4", "p5"):
+            parts = k1.split(".")
+            parts[2] = str(int(parts[2]) // 2)
+            k1 = ".".join(parts)
+        if "box_predictor.cls_score" in k:
+            t = torch.cat([t[-1:], t[:-1]])
+        elif "box_predictor.bbox_pred" in k:
+            t = torch.cat([torch.zeros_like(t[:4]), t])
+        elif "mask_predictor.mask_fcn_logits" in k1:
+            t = torch.cat([torch.zeros_like(t[:1]), t])
+        v1[k1] = t
+    blob = torch.load(str(tmp_path / "v2.pt"), weights_only=True)
+    torch.save({**blob, "format": "panoptic-fpn/v1", "state_dict": v1}, str(tmp_path / "v1.pt"))
+    loaded, _, _ = load_model(str(tmp_path / "v1.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_paste_masks_matches_grid_sample_pasting():
+    """Our separable pasting equals bilinear grid_sample over the box (detectron2's way), thresholded."""
+    torch.manual_seed(0)
+    probs = torch.rand(6, 28, 28)
+    boxes = torch.tensor([[10.3, 5.7, 60.2, 40.9], [0.0, 0.0, 99.0, 79.0], [50.5, 30.5, 51.2, 31.1],
+                          [-5.0, 70.0, 20.0, 95.0], [90.2, 10.0, 130.0, 50.0], [20.0, 20.0, 20.0, 40.0]])
+    h, w = 80, 100
+    ours = paste_masks(probs, boxes, (h, w))
+    ys, xs = torch.arange(h) + 0.5, torch.arange(w) + 0.5
+    ref = []
+    for p, (x0, y0, x1, y1) in zip(probs, boxes.tolist()):
+        if x1 <= x0 or y1 <= y0:
+            ref.append(torch.zeros(h, w, dtype=torch.bool))
+            continue
+        gx = ((xs - x0) / (x1 - x0) * 2 - 1)[None, :].expand(h, w)
+        gy = ((ys - y0) / (y1 - y0) * 2 - 1)[:, None].expand(h, w)
+        grid = torch.stack([gx, gy], -1)[None]
+        ref.append(torch.nn.functional.grid_sample(p[None, None], grid, align_corners=False)[0, 0] >= 0.5)
+    ref = torch.stack(ref)
+    assert (ours == ref).float().mean() > 0.9999 and ours[1].sum() > 1000 and not ours[5].any()
 
 
 def test_fusion_follows_detectron2_rules():

@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 
 from components.common.coco_panoptic import encode_png
-from components.evaluate.pq import PQStat, PredictionError, pq_compute
+from components.evaluate.pq import PQStat, pq_compute
+from components.evaluate.pq_files import PredictionError, pq_files
 from tests.predictions import MODES, write_predictions
+
+ENGINES = ("numpy", "hotcoco")
+
+
+def score(engine, *args, workers=1):
+    """Our numpy engine (also inside `panoptic evaluate`), or `panoptic pq`'s path with hotcoco's."""
+    return pq_compute(*args, workers=workers) if engine == "numpy" else pq_files(*args, use="hotcoco")
 
 
 def reference(gt_json, pred_json, gt_dir, pred_dir):
@@ -35,11 +43,12 @@ def _gt(root, split="val2017"):
             os.path.join(root, "annotations", f"panoptic_{split}"))
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("mode", MODES)
-def test_equals_panopticapi(synth_root, tmp_path, mode):
+def test_equals_panopticapi(synth_root, tmp_path, mode, engine):
     gt_json, gt_dir = _gt(synth_root)
     pred_json, pred_dir = write_predictions(synth_root, "val2017", str(tmp_path), mode, seed=11)
-    ours = pq_compute(gt_json, pred_json, gt_dir, pred_dir)
+    ours = score(engine, gt_json, pred_json, gt_dir, pred_dir)
     ref = reference(gt_json, pred_json, gt_dir, pred_dir)
     assert_same(ours, ref)
     if mode == "perfect":
@@ -49,13 +58,14 @@ def test_equals_panopticapi(synth_root, tmp_path, mode):
     if mode != "perfect":
         assert ours["All"]["pq"] < 1.0
     # more processes, same numbers
-    assert_same(pq_compute(gt_json, pred_json, gt_dir, pred_dir, workers=2), ref)
+    assert_same(score(engine, gt_json, pred_json, gt_dir, pred_dir, workers=2), ref)
 
 
-def test_train_split_with_many_sizes_and_crowds(synth_root, tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_train_split_with_many_sizes_and_crowds(synth_root, tmp_path, engine):
     gt_json, gt_dir = _gt(synth_root, "train2017")
     pred_json, pred_dir = write_predictions(synth_root, "train2017", str(tmp_path), "mixed", seed=5)
-    assert_same(pq_compute(gt_json, pred_json, gt_dir, pred_dir), reference(gt_json, pred_json, gt_dir, pred_dir))
+    assert_same(score(engine, gt_json, pred_json, gt_dir, pred_dir), reference(gt_json, pred_json, gt_dir, pred_dir))
 
 
 def _one_image(tmp_path, gt_png, gt_segs, pred_png, pred_segs, cats):
@@ -71,7 +81,8 @@ CATS = [{"id": 1, "name": "a", "isthing": 1}, {"id": 2, "name": "b", "isthing": 
         {"id": 92, "name": "s", "isthing": 0}]
 
 
-def test_iou_boundary_void_and_crowd_rules(tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_iou_boundary_void_and_crowd_rules(tmp_path, engine):
     gt = np.zeros((12, 20), np.uint32)
     gt[:10, :10] = 5          # thing, 100 px
     gt[:10, 10:18] = 6        # crowd of category 1, 80 px
@@ -88,7 +99,7 @@ def test_iou_boundary_void_and_crowd_rules(tmp_path):
     pred_segs = [{"id": 7, "category_id": 1}, {"id": 8, "category_id": 1}, {"id": 9, "category_id": 1},
                  {"id": 4, "category_id": 92}]
     args = _one_image(tmp_path, gt, gt_segs, pred, pred_segs, CATS)
-    ours, ref = pq_compute(*args), reference(*args)
+    ours, ref = score(engine, *args), reference(*args)
     assert_same(ours, ref)
     assert ours["per_class"][1]["rq"] == pytest.approx(1 / 1.5)  # 1 TP, 1 FP
     # exactly IoU 0.5 is not a match (strictly greater), as in panopticapi
@@ -96,7 +107,7 @@ def test_iou_boundary_void_and_crowd_rules(tmp_path):
     pred2[:10, :5] = 7
     pred2[10:] = 4
     args = _one_image(tmp_path, gt, gt_segs, pred2, [{"id": 7, "category_id": 1}, {"id": 4, "category_id": 92}], CATS)
-    ours = pq_compute(*args)
+    ours = score(engine, *args)
     assert ours["per_class"][1]["pq"] == 0.0
     assert_same(ours, reference(*args))
 
@@ -110,7 +121,8 @@ def test_iou_boundary_void_and_crowd_rules(tmp_path):
     ("missing_png", r"image with ID 1 the prediction PNG .*1.png does not exist"),
     ("no_prediction", r"no prediction for the image with id: 1"),
 ])
-def test_bad_predictions_name_the_image(tmp_path, case, match):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bad_predictions_name_the_image(tmp_path, case, match, engine):
     gt = np.full((10, 20), 5, np.uint32)
     gt_segs = [{"id": 5, "category_id": 1, "iscrowd": 0, "area": 200}]
     pred = np.full((10, 20), 7, np.uint32)
@@ -130,8 +142,9 @@ def test_bad_predictions_name_the_image(tmp_path, case, match):
         os.remove(tmp_path / "pred" / "1.png")
     if case == "no_prediction":
         (tmp_path / "pred.json").write_text(json.dumps({"annotations": [], "categories": CATS}))
-    with pytest.raises(PredictionError, match=match):
-        pq_compute(*args)
+    with pytest.raises(PredictionError, match=match if engine == "numpy" or case in ("duplicate_ids", "no_prediction")
+                       else r"image (with ID )?1\b|1\.png"):
+        score(engine, *args)
 
 
 def test_pq_cli_json_shape(synth_root, tmp_path):

@@ -4,7 +4,8 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from components.preprocess.core import DataQualityError, PreprocessConfig, load_index, preprocess
+from components.data.records import load_index
+from components.preprocess.core import DataQualityError, PreprocessConfig, preprocess
 from components.select_subset.core import SubsetConfig, select_subset
 from tests.corrupt import KINDS, corrupt
 
@@ -95,7 +96,8 @@ def test_each_bad_input_kind_is_quarantined_with_its_reason(synth_copy, tmp_path
     assert kind in {reason["kind"] for reason in q[0]["reasons"]}
     assert any(target == reason["file"] and reason["fix"] for reason in q[0]["reasons"]) or kind == "missing_annotation"
     assert load_index(str(tmp_path / "s"))["quarantine_by_kind"][kind] == 1
-    rows = sum(pq.read_metadata(tmp_path / "s" / f).num_rows for f in os.listdir(tmp_path / "s") if f.endswith(".parquet"))
+    rows = sum(pq.read_metadata(tmp_path / "s" / f).num_rows
+               for f in os.listdir(tmp_path / "s") if f.endswith(".parquet"))
     assert rows == 15
 
 

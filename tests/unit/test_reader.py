@@ -7,12 +7,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from components.common.coco_panoptic import load_split
+from components.data.reader import ShardDataset, ShardError, collate
+from components.data.targets import InputConfig
+from components.data.transforms import output_shape, resize_nearest
 from components.preprocess.core import PreprocessConfig, preprocess
-from components.preprocess.reader import ShardDataset, ShardError, collate
-from components.preprocess.targets import AugConfig, output_shape, resize_nearest
 from components.select_subset.core import SubsetConfig, select_subset
 
-TINY = AugConfig(min_size_train=(96, 128), max_size_train=192, min_size_test=128, max_size_test=192)
+TINY = InputConfig(min_size_train=(96, 128), max_size_train=192, min_size_test=128, max_size_test=192)
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +95,10 @@ def test_targets_match_the_panoptic_png(shards):
 
 def test_train_augmentation_sizes_and_flip(shards):
     uri, data = shards
-    ds = ShardDataset(uri, data.categories, AugConfig(min_size_train=(64,), max_size_train=1000, flip_prob=1.0))
+    ds = ShardDataset(uri, data.categories, InputConfig(min_size_train=(64,), max_size_train=1000, flip_prob=1.0))
     s = next(iter(ds))
     assert min(s["image"].shape[1:]) == 64
-    noflip = next(iter(ShardDataset(uri, data.categories, AugConfig(min_size_train=(64,), max_size_train=1000,
+    noflip = next(iter(ShardDataset(uri, data.categories, InputConfig(min_size_train=(64,), max_size_train=1000,
                                                                   flip_prob=0.0))))
     assert torch.equal(s["sem_seg"], noflip["sem_seg"].flip(-1))
 

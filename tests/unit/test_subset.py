@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from components.select_subset.core import SubsetConfig, load_manifest, select_subset
+from components.common.manifests import load_manifest
+from components.select_subset.core import SubsetConfig, select_subset
 
 
 def test_manifest_is_deterministic_and_hashed(synth_root, tmp_path):
@@ -59,12 +60,14 @@ def test_filters(synth_root, tmp_path):
     data = load_split(synth_root, "train2017")
     assert crowded["image_ids"] == [i for i in sorted(data.annotations)
                                     if any(s["iscrowd"] for s in data.annotations[i]["segments_info"])]
-    inc = select_subset(SubsetConfig(include_categories=("disc",)), synth_root, "train2017", str(tmp_path / "i")).manifest
+    inc = select_subset(SubsetConfig(include_categories=("disc",)), synth_root, "train2017",
+                        str(tmp_path / "i")).manifest
     assert all(any(s["category_id"] == 1 for s in data.annotations[i]["segments_info"]) for i in inc["image_ids"])
     exc = select_subset(SubsetConfig(exclude_categories=(1,)), synth_root, "train2017", str(tmp_path / "e")).manifest
     assert set(exc["image_ids"]).isdisjoint(inc["image_ids"])
     assert len(exc["image_ids"]) + len(inc["image_ids"]) == 16
-    seg = select_subset(SubsetConfig(min_segments=5, max_segments=6), synth_root, "train2017", str(tmp_path / "s")).manifest
+    seg = select_subset(SubsetConfig(min_segments=5, max_segments=6), synth_root, "train2017",
+                        str(tmp_path / "s")).manifest
     assert all(5 <= len(data.annotations[i]["segments_info"]) <= 6 for i in seg["image_ids"])
     with pytest.raises(ValueError, match="unknown category 'dragon'"):
         select_subset(SubsetConfig(include_categories=("dragon",)), synth_root, "train2017", str(tmp_path / "x"))

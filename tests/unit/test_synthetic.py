@@ -33,7 +33,8 @@ def test_synth_is_varied_and_coco_like(synth_root):
     used = {s["category_id"] for s in segs}
     assert len(used & set(cats.thing_ids)) >= 4 and len(used & set(cats.stuff_ids)) >= 3
     assert any(s["iscrowd"] for s in segs)
-    per_image_things = [sum(cats.is_thing(s["category_id"]) for s in a["segments_info"]) for a in data.annotations.values()]
+    per_image_things = [sum(cats.is_thing(s["category_id"]) for s in a["segments_info"])
+                        for a in data.annotations.values()]
     assert max(per_image_things) >= 3
     void = 0
     for ann in data.annotations.values():

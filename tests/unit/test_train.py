@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from components.train.trainer import latest_checkpoint, lr_factor, pick_device, train
+from components.common.devices import pick_device
+from components.train.trainer import latest_checkpoint, lr_factor, train
 from tests.training import load_state, make_shards, max_abs_diff, micro_config
 
 
@@ -20,7 +21,8 @@ def test_schedule_is_detectrons_warmup_multistep():
     cfg = micro_config(solver={"warmup_iters": 10, "warmup_factor": 0.001, "steps": [20, 30], "gamma": 0.1})
     assert lr_factor(0, cfg) == pytest.approx(0.001)
     assert lr_factor(5, cfg) == pytest.approx(0.001 * 0.5 + 0.5)
-    assert lr_factor(10, cfg) == 1.0 and lr_factor(25, cfg) == pytest.approx(0.1) and lr_factor(30, cfg) == pytest.approx(0.01)
+    assert lr_factor(10, cfg) == 1.0 and lr_factor(25, cfg) == pytest.approx(0.1)
+    assert lr_factor(30, cfg) == pytest.approx(0.01)
     assert micro_config(solver={"ims_per_batch": 8, "reference_batch": 16, "base_lr": 0.02}).solver.lr() == 0.01
 
 
@@ -52,7 +54,8 @@ def test_sigterm_checkpoints_and_a_rerun_resumes(shards, tmp_path):
     """A real process killed by SIGTERM mid-run, with a DataLoader worker, then resumed."""
     over = ["--set", "solver.max_iter=10", "--set", "solver.checkpoint_period=2", "--set", "data.num_workers=1"]
     base = [sys.executable, "-m", "components.train", "--shards", shards, "--config", "tiny", "--quiet", "--no-mlflow",
-            "--set", "input.min_size_train=[128]", "--set", "input.max_size_train=192", "--set", "solver.ims_per_batch=2",
+            "--set", "input.min_size_train=[128]", "--set", "input.max_size_train=192",
+            "--set", "solver.ims_per_batch=2",
             "--set", "solver.reference_batch=2", "--set", "solver.warmup_iters=2", "--set", "solver.steps=[6]",
             "--set", "solver.base_lr=0.01", "--set", "data.shuffle_buffer=4"] + over
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
@@ -72,4 +75,5 @@ def test_sigterm_checkpoints_and_a_rerun_resumes(shards, tmp_path):
     again = subprocess.run(base + ["--output", str(tmp_path / "run")], env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resumed from {stopped_at}" in again.stdout
-    assert max_abs_diff(load_state(str(tmp_path / "ref" / "model.pt")), load_state(str(tmp_path / "run" / "model.pt"))) <= 1e-6
+    ref, run = load_state(str(tmp_path / "ref" / "model.pt")), load_state(str(tmp_path / "run" / "model.pt"))
+    assert max_abs_diff(ref, run) <= 1e-6

@@ -21,7 +21,8 @@ def test_validator_catches_each_broken_input(synth_copy, kind):
 
 def test_annotation_without_image(synth_copy):
     corrupt(synth_copy, "train2017", "missing_annotation")  # leaves image; now drop the image instead
-    import json, os
+    import json
+    import os
     path = os.path.join(synth_copy, "annotations", "panoptic_val2017.json")
     doc = json.load(open(path))
     doc["images"] = doc["images"][1:]

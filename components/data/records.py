@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from components.common import storage
+
 SCHEMA_VERSION = 1
 
 SEGMENT = pa.struct([
@@ -27,3 +29,12 @@ SCHEMA = pa.schema([
 # Image bytes are already compressed; zstd only pays on the small columns.
 COMPRESSION = {"image_id": "zstd", "file_name": "zstd", "height": "zstd", "width": "zstd",
                "image": "none", "panoptic_png": "none", "segments_info": "zstd"}
+
+
+def load_index(uri: str) -> dict:
+    """Read ``index.json``; ``uri`` may be the file or the shard folder."""
+    uri, index = storage.read_json_doc(uri, "index.json", "shard index not found (run `panoptic preprocess` first)")
+    if index.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{uri}: schema_version {index.get('schema_version')} but this code reads "
+                         f"{SCHEMA_VERSION}; re-run `panoptic preprocess`")
+    return index

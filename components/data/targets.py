@@ -6,14 +6,22 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
-from components.common.coco_panoptic import IGNORE_LABEL, CategoryMaps, decode_image, decode_png, segment_index_map
+from components.common.coco_panoptic import (
+    IGNORE_LABEL,
+    CategoryMaps,
+    decode_image,
+    decode_png,
+    file_name_problem,
+    segment_index_map,
+)
+from components.data.transforms import output_shape, resize_image, resize_nearest
 
 
 @dataclass(frozen=True)
-class AugConfig:
-    """detectron2's INPUT settings. Defaults are ``panoptic_fpn_R_50_1x``'s.
+class InputConfig:
+    """How images are sized and augmented: a model config's ``input`` section (detectron2's INPUT).
+    Defaults are ``panoptic_fpn_R_50_1x``'s.
 
     Args:
         min_size_train: short sides to choose from at random (detectron2 "choice" sampling).
@@ -27,31 +35,6 @@ class AugConfig:
     min_size_test: int = 800
     max_size_test: int = 1333
     flip_prob: float = 0.5
-
-    @staticmethod
-    def from_input(inp) -> "AugConfig":
-        """From a model config's ``input`` section (``components.model.config.InputConfig``)."""
-        return AugConfig(min_size_train=tuple(inp.min_size_train), max_size_train=inp.max_size_train,
-                         min_size_test=inp.min_size_test, max_size_test=inp.max_size_test, flip_prob=inp.flip_prob)
-
-
-def output_shape(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
-    """detectron2's ResizeShortestEdge.get_output_shape: scale the short side to ``short``,
-    then shrink so the long side is at most ``max_size``; round half up."""
-    scale = short / min(h, w)
-    nh, nw = (short, scale * w) if h < w else (scale * h, short)
-    if max(nh, nw) > max_size:
-        s = max_size / max(nh, nw)
-        nh, nw = nh * s, nw * s
-    return int(nh + 0.5), int(nw + 0.5)
-
-
-def resize_nearest(arr: np.ndarray, nh: int, nw: int) -> np.ndarray:
-    """Nearest-neighbour resize sampling at pixel centres (as PIL's NEAREST does)."""
-    h, w = arr.shape[:2]
-    ys = np.minimum(((np.arange(nh) + 0.5) * h / nh).astype(np.int64), h - 1)
-    xs = np.minimum(((np.arange(nw) + 0.5) * w / nw).astype(np.int64), w - 1)
-    return arr[ys[:, None], xs[None, :]]
 
 
 def build_targets(seg_index: np.ndarray, segments: list[dict], cats: CategoryMaps) -> dict:
@@ -87,10 +70,13 @@ def build_targets(seg_index: np.ndarray, segments: list[dict], cats: CategoryMap
     }
 
 
-def record_to_sample(record: dict, cats: CategoryMaps, aug: AugConfig, train: bool,
+def record_to_sample(record: dict, cats: CategoryMaps, aug: InputConfig, train: bool,
                      rng: np.random.Generator, with_gt: bool = False) -> dict:
     """Decode a shard row, augment it, and build the model's inputs and targets."""
     name = record["file_name"]
+    problem = file_name_problem(name)
+    if problem:  # a shard is a file too: its names must not steer writes (evaluate names PNGs after them)
+        raise ValueError(f"{name!r}: {problem} (a shard row; re-run `panoptic preprocess`)")
     image = decode_image(record["image"], name)
     ids = decode_png(record["panoptic_png"], name)
     segments = list(record["segments_info"])
@@ -104,7 +90,7 @@ def record_to_sample(record: dict, cats: CategoryMaps, aug: AugConfig, train: bo
     else:
         nh, nw = output_shape(h, w, aug.min_size_test, aug.max_size_test)
     if (nh, nw) != (h, w):
-        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+        image = resize_image(image, nh, nw)
         index = resize_nearest(index, nh, nw)
     if train and rng.random() < aug.flip_prob:
         image = image[:, ::-1]

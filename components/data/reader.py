@@ -19,11 +19,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from components.common import storage
 from components.common.coco_panoptic import CategoryMaps
-from components.preprocess.core import load_index
-from components.preprocess.targets import AugConfig, record_to_sample
+from components.data.records import load_index
+from components.data.targets import InputConfig, record_to_sample
 
 
-class ShardError(RuntimeError):
+class ShardError(ValueError):
     """A shard is missing, truncated or not Parquet."""
 
 
@@ -44,7 +44,7 @@ def open_shard(uri: str, expected_bytes: int | None = None) -> pq.ParquetFile:
         if expected_bytes is not None and info.size != expected_bytes:
             raise ShardError(f"{uri}: {info.size} bytes but index.json says {expected_bytes}: the shard is "
                              f"truncated or was replaced; re-run `panoptic preprocess` to rewrite it")
-        return pq.ParquetFile(fs.open_input_file(path))
+        return pq.ParquetFile(fs.open_input_file(path), page_checksum_verification=True)
     except ShardError:
         raise
     except FileNotFoundError as e:
@@ -90,11 +90,11 @@ class ShardDataset(IterableDataset):
         raw: yield the decoded Parquet rows themselves, without decoding images (tests, tools).
     """
 
-    def __init__(self, shards: str, categories: CategoryMaps, aug: AugConfig | None = None, *, train: bool = True,
+    def __init__(self, shards: str, categories: CategoryMaps, aug: InputConfig | None = None, *, train: bool = True,
                  shuffle_buffer: int = 64, seed: int = 0, infinite: bool = False, with_gt: bool = False,
                  rank: int | None = None, world_size: int | None = None, raw: bool = False):
         super().__init__()
-        self.shards, self.categories, self.aug = shards, categories, aug or AugConfig()
+        self.shards, self.categories, self.aug = shards, categories, aug or InputConfig()
         self.train, self.shuffle_buffer, self.seed = train, shuffle_buffer, seed
         self.infinite, self.with_gt, self.raw = infinite, with_gt, raw
         self._rank, self._world = rank, world_size

@@ -1,0 +1,67 @@
+"""Our model artifact, ``model.pt``: weights + config + categories in one torch file.
+
+It holds tensors and plain data only (the config as a dict of numbers, strings and lists), so
+it loads with ``torch.load(weights_only=True)``. Format v2 has detectron2's head layout; a v1
+file (torchvision's head layout, written before) is converted on load.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import torch
+
+from components.common import storage
+from components.common.coco_panoptic import CategoryMaps
+from components.model.config import Config, from_dict
+from components.model.weights import WeightsError, fetch, load_state_strict, read_checkpoint, to_our_names
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT = "panoptic-fpn/v2"
+READABLE_FORMATS = ("panoptic-fpn/v1", MODEL_FORMAT)
+
+
+def _plain(value):
+    """Tuples -> lists, recursively: the config as JSON-like data."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def save_model(model: torch.nn.Module, cfg: Config, categories: CategoryMaps, uri: str) -> None:
+    """Write the model artifact (local or s3://), atomically."""
+    buf = io.BytesIO()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"format": MODEL_FORMAT, "state_dict": state, "config": _plain(cfg.to_dict()),
+                "categories": categories.to_json()}, buf)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def load_model(uri: str, device: str | torch.device = "cpu"):
+    """Read a ``model.pt`` artifact. Returns (model in eval mode, config, categories)."""
+    from components.model.panoptic_fpn import PanopticFPN
+
+    try:
+        blob = read_checkpoint(fetch(uri), uri)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: model file not found (train one with `panoptic train`)") from None
+    if blob.get("format") not in READABLE_FORMATS:
+        raise WeightsError(f"{uri}: not a Panoptic FPN model artifact (format {blob.get('format')!r}; "
+                           f"this version reads {', '.join(READABLE_FORMATS)})")
+    cfg = from_dict(blob["config"], uri)
+    categories = CategoryMaps.from_json(blob["categories"])
+    model = PanopticFPN.from_config(cfg, categories)
+    if blob["format"] == MODEL_FORMAT:
+        model.load_state_dict(blob["state_dict"])
+    else:
+        state, dropped = to_our_names(blob["format"], blob["state_dict"])
+        report = load_state_strict(model, state, uri, blob["format"], dropped)
+        if report.fresh or report.reinitialized:
+            raise WeightsError(f"{uri}: a {blob['format']} file that does not cover the model: "
+                               f"{', '.join((report.fresh + report.reinitialized)[:8])}")
+        log.info("%s: a %s model, converted to %s on load", uri, blob["format"], MODEL_FORMAT)
+    return model.to(device).eval(), cfg, categories

@@ -1,0 +1,106 @@
+"""The train stage's settings, and the one place they become a training config.
+
+Single-node and multi-node training (PyTorchJob, TrainJob) both run ``resolve_config``'s
+output: the same schedule scaling, overrides and initial weights, whichever launcher runs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from components.model.config import Config, load_config, parse_overrides
+
+INITS = ("config", "scratch", "imagenet", "champion")
+LAUNCHERS = ("pytorchjob", "trainjob")
+IMAGENET = {"resnet18": "torchvision:resnet18_imagenet", "resnet50": "torchvision:resnet50_imagenet",
+            "resnet101": "torchvision:resnet101_imagenet"}
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Args:
+        config: a built-in config (``r50_1x``, ``r50_3x``, ``r101_3x``, ``tiny``) or a YAML path/URI.
+        iterations: train this many iterations instead of the config's ``max_iter``; the LR steps,
+            warmup and checkpoint period scale with it (0: the config's schedule).
+        overrides: ``section.key=value`` items applied to the config.
+        init: initial weights: ``config`` (the config's ``model.weights``), ``scratch`` (none),
+            ``imagenet`` (torchvision's ImageNet backbone), ``champion`` (the registered
+            champion, when there is one: fine-tuning), or a weights URI (``models:/...``,
+            ``runs:/...``, a path, s3://, a URL).
+        nodes / gpus_per_node: more than one node runs a ``launcher`` job on the cluster; more
+            than one GPU on one node runs torchrun here.
+        launcher: ``pytorchjob`` (Training Operator v1) or ``trainjob`` (Kubeflow Trainer v2).
+        runtime: the TrainJob's ClusterTrainingRuntime.
+        image: the training pods' image ("": the pipeline's CUDA image).
+        namespace: the job's namespace ("": the namespace this step runs in).
+        checkpoint_uri: where checkpoints go, so a retried step resumes ("": next to model.pt).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+    """
+
+    config: str = "r50_1x"
+    iterations: int = 0
+    overrides: tuple = ()
+    init: str = "config"
+    nodes: int = 1
+    gpus_per_node: int = 1
+    launcher: str = "pytorchjob"
+    runtime: str = "torch-distributed"
+    image: str = ""
+    namespace: str = ""
+    checkpoint_uri: str = ""
+    device: str = "auto"
+
+    def __post_init__(self):
+        if isinstance(self.overrides, str):  # "a=1;b=2", the CLI's and the old DAG parameter's form
+            object.__setattr__(self, "overrides", tuple(o.strip() for o in self.overrides.split(";") if o.strip()))
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"launcher must be one of {', '.join(LAUNCHERS)}, not {self.launcher!r}")
+        if self.nodes < 1 or self.gpus_per_node < 0 or self.iterations < 0:
+            raise ValueError("nodes must be >= 1, gpus_per_node and iterations >= 0")
+
+
+def scale_schedule(cfg: Config, iterations: int) -> Config:
+    """Run ``iterations`` instead of ``max_iter``: the LR steps scale by the same factor; the
+    warmup keeps its length up to a tenth of the run; the checkpoint period is at most the run."""
+    f = iterations / cfg.solver.max_iter
+    solver = dataclasses.replace(cfg.solver, max_iter=iterations,
+                                 steps=tuple(max(1, round(s * f)) for s in cfg.solver.steps),
+                                 warmup_iters=min(cfg.solver.warmup_iters, max(1, iterations // 10)),
+                                 checkpoint_period=min(cfg.solver.checkpoint_period, iterations))
+    return dataclasses.replace(cfg, solver=solver)
+
+
+def init_weights(settings: TrainSettings, cfg: Config, champion_uri: str | None) -> str:
+    """The ``model.weights`` spec ``settings.init`` asks for (``champion_uri``: the champion's
+    concrete model URI, or None when there is none yet: then the config's own weights)."""
+    if settings.init == "config":
+        return cfg.model.weights
+    if settings.init == "scratch":
+        return ""
+    if settings.init == "imagenet":
+        if cfg.model.backbone not in IMAGENET:
+            raise ValueError(f"no ImageNet weights known for backbone {cfg.model.backbone!r}")
+        return IMAGENET[cfg.model.backbone]
+    if settings.init == "champion":
+        return champion_uri or cfg.model.weights
+    return settings.init  # a URI
+
+
+def resolve_config(settings: TrainSettings, champion_uri: str | None = None) -> Config:
+    """The training config that every launcher runs: config + overrides, the schedule scaled to
+    ``iterations``, ``model.weights`` from ``init``."""
+    cfg = load_config(settings.config, parse_overrides(list(settings.overrides)))
+    if settings.iterations and settings.iterations != cfg.solver.max_iter:
+        cfg = scale_schedule(cfg, settings.iterations)
+    model = dataclasses.replace(cfg.model, weights=init_weights(settings, cfg, champion_uri))
+    return dataclasses.replace(cfg, model=model)
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """The config as it shapes what is learned: everything but the initial weights (a warm start
+    from the champion on unchanged data learns nothing new)."""
+    d = cfg.to_dict()
+    d["model"].pop("weights", None)
+    return json.dumps(d, sort_keys=True, default=list)

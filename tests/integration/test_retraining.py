@@ -1,0 +1,192 @@
+"""Scheduled retraining against a real MLflow server (PostgreSQL backend, S3 artifacts on moto):
+the gate compares champion and challenger on the same validation data, a registry fault never
+promotes, a warm start loads the champion's weights. (The skip of a run with nothing new, and
+the forced retrain, run through kfp.local in tests/e2e.)"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from components.common.tracking import RegistryError, start_pipeline_run
+from components.evaluate.core import EvalConfig, evaluate
+from components.register.core import IncomparableMetrics, RegisterConfig, register
+from components.select_subset.core import SubsetConfig, select_subset
+from components.train.trainer import train
+from pipeline.steps import (
+    step_decide,
+    step_evaluate,
+    step_promote,
+    step_register,
+    step_score_champion,
+    step_subset,
+    step_train,
+)
+from tests.servers import faulty_proxy, mlflow_server, moto_s3, postgres_database
+from tests.training import MICRO, make_shards, micro_config
+
+pytestmark = pytest.mark.integration
+
+MICRO_OVERRIDES = [f"{section}.{k}={json.dumps(v)}" for section, values in MICRO.items() if isinstance(values, dict)
+                   for k, v in values.items()]
+EVAL = {"report_samples": 1, "batch_size": 2, "num_workers": 0}
+
+
+@pytest.fixture(scope="module")
+def server():
+    with moto_s3("mlflow-artifacts"), postgres_database() as db, \
+            mlflow_server(db, "s3://mlflow-artifacts/panoptic") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def data(synth_root, tmp_path_factory):
+    """Train shards, two different validation subsets of the same split (A and B), two models."""
+    tmp = tmp_path_factory.mktemp("retrain")
+    train_shards = make_shards(synth_root, str(tmp / "train"))
+    val = {}
+    for name, seed in (("A", 0), ("B", 1)):
+        m = select_subset(SubsetConfig(size=4, seed=seed), synth_root, "val2017", str(tmp / f"val{name}")).manifest_uri
+        from components.preprocess.core import PreprocessConfig, preprocess
+
+        preprocess(PreprocessConfig(shard_images=4, workers=0), m, str(tmp / f"val{name}" / "shards"), progress=False)
+        val[name] = str(tmp / f"val{name}" / "shards")
+    m1 = train(micro_config(solver={"max_iter": 2}), train_shards, str(tmp / "m1"), progress=False).model_uri
+    m2 = train(micro_config(solver={"max_iter": 3}), train_shards, str(tmp / "m2"), progress=False).model_uri
+    return {"train": train_shards, "val": val, "m1": m1, "m2": m2, "tmp": tmp}
+
+
+def _versions(url: str, name: str = "panoptic-fpn") -> list:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(url).search_model_versions(f"name = '{name}'")
+
+
+def test_champion_is_rescored_on_the_challengers_validation_data(server, data, tmp_path):
+    val = data["val"]
+    assert json.load(open(os.path.join(val["A"], "index.json")))["source_manifest_hash"] != \
+        json.load(open(os.path.join(val["B"], "index.json")))["source_manifest_hash"]
+    run1 = start_pipeline_run(server)
+    step_evaluate(model_uri=data["m1"], val_shards=val["A"], out=str(tmp_path / "evalA"), settings=EVAL, run_id=run1,
+                  mlflow_uri=server)
+    assert step_score_champion(val_shards=val["A"], out=str(tmp_path / "champA"), settings=EVAL, run_id=run1,
+                               mlflow_uri=server) == "none"
+    version, promote = step_register(model_uri=data["m1"], eval_dir=str(tmp_path / "evalA"),
+                                     champion_dir=str(tmp_path / "champA"), run_id=run1, mlflow_uri=server)
+    assert promote
+    step_promote(version=version, run_id=run1, mlflow_uri=server)
+
+    # the next run's validation subset is B: the champion's PQ on A says nothing about B
+    run2 = start_pipeline_run(server)
+    challenger = step_evaluate(model_uri=data["m2"], val_shards=val["B"], out=str(tmp_path / "evalB"), settings=EVAL,
+                               run_id=run2, mlflow_uri=server)
+    with pytest.raises(IncomparableMetrics, match="measured on validation manifest"):
+        register(data["m2"], str(tmp_path / "evalB"), RegisterConfig(promote=False), uri=server)  # nothing to compare
+    assert step_score_champion(val_shards=val["B"], out=str(tmp_path / "champB"), settings=EVAL, run_id=run2,
+                               mlflow_uri=server) == "re-scored"
+    rescored = json.load(open(tmp_path / "champB" / "champion.json"))
+    direct = evaluate(data["m1"], val["B"], str(tmp_path / "m1_on_B"), EvalConfig(**EVAL), progress=False).metrics
+    assert rescored["metrics"]["PQ"] == pytest.approx(direct["PQ"], abs=1e-9)  # the champion's model, on B
+    assert rescored["metrics"]["val_manifest_hash"] == challenger["val_manifest_hash"]
+    version2, promote2 = step_register(model_uri=data["m2"], eval_dir=str(tmp_path / "evalB"),
+                                       champion_dir=str(tmp_path / "champB"), run_id=run2, mlflow_uri=server)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(server)
+    reg_run = client.get_model_version("panoptic-fpn", version2).tags["register_run_id"]
+    gate = json.load(open(client.download_artifacts(reg_run, "gate.json", str(tmp_path))))
+    assert gate["champion"]["source"] == "re-scored" and gate["champion"]["version"] == version
+    assert gate["champion"]["PQ"] == pytest.approx(direct["PQ"])
+    assert gate["champion"]["val_manifest_hash"] == gate["challenger"]["val_manifest_hash"] \
+        == challenger["val_manifest_hash"]
+    assert gate["decision"]["champion_pq"] == pytest.approx(direct["PQ"])
+    assert gate["decision"]["promote"] == promote2 == (challenger["PQ"] > direct["PQ"])
+    # registering again for the same pipeline run and model file adds no version
+    again, _ = step_register(model_uri=data["m2"], eval_dir=str(tmp_path / "evalB"),
+                             champion_dir=str(tmp_path / "champB"), run_id=run2, mlflow_uri=server)
+    assert again == version2 and len(_versions(server)) == 2
+
+
+def test_a_registry_server_error_fails_register_and_promotes_nothing(server, data, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast: the fault is permanent here
+    before = len(_versions(server))
+    champion = MlflowClient(server).get_model_version_by_alias("panoptic-fpn", "champion").version
+    evaluate(data["m2"], data["val"]["B"], str(tmp_path / "eval"), EvalConfig(**EVAL), progress=False)
+    with faulty_proxy(server, fail=("registered-models/alias",)) as proxy:
+        with pytest.raises(RegistryError, match="cannot look up panoptic-fpn@champion"):
+            register(data["m2"], str(tmp_path / "eval"), RegisterConfig(), uri=proxy.url)
+        with pytest.raises(RegistryError):  # nor does a scheduled run decide "no champion, train"
+            step_decide(train_manifest=os.path.join(data["tmp"], "train", "subset"), mlflow_uri=proxy.url)
+        assert proxy.hits
+        assert len(_versions(server)) == before
+        assert MlflowClient(server).get_model_version_by_alias("panoptic-fpn", "champion").version == champion
+    # the registry answers again: the retry goes through
+    champion_eval = evaluate(data["m1"], data["val"]["B"], str(tmp_path / "champ"), EvalConfig(**EVAL),
+                             progress=False).metrics
+    r = register(data["m2"], str(tmp_path / "eval"), RegisterConfig(promote=False), uri=server,
+                 champion_eval=champion_eval)
+    assert len(_versions(server)) == before + 1 and r.version
+
+
+def test_warm_start_from_the_champion_loads_its_weights(server, data, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from components.model.artifact import load_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    champion = MlflowClient(server).get_model_version_by_alias("panoptic-fpn", "champion")
+    settings = {"config": "tiny", "init": "champion", "overrides": MICRO_OVERRIDES + ["solver.base_lr=0.0"],
+                "iterations": 1}
+    model_uri = step_train(train_shards=data["train"], model_out=str(tmp_path / "warm"), settings=settings,
+                           mlflow_uri=server)
+    lineage = json.load(open(tmp_path / "warm" / "lineage.json"))
+    assert lineage["parent_model_version"] == f"panoptic-fpn/{champion.version}" and lineage["init"] == "champion"
+    cfg = json.load(open(tmp_path / "warm" / "train_config.json"))
+    assert cfg["model"]["weights"] == f"models:/panoptic-fpn/{champion.version}"  # pinned, not the moving alias
+    # one step at learning rate 0 leaves the weights as they were before the first step
+    warm, _, _ = load_model(model_uri)
+    theirs, _, _ = load_model("models:/panoptic-fpn@champion")
+    a, b = warm.state_dict(), theirs.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_registry_outage_mid_pipeline_fails_each_stage_promotes_nothing_and_a_retry_completes(server, data, tmp_path,
+                                                                                             monkeypatch, synth_root):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    client = MlflowClient(server)
+    champion_before = client.get_model_version_by_alias("panoptic-fpn", "champion").version
+    versions_before = len(_versions(server))
+    run = start_pipeline_run(server)  # the run began while the server answered
+    subset = os.path.join(data["tmp"], "train", "subset")
+    train_settings = {"config": "tiny", "iterations": 1, "overrides": MICRO_OVERRIDES}
+    stages = {
+        "subset": lambda uri: step_subset(data_uri=synth_root, train_out=str(tmp_path / "s_t"),
+                                          val_out=str(tmp_path / "s_v"), settings={"size": 4}, mlflow_uri=uri),
+        "decide": lambda uri: step_decide(train_manifest=subset, train=train_settings, run_id=run, mlflow_uri=uri),
+        "train": lambda uri: step_train(train_shards=data["train"], model_out=str(tmp_path / "m"),
+                                        settings=train_settings, run_id=run, mlflow_uri=uri),
+        "evaluate": lambda uri: step_evaluate(model_uri=data["m2"], val_shards=data["val"]["B"],
+                                              out=str(tmp_path / "e"), settings=EVAL, run_id=run, mlflow_uri=uri),
+        "score champion": lambda uri: step_score_champion(val_shards=data["val"]["B"], out=str(tmp_path / "c"),
+                                                          settings=EVAL, run_id=run, mlflow_uri=uri),
+        "register": lambda uri: step_register(model_uri=data["m2"], eval_dir=str(tmp_path / "e"),
+                                              champion_dir=str(tmp_path / "c"), run_id=run, mlflow_uri=uri),
+    }
+    with faulty_proxy(server, fail=("/api/",)) as proxy:
+        for name, step in stages.items():
+            with pytest.raises(Exception) as e:  # each stage stops, saying what it could not reach
+                step(proxy.url)
+            assert proxy.url in str(e.value) or "500" in str(e.value) or "INTERNAL_ERROR" in str(e.value), (name, e)
+    assert len(_versions(server)) == versions_before
+    assert client.get_model_version_by_alias("panoptic-fpn", "champion").version == champion_before
+    # the server answers again: the same steps complete the run (evaluate first: register needs it)
+    for name in ("evaluate", "score champion", "register"):
+        stages[name](server)
+    assert len(_versions(server)) == versions_before + 1

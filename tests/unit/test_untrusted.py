@@ -1,0 +1,101 @@
+"""Files from elsewhere never run code, and file names never leave the dataset folder."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from components.cli import main as panoptic
+from components.common.coco_panoptic import UnsafeFileName, image_uri
+from components.model.weights import UnsafeCheckpointError, read_checkpoint
+
+
+class Evil:
+    """Unpickling this calls os.system: the classic code-execution pickle."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_crafted_pickle_is_refused_by_predict_and_runs_nothing(tmp_path, synth_root):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"model": {"backbone.bottom_up.stem.conv1.weight": Evil(str(marker))}}))
+    image = os.path.join(synth_root, "val2017", sorted(os.listdir(os.path.join(synth_root, "val2017")))[0])
+    r = CliRunner().invoke(panoptic, ["predict", image, "--model", str(evil), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 1 and not marker.exists()
+    assert r.exception is None or isinstance(r.exception, SystemExit)  # no traceback
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "evil.pkl: refused: this pickle needs posix.system to load" in lines[0]
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_crafted_torch_file_is_refused_by_the_weights_loader(tmp_path, fmt):
+    marker = tmp_path / "pwned"
+    buf = io.BytesIO()
+    torch.save({"model": {"x": Evil(str(marker))}}, buf, _use_new_zipfile_serialization=fmt == "zip")
+    with pytest.raises(UnsafeCheckpointError, match=r"evil.pth: refused: this torch file needs posix.system"):
+        read_checkpoint(buf.getvalue(), "evil.pth")
+    assert not marker.exists()
+
+
+def test_crafted_weights_fail_train_with_one_line(tmp_path, synth_root):
+    from tests.training import make_shards
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": Evil(str(marker))}, str(evil))
+    shards = make_shards(synth_root, str(tmp_path / "s"))
+    r = CliRunner().invoke(panoptic, ["train", "--shards", shards, "--output", str(tmp_path / "run"), "--config",
+                                      "tiny", "--set", f"model.weights={evil}", "--no-mlflow", "--quiet"])
+    assert r.exit_code == 1 and not marker.exists() and "refused" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_a_model_zoo_pickle_of_arrays_still_loads(tmp_path):
+    import numpy as np
+
+    data = pickle.dumps({"model": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, "__author__": "x"}, protocol=2)
+    state = read_checkpoint(data, "ok.pkl")
+    assert state["model"]["w"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("name", ["../../../../../../../../../../etc/passwd", "/etc/passwd", "", "a\x00b.jpg",
+                                  "sub/../../x.jpg", "s3://other-bucket/x.jpg", "..\\x.jpg"])
+def test_file_names_that_leave_the_dataset_are_refused(name):
+    with pytest.raises(UnsafeFileName, match="file name leaves the dataset folder"):
+        image_uri("/data/coco", "train2017", name)
+    assert image_uri("/data/coco", "train2017", "sub/000001.jpg") == "/data/coco/train2017/sub/000001.jpg"
+
+
+def test_escaping_file_name_is_reported_by_validate_and_quarantined_unopened(synth_copy, tmp_path):
+    """The file it points at is a good image: were it opened, it would become a row."""
+    import shutil
+
+    from components.common.manifests import load_manifest
+    from components.preprocess.core import PreprocessConfig, preprocess
+    from components.select_subset.core import SubsetConfig, select_subset
+
+    path = os.path.join(synth_copy, "annotations", "panoptic_train2017.json")
+    doc = json.load(open(path))
+    victim = doc["images"][0]
+    shutil.copy(os.path.join(synth_copy, "train2017", victim["file_name"]), os.path.join(synth_copy, "..", "x.jpg"))
+    victim["file_name"] = "../../x.jpg"
+    json.dump(doc, open(path, "w"))
+    r = CliRunner().invoke(panoptic, ["data", "validate", synth_copy, "--split", "train2017", "--quiet"])
+    assert r.exit_code == 1 and "file_name_outside_dataset" in r.output and "'../../x.jpg'" in r.output
+    m = select_subset(SubsetConfig(), synth_copy, "train2017", str(tmp_path / "sub")).manifest_uri
+    res = preprocess(PreprocessConfig(workers=0, max_bad_fraction=0.5), m, str(tmp_path / "shards"), progress=False)
+    q = [json.loads(line) for line in open(tmp_path / "shards" / "quarantine.jsonl")]
+    assert [e["image_id"] for e in q] == [victim["id"]]
+    assert q[0]["reasons"][0]["kind"] == "file_name_outside_dataset"
+    assert res.images_in == len(load_manifest(m)["image_ids"]) == res.rows_written + res.quarantined
