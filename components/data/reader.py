@@ -10,6 +10,7 @@ buffer, both seeded, so a run is reproducible and can be resumed by skipping sam
 from __future__ import annotations
 
 import os
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,8 @@ from components.common import storage
 from components.common.coco_panoptic import CategoryMaps
 from components.data.records import load_index
 from components.data.targets import InputConfig, record_to_sample
+
+DONORS = 8   # rows kept as copy-paste donors
 
 
 class ShardError(ValueError):
@@ -169,15 +172,24 @@ class ShardDataset(IterableDataset):
             stream = self._rows(epoch, reader, total)
             if self.train and self.shuffle_buffer > 0:
                 stream = _shuffled(stream, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, reader]))
+            pasting = self.train and self.aug.copy_paste_prob > 0
+            recent: deque = deque(maxlen=DONORS)   # copy-paste donors: the rows just before this one
             for record in stream:
-                aug_rng = np.random.default_rng([self.seed, epoch, reader, int(record["image_id"])])
-                if skip > 0:
+                key = [self.seed, epoch, reader, int(record["image_id"])]
+                aug_rng = np.random.default_rng(key)
+                donor = None
+                if pasting and recent:
+                    donor = recent[int(np.random.default_rng(key + [1]).integers(len(recent)))]
+                if pasting:
+                    recent.append(record)
+                if skip > 0:   # skipped rows still pass through the donors: a resumed run pastes the same
                     skip -= 1
                     continue
                 if self.raw:
                     yield record
                 else:
-                    yield record_to_sample(record, self.categories, self.aug, self.train, aug_rng, self.with_gt)
+                    yield record_to_sample(record, self.categories, self.aug, self.train, aug_rng, self.with_gt,
+                                           donor)
             epoch += 1
             if not self.infinite:
                 return

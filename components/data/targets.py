@@ -1,4 +1,4 @@
-"""Augmentation (detectron2's ResizeShortestEdge + flip) and Panoptic FPN targets from a record."""
+"""The ``input`` settings, and Panoptic FPN targets from a shard record (augmented by ``augment.py``)."""
 
 from __future__ import annotations
 
@@ -15,19 +15,26 @@ from components.common.coco_panoptic import (
     file_name_problem,
     segment_index_map,
 )
-from components.data.transforms import output_shape, resize_image, resize_nearest
+from components.data.transforms import output_shape
 
 
 @dataclass(frozen=True)
 class InputConfig:
     """How images are sized and augmented: a model config's ``input`` section (detectron2's INPUT).
-    Defaults are ``panoptic_fpn_R_50_1x``'s.
+    Defaults are ``panoptic_fpn_R_50_1x``'s (no LSJ, no copy-paste). The augmentations
+    themselves are in ``augment.py``.
 
     Args:
         min_size_train: short sides to choose from at random (detectron2 "choice" sampling).
         max_size_train / max_size_test: cap on the long side.
         min_size_test: short side at test time.
         flip_prob: horizontal flip probability (train only).
+        lsj_size: large-scale jitter to this square size instead of the shortest-edge resize
+            (0: off; detectron2's new baselines use 1024).
+        lsj_scale: the range of the jitter's scale.
+        copy_paste_prob: probability of pasting instances of another training image (0: off).
+        copy_paste_max_instances: at most this many instances pasted at once.
+        copy_paste_min_visible: an occluded instance keeping less of its area than this is dropped.
     """
 
     min_size_train: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
@@ -35,6 +42,11 @@ class InputConfig:
     min_size_test: int = 800
     max_size_test: int = 1333
     flip_prob: float = 0.5
+    lsj_size: int = 0
+    lsj_scale: tuple[float, float] = (0.1, 2.0)
+    copy_paste_prob: float = 0.0
+    copy_paste_max_instances: int = 10
+    copy_paste_min_visible: float = 0.3
 
 
 def build_targets(seg_index: np.ndarray, segments: list[dict], cats: CategoryMaps) -> dict:
@@ -70,9 +82,9 @@ def build_targets(seg_index: np.ndarray, segments: list[dict], cats: CategoryMap
     }
 
 
-def record_to_sample(record: dict, cats: CategoryMaps, aug: InputConfig, train: bool,
-                     rng: np.random.Generator, with_gt: bool = False) -> dict:
-    """Decode a shard row, augment it, and build the model's inputs and targets."""
+def decode_record(record: dict, with_ids: bool = False):
+    """A shard row -> (image, segment index map, segments), checked (``with_ids``: and the
+    panoptic id map as decoded)."""
     name = record["file_name"]
     problem = file_name_problem(name)
     if problem:  # a shard is a file too: its names must not steer writes (evaluate names PNGs after them)
@@ -80,24 +92,28 @@ def record_to_sample(record: dict, cats: CategoryMaps, aug: InputConfig, train: 
     image = decode_image(record["image"], name)
     ids = decode_png(record["panoptic_png"], name)
     segments = list(record["segments_info"])
-    h, w = image.shape[:2]
-    if ids.shape != (h, w):
-        raise ValueError(f"{name}: panoptic PNG is {ids.shape} but the image is {(h, w)}; re-run preprocess")
+    if ids.shape != image.shape[:2]:
+        raise ValueError(f"{name}: panoptic PNG is {ids.shape} but the image is {image.shape[:2]}; re-run preprocess")
     index = segment_index_map(ids, [s["id"] for s in segments])
+    return (image, index, segments, ids) if with_ids else (image, index, segments)
+
+
+def record_to_sample(record: dict, cats: CategoryMaps, aug: InputConfig, train: bool,
+                     rng: np.random.Generator, with_gt: bool = False, donor: dict | None = None) -> dict:
+    """Decode a shard row, augment it (train: ``augment.augment``, with ``donor``'s instances to
+    paste when copy-paste is on; eval: the test resize) and build the model's inputs and targets."""
+    from components.data.augment import augment, resize
+
+    image, index, segments, ids = decode_record(record, with_ids=True)
+    h, w = image.shape[:2]
     if train:
-        short = int(aug.min_size_train[int(rng.integers(len(aug.min_size_train)))])
-        nh, nw = output_shape(h, w, short, aug.max_size_train)
+        donor_sample = decode_record(donor) if donor is not None and aug.copy_paste_prob > 0 else None
+        image, index, segments = augment((image, index, segments), aug, cats, rng, donor_sample)
     else:
-        nh, nw = output_shape(h, w, aug.min_size_test, aug.max_size_test)
-    if (nh, nw) != (h, w):
-        image = resize_image(image, nh, nw)
-        index = resize_nearest(index, nh, nw)
-    if train and rng.random() < aug.flip_prob:
-        image = image[:, ::-1]
-        index = index[:, ::-1]
+        image, index = resize(image, index, *output_shape(h, w, aug.min_size_test, aug.max_size_test))
     sample = {
         "image_id": int(record["image_id"]),
-        "file_name": name,
+        "file_name": record["file_name"],
         "height": h,
         "width": w,
         "image": torch.from_numpy(np.ascontiguousarray(image).transpose(2, 0, 1).copy()),
@@ -105,6 +121,6 @@ def record_to_sample(record: dict, cats: CategoryMaps, aug: InputConfig, train: 
     }
     if with_gt:
         sample["gt_ids"] = ids
-        sample["segments_info"] = segments
+        sample["segments_info"] = list(record["segments_info"])
         sample["image_bytes"] = record["image"]
     return sample

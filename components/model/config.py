@@ -38,7 +38,8 @@ class ModelConfig:
             std 1; torchvision's ImageNet weights take RGB with ImageNet mean/std (in 0-255 units).
     """
 
-    backbone: str = "resnet50"
+    backbone: str = "resnet50"              # a name in the backbone table (components/model/backbones)
+    backbone_options: dict = field(default_factory=dict)   # keyword arguments of its builder
     backbone_norm: str = "FrozenBN"         # FrozenBN (pretrained), GN or BN (from scratch)
     freeze_at: int = 2                      # frozen: stem + res2
     stride_in_1x1: bool = True
@@ -185,8 +186,12 @@ def from_dict(doc: dict, source: str = "<dict>") -> Config:
 
 def validate(cfg: Config, source: str) -> None:
     m, s = cfg.model, cfg.solver
-    if m.backbone not in ("resnet18", "resnet34", "resnet50", "resnet101"):
-        raise ConfigError(f"{source}: model.backbone {m.backbone!r} is not one of resnet18/34/50/101")
+    from components.model.backbones import available
+
+    if m.backbone not in available():
+        raise ConfigError(f"{source}: model.backbone {m.backbone!r} is not one of {', '.join(available())}")
+    if not isinstance(m.backbone_options, dict):
+        raise ConfigError(f"{source}: model.backbone_options must be a mapping of the builder's arguments")
     if m.backbone_norm not in ("FrozenBN", "GN", "BN"):
         raise ConfigError(f"{source}: model.backbone_norm must be FrozenBN, GN or BN")
     if m.input_format not in ("RGB", "BGR"):

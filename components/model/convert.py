@@ -147,3 +147,15 @@ def from_torchvision_heads(state: dict, *, semantic_head_v1: bool = False) -> tu
             new = f"sem_seg_head.p{m.group(1)}.{2 * int(m.group(2))}.{m.group(3)}"
         out[new] = t
     return out, dropped
+
+
+def from_torchvision_features(state: dict) -> tuple[dict, dict]:
+    """torchvision's Swin / ConvNeXt ImageNet classifiers (``features.*``) -> our backbone body.
+    The final norm and the classifier are ImageNet's; our stage-output norms start fresh."""
+    out, dropped = {}, {}
+    for key, value in state.items():
+        if key.startswith("features."):
+            out[f"backbone.body.{key}"] = as_tensor(value)
+        else:
+            dropped[key] = "ImageNet classifier"
+    return out, dropped

@@ -3,8 +3,9 @@
 Each part behaves as detectron2's ``PanopticFPN`` with ``panoptic_fpn_R_*`` configs, and is
 shown to on golden outputs of a real detectron2 build (``tests/fixtures/detectron2``): anchors
 (``anchors.py``), the RPN (``rpn.py``), box and mask heads (``roi_heads.py``), the semantic
-head, mask pasting and panoptic fusion (``postprocessing.py``). The backbone is torchvision's
-ResNet + FPN (``backbone.py``); detectron2 checkpoints load through ``weights.py``.
+head, mask pasting and panoptic fusion (``postprocessing.py``). The backbone comes from the
+backbone table (``backbones/``: ResNet, Swin-T, ConvNeXt-T, each with an FPN); detectron2
+checkpoints load through ``weights.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.nn as nn
 
 from components.common.coco_panoptic import IGNORE_LABEL, CategoryMaps
 from components.model.anchors import AnchorGenerator
-from components.model.backbone import build_backbone
+from components.model.backbones import build_backbone
 from components.model.box_ops import BoxCoder, Matcher
 from components.model.config import Config
 from components.model.poolers import MultiLevelRoIAlign
@@ -57,15 +58,15 @@ class PanopticFPN(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
         self.input_format, self.size_divisibility = input_format, size_divisibility
         self.instance_loss_weight = instance_loss_weight
+        self.channels_last = False   # set by use_channels_last
         self.combine = dict(overlap_threshold=combine_overlap_thresh, stuff_area_thresh=combine_stuff_area_thresh,
                             instances_score_thresh=combine_instances_score_thresh)
 
     @classmethod
     def from_config(cls, cfg: Config, categories: CategoryMaps) -> "PanopticFPN":
         m = cfg.model
-        backbone = build_backbone(name=m.backbone, norm=m.backbone_norm, freeze_at=m.freeze_at,
-                                  stride_in_1x1=m.stride_in_1x1, out_channels=m.fpn_channels)
-        anchors = AnchorGenerator(sizes=m.anchor_sizes, ratios=m.anchor_ratios, strides=(4, 8, 16, 32, 64),
+        backbone = build_backbone(m)
+        anchors = AnchorGenerator(sizes=m.anchor_sizes, ratios=m.anchor_ratios, strides=backbone.strides,
                                   offset=m.anchor_offset)
         rpn = RPN(head=RPNHead(m.fpn_channels, len(m.anchor_ratios)), anchor_generator=anchors,
                   matcher=Matcher(tuple(m.rpn_iou_thresholds), (0, -1, 1), allow_low_quality_matches=True),
@@ -96,6 +97,14 @@ class PanopticFPN(nn.Module):
                    combine_stuff_area_thresh=m.combine_stuff_area_thresh,
                    combine_instances_score_thresh=m.combine_instances_score_thresh)
 
+    def use_channels_last(self) -> bool:
+        """Convert to channels_last memory when the backbone says it helps (a GPU choice);
+        returns whether it did."""
+        if self.backbone.channels_last_helps:
+            self.to(memory_format=torch.channels_last)
+            self.channels_last = True
+        return self.channels_last
+
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
@@ -119,7 +128,7 @@ class PanopticFPN(nn.Module):
         """Training: a dict of losses (detectron2's names). Eval: per image {"instances",
         "sem_seg", "panoptic_seg"} at the sample's ``height`` x ``width`` (default: input size)."""
         images, sizes = self.preprocess(batch)
-        if self.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last):
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         features = self.backbone(images)
         levels = [features[k] for k in ("0", "1", "2", "3")]

@@ -3,7 +3,8 @@
 ``load_weights(model, spec)`` takes:
 
 * ``torchvision:NAME``: a torchvision checkpoint by name (``resnet50_imagenet``,
-  ``resnet18_imagenet``, ``resnet101_imagenet``, ``maskrcnn_resnet50_fpn_coco``), downloaded
+  ``resnet18_imagenet``, ``resnet101_imagenet``, ``swin_t_imagenet``, ``convnext_t_imagenet``,
+  ``maskrcnn_resnet50_fpn_coco``), downloaded
   once into ``$PANOPTIC_CACHE`` (default ``~/.cache/panoptic``);
 * an MLflow model URI (``models:/panoptic-fpn@champion``, ``models:/NAME/3``, ``runs:/ID/model``):
   fine-tuning from a registered model;
@@ -46,6 +47,8 @@ TORCHVISION_URLS = {
     "resnet50_imagenet": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
     "resnet101_imagenet": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
     "resnet18_imagenet": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "swin_t_imagenet": "https://download.pytorch.org/models/swin_t-704ceda3.pth",
+    "convnext_t_imagenet": "https://download.pytorch.org/models/convnext_tiny-983f1562.pth",
     "maskrcnn_resnet50_fpn_coco": "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth",
 }
 
@@ -178,6 +181,8 @@ def identify(state: dict) -> tuple[str, dict]:
         return "torchvision-resnet", state
     if any(k.startswith("backbone.body.") for k in keys):
         return "torchvision-maskrcnn", state
+    if "features.0.0.weight" in state and any(k.startswith(("head.", "classifier.")) for k in keys):
+        return "torchvision-features", state     # Swin, ConvNeXt ImageNet classifiers
     return "unknown", state
 
 
@@ -192,6 +197,8 @@ def to_our_names(kind: str, state: dict) -> tuple[dict, dict]:
         return convert.from_torchvision_resnet(state)
     if kind == "torchvision-maskrcnn":
         return convert.from_torchvision_heads(state)
+    if kind == "torchvision-features":
+        return convert.from_torchvision_features(state)
     return {k: convert.as_tensor(v) for k, v in state.items()}, {}
 
 

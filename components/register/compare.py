@@ -56,7 +56,7 @@ def history(experiment: str | None = None, max_runs: int = 50) -> list[dict]:
         if kind == "by hand":  # its version: the one whose register_run_id is this run
             version = _version_of_run(r.info.run_id)
         promote = t.get("gate.promote")
-        rows.append({"run": r.info.run_id[:8], "name": r.info.run_name or "", "kind": kind,
+        rows.append({"run": r.info.run_id[:8], "name": r.info.run_name or "", "kind": kind, "data": _training_data(r),
                      "start": datetime.fromtimestamp(start / 1000).strftime("%Y-%m-%d %H:%M") if start else "",
                      "start_ms": start, **{k: m.get(k) for k in METRICS},
                      "decision": t.get("decision", "train" if kind == "by hand" else ""),
@@ -66,6 +66,14 @@ def history(experiment: str | None = None, max_runs: int = 50) -> list[dict]:
                      "params": dict(r.data.params)})
     rows.sort(key=lambda row: row["start_ms"])
     return rows
+
+
+def _training_data(run) -> str:
+    """The training subset as MLflow's Dataset column shows it: ``name (digest)``, digest cut to 8."""
+    for d in run.inputs.dataset_inputs if run.inputs else ():
+        if d.dataset.name.endswith(" subset") and any(t.value == "training" for t in d.tags):
+            return f"{d.dataset.name} ({d.dataset.digest[:8]})"
+    return ""
 
 
 def _version_of_run(run_id: str) -> str:
@@ -88,8 +96,8 @@ def compare_runs(experiment: str | None = None, as_csv: bool = False, max_runs: 
     differing = [p for p in params if len({r["params"].get(p) for r in rows}) > 1]
     table = []
     for r in sorted(rows, key=lambda row: -(row["PQ"] if row["PQ"] is not None else -1)):
-        table.append({k: r[k] for k in ("run", "name", "start", *METRICS, "decision", "gate", "version", "aliases",
-                                        "duration_s")} | {p: r["params"].get(p, "") for p in differing}
+        table.append({k: r[k] for k in ("run", "name", "start", *METRICS, "data", "decision", "gate", "version",
+                                        "aliases", "duration_s")} | {p: r["params"].get(p, "") for p in differing}
                      | {"reason": r["reason"]})
     cols = list(table[0])
     if as_csv:

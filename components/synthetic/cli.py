@@ -57,10 +57,35 @@ def validate(root, split, as_json, workers, quiet):
     sys.exit(0 if report.ok else 1)
 
 
+@click.command("augment-preview")
+@click.option("--shards", required=True, help="A training shard folder (panoptic preprocess's output).")
+@click.option("--config", default="tiny", show_default=True, help="Built-in config name or YAML: its `input` section.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Config override, e.g. input.copy_paste_prob=1.0 or input.lsj_size=512 (repeatable).")
+@click.option("--samples", default=6, show_default=True, help="Samples to draw.")
+@click.option("--seed", default=0, show_default=True, help="The training seed (same seed: the same samples).")
+@click.option("--out", default="augment_preview.png", show_default=True, help="PNG to write (local or s3://).")
+def augment_preview_cmd(shards, config, sets, samples, seed, out):
+    """Draw training samples as the trainer will see them: each image beside its targets
+    (stuff by category colour, instances by shade with their boxes, crowds white, VOID dark)."""
+    from components.common import storage
+    from components.data.preview import augment_preview
+    from components.model.config import ConfigError, load_config, parse_overrides
+
+    try:
+        cfg = load_config(config, parse_overrides(list(sets)))
+    except ConfigError as e:
+        raise click.BadParameter(str(e), param_hint="--config/--set")
+    storage.write_bytes(out, augment_preview(shards, cfg.input, samples, seed))
+    click.echo(f"wrote {out}: {samples} samples of {shards} (input: lsj_size {cfg.input.lsj_size}, "
+               f"copy_paste_prob {cfg.input.copy_paste_prob}, flip_prob {cfg.input.flip_prob})")
+
+
 @click.group("data")
 def data():
-    """Datasets: make a synthetic one, validate any COCO panoptic split."""
+    """Datasets: make a synthetic one, validate a COCO panoptic split, preview augmentation."""
 
 
 data.add_command(synth)
 data.add_command(validate)
+data.add_command(augment_preview_cmd)

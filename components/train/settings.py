@@ -15,7 +15,8 @@ from components.model.config import Config, load_config, parse_overrides
 INITS = ("config", "scratch", "imagenet", "champion")
 LAUNCHERS = ("pytorchjob", "trainjob")
 IMAGENET = {"resnet18": "torchvision:resnet18_imagenet", "resnet50": "torchvision:resnet50_imagenet",
-            "resnet101": "torchvision:resnet101_imagenet"}
+            "resnet101": "torchvision:resnet101_imagenet", "swin_t": "torchvision:swin_t_imagenet",
+            "convnext_t": "torchvision:convnext_t_imagenet"}
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import pickle
@@ -40,6 +41,7 @@ from components.model.config import Config
 from components.model.panoptic_fpn import PanopticFPN
 from components.model.weights import UnsafeCheckpointError, load_weights, refused_global
 
+log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 KEEP_CHECKPOINTS = 3
 
@@ -224,8 +226,8 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
     index = load_index(shards)
     categories = CategoryMaps.from_json(index["categories"])
     model = PanopticFPN.from_config(cfg, categories).to(dev)
-    if s.channels_last and dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    if s.channels_last and dev.type == "cuda" and not model.use_channels_last():
+        log.info("solver.channels_last: backbone %s gains nothing from it; left as is", cfg.model.backbone)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
     use_amp = s.amp != "off" and dev.type == "cuda"

@@ -1,4 +1,5 @@
-"""ResNet + FPN (P2-P6) backbone: torchvision's ResNet and FPN, detectron2's options."""
+"""ResNet-18/34/50/101 + FPN: torchvision's ResNet with detectron2's options (MSRA stride in the
+1x1 conv, FrozenBN/GN/BN, FREEZE_AT); detectron2 model-zoo checkpoints load into it."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.ops
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.models._utils import IntermediateLayerGetter
+
+from components.model.backbones import Backbone, freeze, register_backbone
 
 
 def _move_stride_to_1x1(resnet: nn.Module) -> None:
@@ -42,25 +44,20 @@ def _norm_layer(norm: str):
     raise ValueError(f"unknown norm {norm!r}")
 
 
-def build_backbone(*, name: str = "resnet50", norm: str = "FrozenBN", freeze_at: int = 2, stride_in_1x1: bool = True,
-                   out_channels: int = 256) -> BackboneWithFPN:
-    """ResNet with ``norm`` (FrozenBN for pretrained weights, as detectron2; GN or BN to train
-    from scratch), stages frozen up to ``freeze_at`` (1 = stem, 2 = stem + res2, as
-    detectron2's FREEZE_AT), FPN with ``out_channels`` and P6 = max-pool(P5, k=1, s=2).
-
-    Returns a module mapping a (B, 3, H, W) batch to ``{"0": P2, "1": P3, "2": P4, "3": P5,
-    "pool": P6}``; the module names (``body``, ``fpn``) are torchvision's, so its Mask R-CNN
-    checkpoints load as they are.
-    """
-    resnet = getattr(torchvision.models, name)(weights=None, norm_layer=_norm_layer(norm))
-    if stride_in_1x1:
+def build_resnet(name: str, m, norm: str | None = None) -> Backbone:
+    """ResNet with ``model.backbone_norm`` (FrozenBN for pretrained weights, as detectron2; GN or
+    BN to train from scratch), stages frozen up to ``model.freeze_at`` (1 = stem, 2 = stem +
+    res2), FPN with ``model.fpn_channels``. Module names are torchvision's (``body.layer1``...,
+    ``fpn.inner_blocks``...), so its Mask R-CNN checkpoints load as they are."""
+    resnet = getattr(torchvision.models, name)(weights=None, norm_layer=_norm_layer(norm or m.backbone_norm))
+    if m.stride_in_1x1:
         _move_stride_to_1x1(resnet)
-    stages = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
-    for i, names in enumerate(stages):
-        if i < freeze_at:
-            for n in names:
-                for p in getattr(resnet, n).parameters():
-                    p.requires_grad_(False)
+    freeze([nn.ModuleList([resnet.conv1, resnet.bn1]), resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4],
+           m.freeze_at)
     in_channels = [64, 128, 256, 512] if name in ("resnet18", "resnet34") else [256, 512, 1024, 2048]
-    return BackboneWithFPN(resnet, return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
-                           in_channels_list=in_channels, out_channels=out_channels, extra_blocks=LastLevelMaxPool())
+    body = IntermediateLayerGetter(resnet, return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"})
+    return Backbone(body, in_channels, m.fpn_channels, channels_last_helps=True)
+
+
+for _name in ("resnet18", "resnet34", "resnet50", "resnet101"):
+    register_backbone(_name)(lambda m, _name=_name, **options: build_resnet(_name, m, **options))
