@@ -10,10 +10,11 @@ DATA ?= data/synth
 RUN_ARGS ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test lint bench images venv clean help
+.PHONY: run sweep test lint bench images venv clean help
 
 help:
 	@echo "make run    - the embedded default: the whole pipeline on a synthetic dataset, locally (kfp.local, MLflow sqlite)"
+	@echo "make sweep  - the same pipeline with a hyper-parameter search (pipeline/sweeps/tiny.yaml: 3 trials)"
 	@echo "make test   - the whole test suite (unit, integration with real servers, e2e)"
 	@echo "make lint   - ruff (the rules in pyproject.toml)"
 	@echo "make bench  - benchmarks (print measured ratios)"
@@ -33,6 +34,10 @@ run: $(STAMP)
 	$(BIN)/panoptic data validate $(DATA) --split train2017 --quiet
 	$(BIN)/panoptic data validate $(DATA) --split val2017 --quiet
 	$(BIN)/panoptic pipeline run-local --data $(DATA) $(RUN_ARGS)
+
+sweep: $(STAMP)
+	@test -f $(DATA)/annotations/panoptic_val2017.json || $(BIN)/panoptic data synth --out $(DATA) --train 200 --val 50 --seed 0
+	$(BIN)/panoptic pipeline run-local --data $(DATA) --sweep pipeline/sweeps/tiny.yaml $(RUN_ARGS)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -ra tests

@@ -10,7 +10,7 @@ import click
 # it runs, so `panoptic --help` and light commands (pq) start at once, and a stage's heavy
 # imports (torch, mlflow, kfp) load only for that stage.
 COMMANDS = {
-    "data": ("components.synthetic.cli", "data", "Datasets: synthetic ones, validation of a split, an augmentation preview."),
+    "data": ("components.synthetic.cli", "data", "Datasets: synthetic ones, validating a split, augmentation preview."),
     "subset": ("components.select_subset.cli", "subset", "Stage 1: a reproducible subset of a split."),
     "preprocess": ("components.preprocess.cli", "preprocess_cmd", "Stage 2: Parquet shards, quality gate, quarantine."),
     "train": ("components.train.cli", "train_cmd", "Stage 3: train Panoptic FPN (DDP under torchrun)."),

@@ -397,13 +397,28 @@ def _stage_overrides(items: tuple[str, ...]) -> dict:
 @click.option("--gate-margin", type=float, default=None, help="PQ a new version must gain over the champion.")
 @click.option("--gate-tolerance", type=float, default=None, help="Largest per-category PQ drop allowed.")
 @click.option("--set", "sets", multiple=True, metavar="STAGE.KEY=VALUE", help="Any stage setting (repeatable).")
+@click.option("--sweep", "sweep_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="A hyper-parameter search (YAML: trials, space, algorithm ...; see pipeline/sweeps/tiny.yaml).")
 @click.option("--force", is_flag=True, help="Retrain even when the data, config and code are the champion's.")
 @click.option("--root", default="runs/local", show_default=True, help="kfp.local pipeline root (artifacts).")
 @click.option("--verbose", is_flag=True, help="Show every task's full log (else it goes to ROOT/pipeline.log).")
-def run_local_cmd(data, config, iterations, init, subset_size, val_size, seed, gate_margin, gate_tolerance, sets, force,
-                  root, verbose):
+def run_local_cmd(data, config, iterations, init, subset_size, val_size, seed, gate_margin, gate_tolerance, sets,
+                  sweep_file, force, root, verbose):
     """Run the same DAG on this machine (kfp.local, CPU, MLflow sqlite by default)."""
     over = _stage_overrides(sets)
+    if sweep_file:
+        import yaml
+
+        from components.common.settings import parse_settings
+        from components.train.sweep import SweepSettings
+
+        with open(sweep_file) as f:
+            doc = yaml.safe_load(f) or {}
+        try:
+            parse_settings(SweepSettings, doc, sweep_file)
+        except (TypeError, ValueError) as e:
+            raise click.BadParameter(str(e), param_hint="--sweep")
+        over.setdefault("train", {})["sweep"] = doc
     for stage, key, value in (("train", "config", config), ("train", "iterations", iterations), ("train", "init", init),
                               ("subset", "size", subset_size), ("subset", "val_size", val_size),
                               ("subset", "seed", seed), ("register", "margin", gate_margin),

@@ -70,7 +70,8 @@ def build_pipeline(cluster: ClusterSettings | None = None):
                                       val_manifest=chosen.outputs["val_manifest"], settings=preprocess,
                                       run_id=run_id, mlflow_uri=mlflow_uri), cluster)
             pre.set_retry(num_retries=2)
-            trained = _apply(c.train(train_shards=pre.outputs["train_shards"], settings=train, cluster=job_cluster,
+            trained = _apply(c.train(train_shards=pre.outputs["train_shards"], val_shards=pre.outputs["val_shards"],
+                                     settings=train, cluster=job_cluster,
                                      register=register, run_id=run_id, mlflow_uri=mlflow_uri), cluster, gpu=True)
             trained.set_caching_options(False)
             evaluated = _apply(c.evaluate(model=trained.outputs["model"], val_shards=pre.outputs["val_shards"],

@@ -99,11 +99,11 @@ def step_decide(*, train_manifest: str, train=None, register=None, force: bool =
     setup_logging()
     from components.common.tracking import data_fingerprint
     from components.register.core import RegisterConfig
-    from components.train.settings import TrainSettings, config_fingerprint, resolve_config
+    from components.train.settings import TrainSettings, resolve_config, settings_fingerprint
 
     ts = parse_settings(TrainSettings, train, "train settings")
     rs = parse_settings(RegisterConfig, register, "register settings")
-    fingerprint = data_fingerprint(_manifest_hash(train_manifest), config_fingerprint(resolve_config(ts)))
+    fingerprint = data_fingerprint(_manifest_hash(train_manifest), settings_fingerprint(ts, resolve_config(ts)))
     champion = get_alias(rs.name, CHAMPION, mlflow_uri or None)
     if force:
         decision, reason = "train", "forced"
@@ -163,17 +163,18 @@ def step_preprocess(*, train_manifest: str, val_manifest: str, train_out: str, v
 
 
 def step_train(*, train_shards: str, model_out: str, settings=None, cluster=None, register=None,
-               run_id: str = "", mlflow_uri: str = "") -> str:
+               run_id: str = "", mlflow_uri: str = "", val_shards: str = "") -> str:
     """Train on one node (in this process, or torchrun over its GPUs) or as a multi-node job
     (PyTorchJob or TrainJob). All of them train the one resolved config, written next to the
     model as ``train_config.json``; ``lineage.json`` records what the model was made from.
-    Returns the model.pt URI."""
+    With ``train.sweep``, the trials (on ``val_shards``) run instead and the best one's model
+    is the output. Returns the model.pt URI."""
     setup_logging()
     from components.common.cluster import ClusterSettings
     from components.common.tracking import code_version, data_fingerprint, resolve_model_uri
     from components.data.records import load_index
     from components.register.core import RegisterConfig
-    from components.train.settings import TrainSettings, config_fingerprint, resolve_config
+    from components.train.settings import TrainSettings, resolve_config, settings_fingerprint
 
     ts = parse_settings(TrainSettings, settings, "train settings")
     name = parse_settings(RegisterConfig, register, "register settings").name
@@ -185,13 +186,17 @@ def step_train(*, train_shards: str, model_out: str, settings=None, cluster=None
         weights, parent = resolve_model_uri(cfg.model.weights, mlflow_uri or None)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=weights))
     output = ts.checkpoint_uri or model_out
+    index = load_index(train_shards)
+    # what decide compares: the base settings (and the search), not the trial that won
+    fingerprint = data_fingerprint(index.get("source_manifest_hash", ""), settings_fingerprint(ts, cfg))
+    if ts.sweep:
+        return _sweep(ts, cfg, train_shards, val_shards, model_out, output, index, fingerprint, parent, cluster,
+                      run_id, mlflow_uri)
     config_uri = storage.join(output, TRAIN_CONFIG_FILE)
     storage.write_text(config_uri, json.dumps(cfg.to_dict(), indent=1, default=list))
-    index = load_index(train_shards)
     lineage = {"train_manifest_hash": index.get("source_manifest_hash", ""), "train_shards_hash": shard_hash(index),
-               "data_fingerprint": data_fingerprint(index.get("source_manifest_hash", ""), config_fingerprint(cfg)),
-               "config": cfg.name, "code_version": code_version(), "parent_model_version": parent or "",
-               "init": ts.init}
+               "data_fingerprint": fingerprint, "config": cfg.name, "code_version": code_version(),
+               "parent_model_version": parent or "", "init": ts.init}
     with stage_run("train", run_id or None, mlflow_uri or None, system_metrics=True) as ml:
         _log_data(ml, index, train_shards, "training")
         ml.log_params({k: v for k, v in _flat("", cfg.to_dict()).items() if len(str(v)) < 500})
@@ -226,6 +231,64 @@ def step_train(*, train_shards: str, model_out: str, settings=None, cluster=None
         if storage.exists(storage.join(output, "train_metrics.json")):
             _log_file(ml, storage.join(output, "train_metrics.json"), "train")
         _log_file(ml, config_uri, "train")
+    return storage.join(model_out, "model.pt")
+
+
+def _sweep(ts, cfg, train_shards: str, val_shards: str, model_out: str, output: str, index: dict, fingerprint: str,
+           parent, cluster, run_id: str, mlflow_uri: str) -> str:
+    """The train stage as a search: trials here (local) or a Katib Experiment (katib); the best
+    trial's model, config and lineage become the stage's output."""
+    from components.common.cluster import ClusterSettings
+    from components.common.tracking import code_version
+    from components.train.settings import resolve_config
+    from components.train.sweep import katib_best, render_katib_experiment, run_local_sweep, trial_settings
+
+    if not val_shards:
+        raise ValueError("train.sweep needs the validation shards to rank its trials (val_shards)")
+    sweep = ts.sweep_settings()
+    trials_out = storage.join(output, "trials")
+    with stage_run("train", run_id or None, mlflow_uri or None, system_metrics=True) as ml:
+        _log_data(ml, index, train_shards, "training")
+        ml.log_params({"sweep.trials": sweep.trials, "sweep.algorithm": sweep.algorithm, "sweep.backend": sweep.backend,
+                       "sweep.objective": sweep.objective, "sweep.space": json.dumps(sweep.space, sort_keys=True),
+                       "config": cfg.name, "init": ts.init})
+        if sweep.backend == "local":
+            best, trials = run_local_sweep(ts, sweep, train_shards, val_shards, trials_out, ml=ml, device=ts.device)
+            assignment, best_model, best_metrics = best.assignment, best.model_uri, best.metrics
+        else:
+            from components.train.launcher import job_name, run_job
+
+            cs = parse_settings(ClusterSettings, cluster, "cluster settings")
+            experiment = render_katib_experiment(
+                job_name("panoptic-sweep"), sweep, ts, image=ts.image or cs.gpu_image, train_shards=train_shards,
+                val_shards=val_shards, output=output, namespace=ts.namespace or None, cluster=cs,
+                gpus=ts.gpus_per_node, env={"MLFLOW_TRACKING_URI": mlflow_uri} if mlflow_uri else {})
+            status = run_job(experiment)
+            name, by_katib_name, best_metrics = katib_best({"metadata": experiment["metadata"], "status": status})
+            from components.train.sweep import _katib_name
+
+            assignment = {n: by_katib_name[_katib_name(n)] for n in sweep.space}
+            best_model = storage.join(trials_out, name, "model.pt")
+            ml.set_tags({"sweep.katib_experiment": experiment["metadata"]["name"], "sweep.best_trial": name})
+        best_cfg = resolve_config(trial_settings(ts, assignment))
+        storage.write_text(storage.join(model_out, TRAIN_CONFIG_FILE), json.dumps(best_cfg.to_dict(), indent=1,
+                                                                                  default=list))
+        if best_model != storage.join(model_out, "model.pt"):
+            storage.write_bytes(storage.join(model_out, "model.pt"), storage.read_bytes(best_model))
+        lineage = {"train_manifest_hash": index.get("source_manifest_hash", ""),
+                   "train_shards_hash": shard_hash(index), "data_fingerprint": fingerprint, "config": best_cfg.name,
+                   "code_version": code_version(), "parent_model_version": parent or "", "init": ts.init,
+                   "sweep_best": json.dumps(assignment, sort_keys=True),
+                   f"sweep_best_{sweep.objective}": f"{best_metrics[sweep.objective]:.6f}"}
+        storage.write_text(storage.join(model_out, LINEAGE_FILE), json.dumps(lineage, indent=1))
+        ml.set_tags({f"lineage.{k}": v for k, v in lineage.items()})
+        _log_file(ml, storage.join(model_out, TRAIN_CONFIG_FILE), "train")
+    log_parent(run_id or None, params={"config": best_cfg.name, "iterations": best_cfg.solver.max_iter,
+                                       "batch": best_cfg.solver.ims_per_batch, "init": ts.init,
+                                       "sweep.trials": sweep.trials},
+               tags={"sweep.best": json.dumps(assignment, sort_keys=True)}, uri=mlflow_uri or None)
+    log.info("sweep: best trial %s (%s %.4f)", json.dumps(assignment, sort_keys=True), sweep.objective,
+             best_metrics[sweep.objective])
     return storage.join(model_out, "model.pt")
 
 

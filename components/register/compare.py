@@ -1,8 +1,9 @@
 """`panoptic runs compare`: a table of pipeline runs from MLflow, and the retraining history as a chart.
 
-A row per pipeline run (and per model registered by hand with `panoptic register`, which has
-no pipeline run): PQ/SQ/RQ, what the run decided ("train" or "skip": nothing new), the gate's
-decision and reason, the version it registered and its aliases now, the params that differ.
+A row per pipeline run, per sweep trial (the child runs of a train stage with ``train.sweep``)
+and per model registered by hand with `panoptic register` (which has no pipeline run):
+PQ/SQ/RQ, what the run decided ("train" or "skip": nothing new), the gate's decision and
+reason, the version it registered and its aliases now, the params that differ.
 """
 
 from __future__ import annotations
@@ -45,10 +46,13 @@ def history(experiment: str | None = None, max_runs: int = 50) -> list[dict]:
     by_hand = [r for r in mlflow.search_runs(experiment_names=exp, filter_string="tags.`panoptic.stage` = 'register'",
                                              max_results=max_runs, output_format="list")
                if "mlflow.parentRunId" not in r.data.tags]
+    trials = mlflow.search_runs(experiment_names=exp, filter_string=f"tags.`{PIPELINE_TAG}` = 'trial'",
+                                max_results=max_runs, output_format="list")
     models = {r.data.tags.get("model.name") for r in runs} | {"panoptic-fpn"}
     current = _current_aliases(models - {None})
     rows = []
-    for r, kind in [(r, "pipeline") for r in runs] + [(r, "by hand") for r in by_hand]:
+    kinds = [(r, "pipeline") for r in runs] + [(r, "by hand") for r in by_hand] + [(r, "trial") for r in trials]
+    for r, kind in kinds:
         m, t = r.data.metrics, r.data.tags
         start = r.info.start_time or 0
         dur = ((r.info.end_time or start) - start) / 1000 if start else 0
@@ -62,7 +66,10 @@ def history(experiment: str | None = None, max_runs: int = 50) -> list[dict]:
                      "decision": t.get("decision", "train" if kind == "by hand" else ""),
                      "gate": {"True": "pass", "False": "fail"}.get(str(promote), ""), "version": version,
                      "aliases": ",".join(current.get((t.get("model.name", "panoptic-fpn"), version), [])),
-                     "reason": t.get("gate.reason") or t.get("decision.reason", ""), "duration_s": round(dur),
+                     "reason": (("sweep trial: the best, its model went on to the gate" if t.get("sweep.best") == "True"
+                                 else "sweep trial") if kind == "trial"
+                                else t.get("gate.reason") or t.get("decision.reason", "")),
+                     "duration_s": round(dur),
                      "params": dict(r.data.params)})
     rows.sort(key=lambda row: row["start_ms"])
     return rows

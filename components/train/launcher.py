@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 PYTORCHJOB = ("kubeflow.org", "v1", "pytorchjobs")
 TRAINJOB = ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
+KATIB_EXPERIMENT = ("kubeflow.org", "v1beta1", "experiments")
+RESOURCES = {"PyTorchJob": PYTORCHJOB, "TrainJob": TRAINJOB, "Experiment": KATIB_EXPERIMENT}
 
 
 @dataclass
@@ -151,11 +153,11 @@ class TrainingJobFailed(RuntimeError):
 
 
 def _succeeded(kind: str, conditions: dict) -> bool:
-    return ("Succeeded" if kind == "PyTorchJob" else "Complete") in conditions
+    return ("Complete" if kind == "TrainJob" else "Succeeded") in conditions   # PyTorchJob, Katib Experiment
 
 
 def run_job(job: dict, timeout_s: float = 7 * 24 * 3600, poll_s: float = 30.0, api=None) -> dict:
-    """Create a rendered PyTorchJob or TrainJob and wait until it succeeds; raise
+    """Create a rendered PyTorchJob, TrainJob or Katib Experiment and wait until it succeeds; raise
     ``TrainingJobFailed`` naming the job, its namespace and the controller's message when it
     fails or times out."""
     if api is None:
@@ -166,12 +168,14 @@ def run_job(job: dict, timeout_s: float = 7 * 24 * 3600, poll_s: float = 30.0, a
         except config.ConfigException:
             config.load_kube_config()
         api = client.CustomObjectsApi()
-    group, version, plural = PYTORCHJOB if job["kind"] == "PyTorchJob" else TRAINJOB
+    group, version, plural = RESOURCES[job["kind"]]
     namespace = job["metadata"].get("namespace") or current_namespace()
     name = job["metadata"]["name"]
     api.create_namespaced_custom_object(group, version, namespace, plural, job)
-    command = (job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
-               if job["kind"] == "PyTorchJob" else job["spec"]["trainer"]["command"])
+    command = {"PyTorchJob": lambda: job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+               ["command"], "TrainJob": lambda: job["spec"]["trainer"]["command"],
+               "Experiment": lambda: job["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]["containers"]
+               [0]["command"]}[job["kind"]]()
     log.info("created %s %s/%s; command: %s", job["kind"], namespace, name, shlex.join(command))
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -180,8 +184,8 @@ def run_job(job: dict, timeout_s: float = 7 * 24 * 3600, poll_s: float = 30.0, a
         if _succeeded(job["kind"], conditions):
             return status
         if "Failed" in conditions:
-            label = ("training.kubeflow.org/job-name" if job["kind"] == "PyTorchJob"
-                     else "jobset.sigs.k8s.io/jobset-name")
+            label = {"PyTorchJob": "training.kubeflow.org/job-name", "TrainJob": "jobset.sigs.k8s.io/jobset-name",
+                     "Experiment": "katib.kubeflow.org/experiment"}[job["kind"]]
             message = conditions["Failed"].get("message", "")
             raise TrainingJobFailed(f"{job['kind']} {namespace}/{name} failed: {message}"
                                     f" (see `kubectl -n {namespace} logs -l {label}={name}`)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from components.model.config import Config, load_config, parse_overrides
 
@@ -38,6 +38,8 @@ class TrainSettings:
         namespace: the job's namespace ("": the namespace this step runs in).
         checkpoint_uri: where checkpoints go, so a retried step resumes ("": next to model.pt).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        sweep: a hyper-parameter search (``components/train/sweep.py``'s ``SweepSettings``): the
+            stage trains its trials and outputs the best one's model ({}: train once).
     """
 
     config: str = "r50_1x"
@@ -52,6 +54,7 @@ class TrainSettings:
     namespace: str = ""
     checkpoint_uri: str = ""
     device: str = "auto"
+    sweep: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.overrides, str):  # "a=1;b=2", the CLI's and the old DAG parameter's form
@@ -60,6 +63,14 @@ class TrainSettings:
             raise ValueError(f"launcher must be one of {', '.join(LAUNCHERS)}, not {self.launcher!r}")
         if self.nodes < 1 or self.gpus_per_node < 0 or self.iterations < 0:
             raise ValueError("nodes must be >= 1, gpus_per_node and iterations >= 0")
+        if self.sweep:
+            self.sweep_settings()   # fails early, naming the bad key
+
+    def sweep_settings(self):
+        from components.common.settings import parse_settings
+        from components.train.sweep import SweepSettings
+
+        return parse_settings(SweepSettings, dict(self.sweep), "train.sweep")
 
 
 def scale_schedule(cfg: Config, iterations: int) -> Config:
@@ -97,6 +108,12 @@ def resolve_config(settings: TrainSettings, champion_uri: str | None = None) -> 
         cfg = scale_schedule(cfg, settings.iterations)
     model = dataclasses.replace(cfg.model, weights=init_weights(settings, cfg, champion_uri))
     return dataclasses.replace(cfg, model=model)
+
+
+def settings_fingerprint(settings: TrainSettings, cfg: Config) -> str:
+    """What decides the trained model besides the data: the config, and the search when there is one."""
+    sweep = json.dumps(settings.sweep, sort_keys=True, default=list) if settings.sweep else ""
+    return config_fingerprint(cfg) + (f"|sweep:{sweep}" if sweep else "")
 
 
 def config_fingerprint(cfg: Config) -> str:

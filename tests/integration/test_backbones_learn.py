@@ -10,8 +10,8 @@ import pytest
 from components.evaluate.core import EvalConfig, evaluate
 from components.synthetic.generator import SynthConfig, generate
 from components.train.trainer import train
-from tests.unit.test_backbones import TINY_CONFIGS
 from tests.training import make_shards
+from tests.unit.test_backbones import TINY_CONFIGS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

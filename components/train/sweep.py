@@ -1,0 +1,263 @@
+"""Hyper-parameter search as part of the train stage: ``train.sweep`` declares a search space;
+every trial is a real training + evaluation on the validation shards; the best trial's model
+is the stage's output, so it goes through the same evaluation, gate and promotion as any model.
+
+Two backends, one search space:
+
+- ``local`` (kfp.local, or one pod): the trials run one after another in the step, each logged
+  as an MLflow child run of the train stage run (params, curves, PQ).
+- ``katib`` (a cluster): the step creates a Katib ``Experiment`` (kubeflow.org/v1beta1) whose
+  trial template is a Job running ``python -m components.train.sweep_trial`` (train + evaluate,
+  printing ``PQ=...`` for Katib's stdout metrics collector), waits for it and takes the optimal
+  trial's model. Katib rather than a ParallelFor in the DAG: it brings the search algorithms
+  (random, grid, Bayesian, TPE, Hyperband) and early stopping, runs trials in parallel within a
+  budget (``parallel``, ``max_failed``), and shows them in Kubeflow's UI; the DAG stays one graph.
+
+A search space maps a name to a list (categorical) or a range ``{min, max, log, type}``: names
+are ``config`` and ``iterations`` (train settings) or any config key (``solver.base_lr``,
+``input.copy_paste_prob``, ``model.backbone``...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+TRAIN_KEYS = ("config", "iterations")     # search names that are train settings, not config keys
+ALGORITHMS = ("random", "grid")
+BACKENDS = ("local", "katib")
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """Args:
+        trials: how many (0: no sweep, the stage trains once).
+        space: name -> list of values, or {"min", "max", "log": false, "type": "double"|"int"}.
+        algorithm: random (seeded draws) or grid (the lists' product, in order; ranges need lists).
+        objective: the metric maximised (PQ, PQ_th, PQ_st, RQ ...).
+        seed: the random draws' seed.
+        backend: local (trials here, one by one) or katib (a Katib Experiment on the cluster).
+        parallel: trials at once (katib).
+        max_failed: failed trials Katib accepts before it fails the experiment.
+    """
+
+    trials: int = 0
+    space: dict = field(default_factory=dict)
+    algorithm: str = "random"
+    objective: str = "PQ"
+    seed: int = 0
+    backend: str = "local"
+    parallel: int = 2
+    max_failed: int = 1
+
+    def __post_init__(self):
+        if self.trials < 0:
+            raise ValueError("sweep.trials must be >= 0")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"sweep.algorithm must be one of {', '.join(ALGORITHMS)}, not {self.algorithm!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"sweep.backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.trials and not self.space:
+            raise ValueError("sweep.space is empty: name at least one setting to search")
+        for name, spec in self.space.items():
+            if isinstance(spec, (list, tuple)):
+                if not spec:
+                    raise ValueError(f"sweep.space.{name}: an empty list")
+            elif isinstance(spec, dict):
+                if set(spec) - {"min", "max", "log", "type"} or "min" not in spec or "max" not in spec:
+                    raise ValueError(f"sweep.space.{name}: a range is {{min, max, log, type}}, got {spec}")
+                if not float(spec["min"]) < float(spec["max"]):
+                    raise ValueError(f"sweep.space.{name}: min must be below max")
+                if spec.get("log") and float(spec["min"]) <= 0:
+                    raise ValueError(f"sweep.space.{name}: a log range needs min > 0")
+                if self.algorithm == "grid":
+                    raise ValueError(f"sweep.space.{name}: grid search needs lists of values, not ranges")
+            else:
+                raise ValueError(f"sweep.space.{name}: a list of values or a range {{min, max}}, not {spec!r}")
+
+
+def _draw(spec, rng: np.random.Generator):
+    if isinstance(spec, (list, tuple)):
+        return spec[int(rng.integers(len(spec)))]
+    lo, hi = float(spec["min"]), float(spec["max"])
+    if spec.get("type") == "int":
+        return int(rng.integers(int(lo), int(hi) + 1))
+    value = math.exp(rng.uniform(math.log(lo), math.log(hi))) if spec.get("log") else rng.uniform(lo, hi)
+    return float(f"{value:.6g}")
+
+
+def plan_trials(s: SweepSettings) -> list[dict]:
+    """The trials' assignments (name -> value), reproducibly: grid in order, random by seed."""
+    names = sorted(s.space)
+    if s.algorithm == "grid":
+        combos = itertools.product(*(s.space[n] for n in names))
+        return [dict(zip(names, values)) for values in itertools.islice(combos, s.trials)]
+    rng = np.random.default_rng(s.seed)
+    return [{n: _draw(s.space[n], rng) for n in names} for _ in range(s.trials)]
+
+
+def trial_settings(train, assignment: dict):
+    """The train settings of one trial: ``config``/``iterations`` replaced, config keys as overrides."""
+    direct = {k: v for k, v in assignment.items() if k in TRAIN_KEYS}
+    overrides = [f"{k}={json.dumps(v)}" for k, v in sorted(assignment.items()) if k not in TRAIN_KEYS]
+    return dataclasses.replace(train, **direct, overrides=tuple(train.overrides) + tuple(overrides), sweep={})
+
+
+@dataclass
+class Trial:
+    index: int
+    assignment: dict
+    model_uri: str
+    metrics: dict
+    run_id: str = ""
+
+
+def best_trial(trials: list[Trial], objective: str) -> Trial:
+    """The trial with the highest objective; a tie goes to the earlier trial."""
+    return max(trials, key=lambda t: (t.metrics[objective], -t.index))
+
+
+def run_trial(train, assignment: dict, train_shards: str, val_shards: str, out: str, eval_settings=None,
+              device: str = "auto", log_fn=None) -> tuple[str, dict]:
+    """Train and evaluate one trial into ``out``; returns (model URI, metrics)."""
+    from components.common import storage
+    from components.evaluate.core import EvalConfig, evaluate
+    from components.train.settings import resolve_config
+    from components.train.trainer import train as train_model
+
+    cfg = resolve_config(trial_settings(train, assignment))
+    result = train_model(cfg, train_shards, out, device=device, progress=False, log_fn=log_fn)
+    ecfg = eval_settings or EvalConfig(report_samples=0)
+    metrics = evaluate(result.model_uri, val_shards, storage.join(out, "evaluation"), ecfg, progress=False).metrics
+    return result.model_uri, metrics
+
+
+def run_local_sweep(train, sweep: SweepSettings, train_shards: str, val_shards: str, out: str, *,
+                    ml=None, device: str = "auto") -> tuple[Trial, list[Trial]]:
+    """Run the trials one by one (each a child run of the active MLflow run when ``ml`` is given);
+    returns (best, all)."""
+    import logging
+
+    from components.common import storage
+    from components.common.metrics import METRIC_KEYS
+
+    log = logging.getLogger(__name__)
+    trials = []
+    parent = ml.active_run() if ml is not None else None
+    for i, assignment in enumerate(plan_trials(sweep)):
+        folder = storage.join(out, f"trial-{i:03d}")
+        log.info("sweep trial %d (%d of %d): %s", i, i + 1, sweep.trials, assignment)
+        if ml is None:
+            model_uri, metrics = run_trial(train, assignment, train_shards, val_shards, folder, device=device)
+            trials.append(Trial(i, assignment, model_uri, metrics))
+            continue
+        name = f"trial {i} · {parent.info.run_name.split(' · ', 1)[-1]}"   # <stage> · <pipeline run>
+        with ml.start_run(run_name=name, nested=True, experiment_id=parent.info.experiment_id) as run:
+            ml.set_tags({"panoptic.kind": "trial", "panoptic.stage": "trial", "sweep.trial": str(i)})
+            ml.log_params({f"sweep.{k}": v for k, v in assignment.items()})
+
+            def log_fn(m, step):
+                ml.log_metrics({f"train/{k}": float(v) for k, v in m.items() if k != "iter"}, step=step)
+
+            model_uri, metrics = run_trial(train, assignment, train_shards, val_shards, folder, device=device,
+                                           log_fn=log_fn)
+            ml.log_metrics({k: metrics[k] for k in METRIC_KEYS})
+            trials.append(Trial(i, assignment, model_uri, metrics, run.info.run_id))
+        log.info("sweep trial %d: %s %.4f", i, sweep.objective, metrics[sweep.objective])
+    best = best_trial(trials, sweep.objective)
+    if ml is not None:
+        ml.set_tags({"sweep.best_trial": str(best.index), "sweep.best_run_id": best.run_id,
+                     "sweep.best": json.dumps(best.assignment, sort_keys=True)})
+        ml.log_metric(f"sweep_best_{sweep.objective}", best.metrics[sweep.objective])
+        client = ml.MlflowClient()
+        for t in trials:
+            client.set_tag(t.run_id, "sweep.best", str(t.index == best.index))
+    return best, trials
+
+
+# ---- the cluster form: a Katib Experiment ------------------------------------------------
+
+KATIB_API = "kubeflow.org/v1beta1"
+TRIAL_CONTAINER = "trial"
+
+
+def _katib_parameter(name: str, spec) -> dict:
+    kname = _katib_name(name)
+    if isinstance(spec, (list, tuple)):
+        return {"name": kname, "parameterType": "categorical", "feasibleSpace": {"list": [str(v) for v in spec]}}
+    space = {"min": str(spec["min"]), "max": str(spec["max"])}
+    if spec.get("log"):
+        space["distribution"] = "logUniform"
+    return {"name": kname, "parameterType": "int" if spec.get("type") == "int" else "double", "feasibleSpace": space}
+
+
+def _katib_name(name: str) -> str:
+    """A search name as a Katib parameter name (no dots: trial parameters are ${trialParameters.NAME})."""
+    return name.replace(".", "-").replace("_", "-")
+
+
+def render_katib_experiment(name: str, sweep: SweepSettings, train, *, image: str, train_shards: str,
+                            val_shards: str, output: str, namespace: str | None = None, env: dict | None = None,
+                            gpus: int = 1, cluster=None) -> dict:
+    """The Katib Experiment of a sweep: parameters from the space, the objective, the algorithm,
+    and a trial template (a batch/v1 Job) running ``components.train.sweep_trial`` with the
+    trial's assignment; the trial writes its model to ``output/trials/<trial name>/``."""
+    from components.common.cluster import ClusterSettings
+
+    c = cluster or ClusterSettings()
+    base = dataclasses.replace(train, sweep={})
+    args = ["python", "-m", "components.train.sweep_trial", "--train-shards", train_shards, "--val-shards", val_shards,
+            "--output", f"{output.rstrip('/')}/trials/${{trialParameters.trialName}}",
+            "--settings", json.dumps(dataclasses.asdict(base), default=list), "--objective", sweep.objective]
+    trial_parameters = [{"name": "trialName", "reference": "${trialSpec.Name}",
+                         "description": "the trial's name: its output folder"}]
+    for n in sorted(sweep.space):
+        k = _katib_name(n)
+        args += ["--assign", f"{n}=${{trialParameters.{k}}}"]
+        trial_parameters.append({"name": k, "reference": k, "description": f"train setting {n}"})
+    volumes, mounts = c.volumes()
+    container = {"name": TRIAL_CONTAINER, "image": image, "command": args, "env": c.pod_env(env or {}),
+                 "resources": c.pod_resources(gpus), "volumeMounts": mounts}
+    pod_spec: dict = {"restartPolicy": "Never", "serviceAccountName": c.service_account,
+                      "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
+                      "containers": [container], "volumes": volumes, "tolerations": c.tolerations()}
+    if c.node_selector:
+        pod_spec["nodeSelector"] = dict(c.node_selector)
+    spec = {
+        "objective": {"type": "maximize", "objectiveMetricName": sweep.objective,
+                      "additionalMetricNames": [m for m in ("PQ", "SQ", "RQ") if m != sweep.objective]},
+        "algorithm": {"algorithmName": sweep.algorithm,
+                      **({"algorithmSettings": [{"name": "random_state", "value": str(sweep.seed)}]}
+                         if sweep.algorithm == "random" else {})},
+        "parallelTrialCount": min(sweep.parallel, sweep.trials),
+        "maxTrialCount": sweep.trials,
+        "maxFailedTrialCount": sweep.max_failed,
+        "parameters": [_katib_parameter(n, sweep.space[n]) for n in sorted(sweep.space)],
+        "metricsCollectorSpec": {"collector": {"kind": "StdOut"}},
+        "trialTemplate": {
+            "primaryContainerName": TRIAL_CONTAINER,
+            "successCondition": 'status.conditions.#(type=="Complete")#|#(status=="True")#',
+            "failureCondition": 'status.conditions.#(type=="Failed")#|#(status=="True")#',
+            "trialParameters": trial_parameters,
+            "trialSpec": {"apiVersion": "batch/v1", "kind": "Job",
+                          "spec": {"backoffLimit": 0, "template": {"spec": pod_spec}}},
+        },
+    }
+    meta = {"name": name, **({"namespace": namespace} if namespace else {})}
+    return {"apiVersion": KATIB_API, "kind": "Experiment", "metadata": meta, "spec": spec}
+
+
+def katib_best(experiment: dict) -> tuple[str, dict, dict]:
+    """(trial name, assignment by Katib parameter name, metrics) of a finished Experiment."""
+    best = experiment.get("status", {}).get("currentOptimalTrial", {})
+    if not best.get("bestTrialName"):
+        raise RuntimeError(f"Katib experiment {experiment['metadata']['name']} has no optimal trial "
+                           f"(conditions: {experiment.get('status', {}).get('conditions')})")
+    assignment = {p["name"]: p["value"] for p in best.get("parameterAssignments", [])}
+    metrics = {m["name"]: float(m["latest"]) for m in best.get("observation", {}).get("metrics", [])}
+    return best["bestTrialName"], assignment, metrics

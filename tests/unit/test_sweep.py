@@ -1,0 +1,187 @@
+"""The hyper-parameter search: trials planned reproducibly from the declared space, the Katib
+Experiment it renders for a cluster checked against Katib's v1beta1 API (field names and
+enums from its Go types, the rules of its admission webhook), and the trial template's command
+run for real here, as a Katib trial pod would run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from components.common.cluster import ClusterSettings
+from components.train.settings import TrainSettings
+from components.train.sweep import (
+    SweepSettings,
+    Trial,
+    best_trial,
+    katib_best,
+    plan_trials,
+    render_katib_experiment,
+    trial_settings,
+)
+from tests.training import MICRO, make_shards
+from tests.unit.test_infra import K8S_VERSION
+
+KATIB = json.load(open(os.path.join(os.path.dirname(__file__), "..", "fixtures", "katib", "experiment_v1beta1.json")))
+
+SPACE = {"config": ["tiny", "convnext_t_tiny"], "iterations": [80, 120],
+         "solver.base_lr": {"min": 0.01, "max": 0.04, "log": True}, "input.copy_paste_prob": [0.0, 0.5]}
+
+
+def test_random_trials_are_reproducible_and_inside_the_space():
+    s = SweepSettings(trials=8, space=SPACE, seed=3)
+    trials = plan_trials(s)
+    assert trials == plan_trials(SweepSettings(trials=8, space=SPACE, seed=3)) != plan_trials(
+        SweepSettings(trials=8, space=SPACE, seed=4))
+    for t in trials:
+        assert t["config"] in SPACE["config"] and t["iterations"] in SPACE["iterations"]
+        assert 0.01 <= t["solver.base_lr"] <= 0.04 and t["input.copy_paste_prob"] in (0.0, 0.5)
+    assert len({t["solver.base_lr"] for t in trials}) == 8
+
+
+def test_grid_walks_the_product_in_order():
+    s = SweepSettings(trials=3, algorithm="grid", space={"iterations": [10, 20], "input.flip_prob": [0.0, 0.5]})
+    assert plan_trials(s) == [{"input.flip_prob": 0.0, "iterations": 10}, {"input.flip_prob": 0.0, "iterations": 20},
+                              {"input.flip_prob": 0.5, "iterations": 10}]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"trials": 2}, "space is empty"),
+    ({"trials": 2, "space": {"x": []}}, "empty list"),
+    ({"trials": 2, "space": {"x": {"min": 2, "max": 1}}}, "min must be below max"),
+    ({"trials": 2, "space": {"x": {"min": 0, "max": 1, "log": True}}}, "log range needs min > 0"),
+    ({"trials": 2, "algorithm": "grid", "space": {"x": {"min": 0, "max": 1}}}, "grid search needs lists"),
+    ({"trials": 2, "algorithm": "bayes", "space": {"x": [1]}}, "algorithm must be one of"),
+])
+def test_bad_search_spaces_are_refused_with_the_reason(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrainSettings(sweep=bad)
+
+
+def test_a_trial_is_the_base_settings_with_its_assignment():
+    base = TrainSettings(config="tiny", iterations=300, overrides=("solver.ims_per_batch=2",), sweep={"trials": 1,
+                                                                                                       "space": SPACE})
+    t = trial_settings(base, {"config": "convnext_t_tiny", "iterations": 80, "solver.base_lr": 0.02})
+    assert (t.config, t.iterations, t.sweep) == ("convnext_t_tiny", 80, {})
+    assert t.overrides == ("solver.ims_per_batch=2", "solver.base_lr=0.02")
+
+
+def test_the_best_trial_maximises_the_objective_and_ties_go_to_the_first():
+    trials = [Trial(0, {}, "a", {"PQ": 0.5}), Trial(1, {}, "b", {"PQ": 0.7}), Trial(2, {}, "c", {"PQ": 0.7})]
+    assert best_trial(trials, "PQ").index == 1
+
+
+def _render(**kw):
+    sweep = SweepSettings(trials=4, space=SPACE, parallel=2, backend="katib")
+    return render_katib_experiment("panoptic-sweep-1", sweep, TrainSettings(config="tiny", sweep={}),
+                                   image="ghcr.io/panoptic-pipeline/panoptic-cuda:0.1.0", train_shards="s3://b/train",
+                                   val_shards="s3://b/val", output="s3://b/model", namespace="team-a",
+                                   cluster=ClusterSettings(), env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"}, **kw)
+
+
+def _check_fields(node, type_name: str, path: str):
+    """Every key of ``node`` is a json field of Katib's Go struct ``type_name`` (recursively)."""
+    structs = KATIB["structs"]
+    if type_name not in structs:
+        return
+    fields = dict(structs[type_name])
+    for k, t in list(fields.items()):
+        if k.startswith("__inline__"):
+            fields.update(structs[t])
+    for key, value in node.items():
+        assert key in fields, f"{path}.{key} is not a field of Katib's {type_name}: {sorted(fields)}"
+        if key == "trialSpec":   # unstructured: validated as the Kubernetes object it is, below
+            continue
+        child = fields[key]
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict):
+                _check_fields(item, child, f"{path}.{key}")
+            elif child in KATIB["enums"]:
+                assert item in KATIB["enums"][child], f"{path}.{key}: {item!r} is not a Katib {child}"
+
+
+def test_the_katib_experiment_uses_katibs_fields_and_passes_its_webhook_rules():
+    exp = _render()
+    assert exp["apiVersion"] == "kubeflow.org/v1beta1" and exp["kind"] == "Experiment"
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", exp["metadata"]["name"])
+    spec = exp["spec"]
+    _check_fields(spec, "ExperimentSpec", "spec")
+    # the admission webhook's rules (pkg/webhook/v1beta1/experiment/validator)
+    assert 0 < spec["parallelTrialCount"] <= spec["maxTrialCount"] and 0 <= spec["maxFailedTrialCount"] <= \
+        spec["maxTrialCount"]
+    assert spec["objective"]["type"] in ("maximize", "minimize") and spec["objective"]["objectiveMetricName"] == "PQ"
+    assert "PQ" not in spec["objective"]["additionalMetricNames"]
+    assert spec["algorithm"]["algorithmName"] in KATIB["suggestion_algorithms"]
+    for p in spec["parameters"]:
+        fs = p["feasibleSpace"]
+        if p["parameterType"] in ("double", "int"):
+            assert "list" not in fs and fs["min"] and fs["max"]
+        else:
+            assert set(fs) == {"list"} and all(isinstance(v, str) for v in fs["list"])
+    tt = spec["trialTemplate"]
+    assert tt["successCondition"] and tt["failureCondition"]
+    text = json.dumps(tt["trialSpec"])
+    names = {p["name"] for p in spec["parameters"]}
+    for tp in tt["trialParameters"]:
+        assert "{" not in tp["name"] and f"${{trialParameters.{tp['name']}}}" in text
+        assert tp["reference"] in names or re.fullmatch(r"\$\{trialSpec\.\w+\}", tp["reference"])
+    assert len({tp["name"] for tp in tt["trialParameters"]}) == len(tt["trialParameters"])
+    assert {tp["reference"] for tp in tt["trialParameters"]} >= names   # every searched value reaches the trial
+    job = tt["trialSpec"]
+    assert "name" not in job.get("metadata", {}) and job["apiVersion"] and job["kind"]
+    containers = job["spec"]["template"]["spec"]["containers"]
+    assert tt["primaryContainerName"] in [c["name"] for c in containers]
+    assert spec["metricsCollectorSpec"]["collector"]["kind"] == "StdOut"
+
+
+def test_the_trial_template_is_a_valid_kubernetes_job():
+    import kubernetes_validate
+
+    job = _render()["spec"]["trialTemplate"]["trialSpec"]
+    job = json.loads(json.dumps(job).replace("${trialParameters.", "TRIAL-").replace("${trialSpec.", "SPEC-"))
+    job["metadata"] = {"name": "trial-1", "namespace": "team-a"}
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["restartPolicy"] == "Never"
+
+
+def test_katib_best_reads_the_optimal_trial():
+    status = {"currentOptimalTrial": {"bestTrialName": "panoptic-sweep-1-abc",
+                                      "parameterAssignments": [{"name": "solver-base-lr", "value": "0.02"}],
+                                      "observation": {"metrics": [{"name": "PQ", "latest": "0.61", "max": "0.61",
+                                                                   "min": "0.61"}]}}}
+    name, assignment, metrics = katib_best({"metadata": {"name": "x"}, "status": status})
+    assert (name, assignment, metrics) == ("panoptic-sweep-1-abc", {"solver-base-lr": "0.02"}, {"PQ": 0.61})
+    with pytest.raises(RuntimeError, match="no optimal trial"):
+        katib_best({"metadata": {"name": "x"}, "status": {}})
+
+
+def test_the_trial_command_runs_as_katib_would_run_it(synth_root, tmp_path):
+    """Katib substitutes the trial parameters into the template's command and reads NAME=VALUE
+    lines from stdout: do the same with local shards, and train + evaluate for real."""
+    train_shards = make_shards(synth_root, str(tmp_path / "train"), size=4)
+    val_shards = make_shards(synth_root, str(tmp_path / "val"), split="val2017", size=2)
+    micro = [f"{section}.{k}={json.dumps(v)}" for section, values in MICRO.items() if isinstance(values, dict)
+             for k, v in values.items()]
+    sweep = SweepSettings(trials=2, space={"iterations": [2, 3], "solver.base_lr": {"min": 0.001, "max": 0.01}},
+                          backend="katib")
+    exp = render_katib_experiment("s", sweep, TrainSettings(config="tiny", overrides=tuple(micro), device="cpu"),
+                                  image="x", train_shards=train_shards, val_shards=val_shards,
+                                  output=str(tmp_path / "model"))
+    command = exp["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    values = {"trialName": "s-trial-1", "iterations": "3", "solver-base-lr": "0.005"}
+    command = [re.sub(r"\$\{trialParameters\.([\w-]+)\}", lambda m: values[m.group(1)], part) for part in command]
+    assert command[:3] == ["python", "-m", "components.train.sweep_trial"]
+    out = subprocess.run([sys.executable] + command[1:], capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    metrics = dict(line.split("=") for line in out.stdout.split() if re.fullmatch(r"\w+=[\d.]+", line))
+    assert set(metrics) >= {"PQ", "SQ", "RQ"} and out.stdout.startswith("PQ=")
+    trial = tmp_path / "model" / "trials" / "s-trial-1"
+    assert (trial / "model.pt").exists() and json.load(open(trial / "evaluation" / "metrics.json"))["PQ"] == \
+        pytest.approx(float(metrics["PQ"]), abs=1e-6)
