@@ -67,13 +67,19 @@ class PQStat:
             raise PredictionError(
                 f"In the image with ID {image_id} the prediction is {pred_ids.shape[0]}x{pred_ids.shape[1]} (HxW) "
                 f"but the ground truth is {gt_ids.shape[0]}x{gt_ids.shape[1]}; predict at the original image size.")
+        keys, inter = pair_counts(gt_ids, pred_ids)
+        self.add_pairs(image_id, keys, inter, gt_segments, pred_segments, categories)
+
+    def add_pairs(self, image_id, keys: np.ndarray, inter: np.ndarray, gt_segments: list[dict],
+                  pred_segments: list[dict], categories: dict[int, dict]) -> None:
+        """Score one image from its (gt, pred) pair counts (``pair_counts`` or, on the device that
+        ran inference, ``device_pair_counts``): sorted packed keys ``gt << 24 | pred`` and pixels."""
         gt_segms = {el["id"]: el for el in gt_segments}
         pred_segms = {el["id"]: el for el in pred_segments}
         if len(pred_segms) != len(pred_segments):
             dup = sorted({el["id"] for el in pred_segments if sum(p["id"] == el["id"] for p in pred_segments) > 1})
             raise PredictionError(f"In the image with ID {image_id} segment IDs {dup} are listed more than once "
                                   f"in segments_info; segment ids must be unique within an image.")
-        keys, inter = pair_counts(gt_ids, pred_ids)
         gt_of, pred_of = keys >> np.uint64(24), keys & np.uint64(0xFFFFFF)
         pairs = {(int(g), int(p)): int(n) for g, p, n in zip(gt_of, pred_of, inter)}  # sorted as panopticapi's
         pred_area: dict[int, int] = {}
@@ -178,6 +184,16 @@ def pair_counts(gt_ids: np.ndarray, pred_ids: np.ndarray) -> tuple[np.ndarray, n
     keys, inverse = np.unique(heads, return_inverse=True)
     counts = np.bincount(inverse.ravel(), weights=lengths, minlength=len(keys)).astype(np.int64)
     return keys, counts
+
+
+def device_pair_counts(gt_ids, pred_ids) -> tuple[np.ndarray, np.ndarray]:
+    """``pair_counts`` on torch tensors, on their device (integer ops only: the pairs and counts
+    are exactly the numpy path's); only the few distinct pairs come back to the host."""
+    import torch
+
+    packed = (gt_ids.reshape(-1).to(torch.int64) << 24) | pred_ids.reshape(-1).to(torch.int64)
+    keys, counts = torch.unique(packed, sorted=True, return_counts=True)
+    return keys.cpu().numpy().astype(np.uint64), counts.cpu().numpy().astype(np.int64)
 
 
 def _read_png(folder: str, name: str, image_id, what: str) -> np.ndarray:

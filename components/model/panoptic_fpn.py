@@ -134,13 +134,14 @@ class PanopticFPN(nn.Module):
         levels = [features[k] for k in ("0", "1", "2", "3")]
         rpn_levels = levels + [features["pool"]]
         if self.training:
-            targets = [{"boxes": s["boxes"].to(self.device), "labels": s["labels"].to(self.device),
-                        "masks": s["masks"].to(self.device)} for s in batch]
+            # non-blocking: the loader pins its batches on a GPU, so the copies overlap the forward
+            targets = [{k: s[k].to(self.device, non_blocking=True) for k in ("boxes", "labels", "masks")}
+                       for s in batch]
             sem_t = torch.full(images.shape[:1] + images.shape[2:], IGNORE_LABEL, dtype=torch.long,
                                device=self.device)
             for i, s in enumerate(batch):
                 h, w = s["sem_seg"].shape
-                sem_t[i, :h, :w] = s["sem_seg"].to(self.device)
+                sem_t[i, :h, :w] = s["sem_seg"].to(self.device, non_blocking=True)
             _, losses = self.sem_seg_head(levels, sem_t)
             proposals, rpn_losses = self.rpn(rpn_levels, sizes, [t["boxes"] for t in targets])
             _, roi_losses = self.roi_heads(features, [p["boxes"] for p in proposals], sizes, targets)

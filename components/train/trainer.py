@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
 import pickle
 import random
@@ -274,16 +273,16 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
                        enabled=progress and not rank)
     t_last, it_last = time.perf_counter(), start
     model.train()
+    # the first iteration whose loss was not finite, kept on the device (-1: none) and read only
+    # when the loop syncs anyway (logging, checkpoints, the end): no host sync per step
+    nonfinite_at = torch.full((), -1, dtype=torch.int64, device=dev)
     with _Preemption() as preemption:
         for it in range(start, end):
             batch = next(batches)
             with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
                 losses = ddp_model(batch)
             loss = sum(losses.values())
-            if not math.isfinite(float(loss.detach())):
-                raise FloatingPointError(f"loss became {float(loss)} at iteration {it + 1}: "
-                                         f"{_reduce_losses(losses, 1)}; "
-                                         f"lower solver.base_lr or enable solver.clip_grad_norm")
+            nonfinite_at = torch.where((nonfinite_at < 0) & ~torch.isfinite(loss.detach()), it + 1, nonfinite_at)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if s.clip_grad_norm > 0:
@@ -295,6 +294,14 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
             done = it + 1
             bar.update(1)
 
+            check = (done % cfg.log_period == 0 or done == end or done % s.checkpoint_period == 0
+                     or (world == 1 and preemption.requested))
+            if check:
+                first_bad = int(nonfinite_at)
+                if first_bad >= 0:   # before any checkpoint or record of what followed it
+                    raise FloatingPointError(f"the loss stopped being finite at iteration {first_bad} (losses at "
+                                             f"{done}: {_reduce_losses(losses, 1)}); lower solver.base_lr or enable "
+                                             f"solver.clip_grad_norm")
             if done % cfg.log_period == 0 or done == end:
                 values = _reduce_losses(losses, world)
                 now = time.perf_counter()
@@ -309,10 +316,12 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
                 if rank == 0 and log_fn:
                     log_fn(record, done)
             stop_now = preemption.requested or done == end
-            if world > 1:  # every rank must agree to stop (SIGTERM may reach one first)
-                flag = torch.tensor([float(stop_now)], device=dev)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop_now = bool(flag.item())
+            if world > 1:  # every rank must agree to stop (SIGTERM may reach one first): agreed at the
+                stop_now = done == end   # loop's sync points only, not with a collective every step
+                if check:
+                    flag = torch.tensor([float(preemption.requested)], device=dev)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    stop_now = stop_now or bool(flag.item())
             if (done % s.checkpoint_period == 0 or stop_now) and rank == 0:
                 save_checkpoint(output, done, model, optimizer, scheduler, scaler, cfg)
                 storage.write_text(metrics_uri, json.dumps({"history": history}, indent=1))

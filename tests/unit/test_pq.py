@@ -170,3 +170,30 @@ def test_stat_merging_adds_up():
     a[1].tp, a[1].iou, b[1].fp, b[2].fn = 2, 1.5, 1, 3
     a += b
     assert (a[1].tp, a[1].fp, a[2].fn, a[1].iou) == (2, 1, 3, 1.5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_device_pair_counting_equals_panopticapi(synth_root, tmp_path, mode):
+    """The pair counting that runs on the inference device (torch integer ops; here the CPU,
+    the same code on a GPU) gives the numpy path's pairs and panopticapi's PQ."""
+    import torch
+
+    from components.common.coco_panoptic import decode_png
+    from components.evaluate.pq import device_pair_counts, pair_counts
+
+    gt_json, gt_dir = _gt(synth_root)
+    pred_json, pred_dir = write_predictions(synth_root, "val2017", str(tmp_path), mode, seed=11)
+    gt, pred = json.load(open(gt_json)), json.load(open(pred_json))
+    categories = {c["id"]: c for c in gt["categories"]}
+    preds = {a["image_id"]: a for a in pred["annotations"]}
+    stat = PQStat()
+    for ann in gt["annotations"]:
+        p = preds[ann["image_id"]]
+        gt_ids = decode_png(open(os.path.join(gt_dir, ann["file_name"]), "rb").read(), ann["file_name"])
+        pred_ids = decode_png(open(os.path.join(pred_dir, p["file_name"]), "rb").read(), p["file_name"])
+        keys, counts = device_pair_counts(torch.from_numpy(gt_ids.astype(np.int64)),
+                                          torch.from_numpy(pred_ids.astype(np.int64)))
+        ref_keys, ref_counts = pair_counts(gt_ids, pred_ids)
+        assert np.array_equal(keys, ref_keys) and np.array_equal(counts, ref_counts)
+        stat.add_pairs(ann["image_id"], keys, counts, ann["segments_info"], p["segments_info"], categories)
+    assert_same(stat.results(categories), reference(gt_json, pred_json, gt_dir, pred_dir))

@@ -77,3 +77,31 @@ def test_sigterm_checkpoints_and_a_rerun_resumes(shards, tmp_path):
     assert f"resumed from {stopped_at}" in again.stdout
     ref, run = load_state(str(tmp_path / "ref" / "model.pt")), load_state(str(tmp_path / "run" / "model.pt"))
     assert max_abs_diff(ref, run) <= 1e-6
+
+
+def test_a_non_finite_loss_stops_training_at_the_next_sync_before_any_checkpoint(shards, tmp_path, monkeypatch):
+    """The loop keeps the finiteness check on the device and reads it only where it syncs anyway
+    (log period, checkpoints, the end): a NaN at iteration 3 stops the run at iteration 4 (a
+    checkpoint iteration), naming iteration 3, and no checkpoint holds what followed it."""
+    import math
+
+    import torch
+
+    from components.model.panoptic_fpn import PanopticFPN
+
+    forward, calls = PanopticFPN.forward, []
+
+    def nan_at_third(self, batch):
+        out = forward(self, batch)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 3:
+                out = {**out, "loss_sem_seg": out["loss_sem_seg"] + torch.tensor(math.nan)}  # no NaN gradient
+        return out
+
+    monkeypatch.setattr(PanopticFPN, "forward", nan_at_third)
+    cfg = micro_config(solver={"max_iter": 6, "checkpoint_period": 2}, log_period=5)
+    with pytest.raises(FloatingPointError, match="stopped being finite at iteration 3 .*losses at 4"):
+        train(cfg, shards, str(tmp_path / "run"), progress=False)
+    assert latest_checkpoint(str(tmp_path / "run")).endswith("model_0000002.pth")
+    assert len(calls) == 4
