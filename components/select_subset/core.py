@@ -12,7 +12,7 @@ import csv
 import io
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -60,7 +60,7 @@ class SubsetConfig:
 
 
 @dataclass(frozen=True)
-class SubsetSettings:
+class SubsetSettings(SubsetConfig):
     """The subset stage's settings in the pipeline: the train subset (``SubsetConfig``'s fields)
     and the validation subset, each from its split.
 
@@ -68,15 +68,6 @@ class SubsetSettings:
     sample) keeps the evaluation data, and so the gate's comparison, the same.
     """
 
-    size: float | None = None
-    strategy: str = "random"
-    seed: int = 0
-    min_per_category: int = 50
-    include_categories: tuple = ()
-    exclude_categories: tuple = ()
-    min_segments: int = 0
-    max_segments: int | None = None
-    crowded_only: bool = False
     val_size: float | None = None
     val_seed: int = 0
     train_split: str = "train2017"
@@ -88,15 +79,13 @@ class SubsetSettings:
                 object.__setattr__(self, name, None)
             elif isinstance(getattr(self, name), str):
                 object.__setattr__(self, name, float(getattr(self, name)))
-        self.train_config(), self.val_config()  # validate both now
+        super().__post_init__()
+        self.val_config()  # validate it now too
 
-    def train_config(self) -> "SubsetConfig":
-        return SubsetConfig(size=self.size, strategy=self.strategy, seed=self.seed,
-                            min_per_category=self.min_per_category, include_categories=self.include_categories,
-                            exclude_categories=self.exclude_categories, min_segments=self.min_segments,
-                            max_segments=self.max_segments, crowded_only=self.crowded_only)
+    def train_config(self) -> SubsetConfig:
+        return SubsetConfig(**{f.name: getattr(self, f.name) for f in fields(SubsetConfig)})
 
-    def val_config(self) -> "SubsetConfig":
+    def val_config(self) -> SubsetConfig:
         return SubsetConfig(size=self.val_size, seed=self.val_seed)
 
 
