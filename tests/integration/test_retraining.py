@@ -164,6 +164,9 @@ def test_registry_outage_mid_pipeline_fails_each_stage_promotes_nothing_and_a_re
     champion_before = client.get_model_version_by_alias("panoptic-fpn", "champion").version
     versions_before = len(_versions(server))
     run = start_pipeline_run(server)  # the run began while the server answered
+    # register's input as the evaluate stage leaves it (that stage itself now stops before it
+    # evaluates when MLflow is down: its run, with system metrics, opens first)
+    evaluate(data["m2"], data["val"]["B"], str(tmp_path / "e"), EvalConfig(**EVAL), progress=False)
     subset = os.path.join(data["tmp"], "train", "subset")
     train_settings = {"config": "tiny", "iterations": 1, "overrides": MICRO_OVERRIDES}
     stages = {
