@@ -241,7 +241,8 @@ def _sweep(ts, cfg, train_shards: str, val_shards: str, model_out: str, output: 
     from components.common.cluster import ClusterSettings
     from components.common.tracking import code_version
     from components.train.settings import resolve_config
-    from components.train.sweep import katib_best, render_katib_experiment, run_local_sweep, trial_settings
+    from components.train.sweep import katib_best, render_katib_experiment, trial_settings
+    from pipeline.sweep import run_local_sweep
 
     if not val_shards:
         raise ValueError("train.sweep needs the validation shards to rank its trials (val_shards)")

@@ -5,9 +5,10 @@ is the stage's output, so it goes through the same evaluation, gate and promotio
 Two backends, one search space:
 
 - ``local`` (kfp.local, or one pod): the trials run one after another in the step, each logged
-  as an MLflow child run of the train stage run (params, curves, PQ).
+  as an MLflow child run of the train stage run (params, curves, PQ): ``pipeline/sweep.py``,
+  which may call both the train and the evaluate stage (a stage never imports another).
 - ``katib`` (a cluster): the step creates a Katib ``Experiment`` (kubeflow.org/v1beta1) whose
-  trial template is a Job running ``python -m components.train.sweep_trial`` (train + evaluate,
+  trial template is a Job running ``python -m pipeline.sweep_trial`` (train + evaluate,
   printing ``PQ=...`` for Katib's stdout metrics collector), waits for it and takes the optimal
   trial's model. Katib rather than a ParallelFor in the DAG: it brings the search algorithms
   (random, grid, Bayesian, TPE, Hyperband) and early stopping, runs trials in parallel within a
@@ -56,6 +57,11 @@ class SweepSettings:
     max_failed: int = 1
 
     def __post_init__(self):
+        # KFP hands a mapping over as a protobuf Struct, whose numbers are all floats (80 -> 80.0):
+        # a whole number in a list of values is an int again (an LR of 1.0 works as 1 too)
+        object.__setattr__(self, "space", {
+            name: [int(v) if isinstance(v, float) and v.is_integer() else v for v in spec]
+            if isinstance(spec, (list, tuple)) else spec for name, spec in dict(self.space).items()})
         if self.trials < 0:
             raise ValueError("sweep.trials must be >= 0")
         if self.algorithm not in ALGORITHMS:
@@ -122,64 +128,6 @@ def best_trial(trials: list[Trial], objective: str) -> Trial:
     return max(trials, key=lambda t: (t.metrics[objective], -t.index))
 
 
-def run_trial(train, assignment: dict, train_shards: str, val_shards: str, out: str, eval_settings=None,
-              device: str = "auto", log_fn=None) -> tuple[str, dict]:
-    """Train and evaluate one trial into ``out``; returns (model URI, metrics)."""
-    from components.common import storage
-    from components.evaluate.core import EvalConfig, evaluate
-    from components.train.settings import resolve_config
-    from components.train.trainer import train as train_model
-
-    cfg = resolve_config(trial_settings(train, assignment))
-    result = train_model(cfg, train_shards, out, device=device, progress=False, log_fn=log_fn)
-    ecfg = eval_settings or EvalConfig(report_samples=0)
-    metrics = evaluate(result.model_uri, val_shards, storage.join(out, "evaluation"), ecfg, progress=False).metrics
-    return result.model_uri, metrics
-
-
-def run_local_sweep(train, sweep: SweepSettings, train_shards: str, val_shards: str, out: str, *,
-                    ml=None, device: str = "auto") -> tuple[Trial, list[Trial]]:
-    """Run the trials one by one (each a child run of the active MLflow run when ``ml`` is given);
-    returns (best, all)."""
-    import logging
-
-    from components.common import storage
-    from components.common.metrics import METRIC_KEYS
-
-    log = logging.getLogger(__name__)
-    trials = []
-    parent = ml.active_run() if ml is not None else None
-    for i, assignment in enumerate(plan_trials(sweep)):
-        folder = storage.join(out, f"trial-{i:03d}")
-        log.info("sweep trial %d (%d of %d): %s", i, i + 1, sweep.trials, assignment)
-        if ml is None:
-            model_uri, metrics = run_trial(train, assignment, train_shards, val_shards, folder, device=device)
-            trials.append(Trial(i, assignment, model_uri, metrics))
-            continue
-        name = f"trial {i} · {parent.info.run_name.split(' · ', 1)[-1]}"   # <stage> · <pipeline run>
-        with ml.start_run(run_name=name, nested=True, experiment_id=parent.info.experiment_id) as run:
-            ml.set_tags({"panoptic.kind": "trial", "panoptic.stage": "trial", "sweep.trial": str(i)})
-            ml.log_params({f"sweep.{k}": v for k, v in assignment.items()})
-
-            def log_fn(m, step):
-                ml.log_metrics({f"train/{k}": float(v) for k, v in m.items() if k != "iter"}, step=step)
-
-            model_uri, metrics = run_trial(train, assignment, train_shards, val_shards, folder, device=device,
-                                           log_fn=log_fn)
-            ml.log_metrics({k: metrics[k] for k in METRIC_KEYS})
-            trials.append(Trial(i, assignment, model_uri, metrics, run.info.run_id))
-        log.info("sweep trial %d: %s %.4f", i, sweep.objective, metrics[sweep.objective])
-    best = best_trial(trials, sweep.objective)
-    if ml is not None:
-        ml.set_tags({"sweep.best_trial": str(best.index), "sweep.best_run_id": best.run_id,
-                     "sweep.best": json.dumps(best.assignment, sort_keys=True)})
-        ml.log_metric(f"sweep_best_{sweep.objective}", best.metrics[sweep.objective])
-        client = ml.MlflowClient()
-        for t in trials:
-            client.set_tag(t.run_id, "sweep.best", str(t.index == best.index))
-    return best, trials
-
-
 # ---- the cluster form: a Katib Experiment ------------------------------------------------
 
 KATIB_API = "kubeflow.org/v1beta1"
@@ -205,13 +153,13 @@ def render_katib_experiment(name: str, sweep: SweepSettings, train, *, image: st
                             val_shards: str, output: str, namespace: str | None = None, env: dict | None = None,
                             gpus: int = 1, cluster=None) -> dict:
     """The Katib Experiment of a sweep: parameters from the space, the objective, the algorithm,
-    and a trial template (a batch/v1 Job) running ``components.train.sweep_trial`` with the
+    and a trial template (a batch/v1 Job) running ``pipeline.sweep_trial`` with the
     trial's assignment; the trial writes its model to ``output/trials/<trial name>/``."""
     from components.common.cluster import ClusterSettings
 
     c = cluster or ClusterSettings()
     base = dataclasses.replace(train, sweep={})
-    args = ["python", "-m", "components.train.sweep_trial", "--train-shards", train_shards, "--val-shards", val_shards,
+    args = ["python", "-m", "pipeline.sweep_trial", "--train-shards", train_shards, "--val-shards", val_shards,
             "--output", f"{output.rstrip('/')}/trials/${{trialParameters.trialName}}",
             "--settings", json.dumps(dataclasses.asdict(base), default=list), "--objective", sweep.objective]
     trial_parameters = [{"name": "trialName", "reference": "${trialSpec.Name}",

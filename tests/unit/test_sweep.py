@@ -44,6 +44,16 @@ def test_random_trials_are_reproducible_and_inside_the_space():
     assert len({t["solver.base_lr"] for t in trials}) == 8
 
 
+def test_a_space_that_went_through_kfp_keeps_its_integers():
+    """kfp passes dict parameters as protobuf Structs: every number arrives as a float."""
+    from components.common.settings import parse_settings
+
+    s = parse_settings(SweepSettings, {"trials": 3.0, "seed": 0.0, "space": {"iterations": [80.0, 120.0],
+                                                                           "input.copy_paste_prob": [0.0, 0.5]}})
+    for t in plan_trials(s):
+        assert type(t["iterations"]) is int and trial_settings(TrainSettings(), t).iterations in (80, 120)
+
+
 def test_grid_walks_the_product_in_order():
     s = SweepSettings(trials=3, algorithm="grid", space={"iterations": [10, 20], "input.flip_prob": [0.0, 0.5]})
     assert plan_trials(s) == [{"input.flip_prob": 0.0, "iterations": 10}, {"input.flip_prob": 0.0, "iterations": 20},
@@ -176,7 +186,7 @@ def test_the_trial_command_runs_as_katib_would_run_it(synth_root, tmp_path):
     command = exp["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]["containers"][0]["command"]
     values = {"trialName": "s-trial-1", "iterations": "3", "solver-base-lr": "0.005"}
     command = [re.sub(r"\$\{trialParameters\.([\w-]+)\}", lambda m: values[m.group(1)], part) for part in command]
-    assert command[:3] == ["python", "-m", "components.train.sweep_trial"]
+    assert command[:3] == ["python", "-m", "pipeline.sweep_trial"]
     out = subprocess.run([sys.executable] + command[1:], capture_output=True, text=True, timeout=600,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert out.returncode == 0, out.stderr[-2000:]

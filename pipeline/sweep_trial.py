@@ -1,6 +1,6 @@
 """One trial of a Katib sweep (the trial template's command): train with the trial's
 assignment, evaluate on the validation shards, print the metrics as ``NAME=VALUE`` lines for
-Katib's stdout collector. ``python -m components.train.sweep_trial --help``."""
+Katib's stdout collector. ``python -m pipeline.sweep_trial --help``."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def main(train_shards, val_shards, output, settings, assignments, objective):
     from components.common.metrics import METRIC_KEYS
     from components.common.settings import parse_settings
     from components.train.settings import TrainSettings
-    from components.train.sweep import run_trial
+    from pipeline.sweep import run_trial
 
     setup_logging()
     train = parse_settings(TrainSettings, json.loads(settings), "--settings")
