@@ -124,6 +124,13 @@ def run_ours(model, image: np.ndarray) -> dict:
 
 # -- comparison ------------------------------------------------------------------------------
 
+# A matched mask or segment "agrees" at IoU >= 0.99, or, when it is small, with at most this many
+# pixels different: probabilities within float noise of the 0.5 threshold flip with the CPU's
+# kernels (the golden files came from an AVX2 machine; on an AVX-512 one, 2 pixels of a 94-pixel
+# mask differ: IoU 0.989)
+PIXELS_AT_THRESHOLD = 3
+
+
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0  # two empty masks agree
@@ -201,10 +208,9 @@ def compare(ref: dict, ours: dict) -> dict:
         r["score_max_diff"] = float(np.abs(ref["scores"][i] - ours["scores"][j]).max())
         mi = [mask_iou(ref["masks"][a], ours["masks"][b]) for a, b in pairs]
         r["mask_iou_min"], r["mask_iou_mean"] = float(np.min(mi)), float(np.mean(mi))
-        # pixels on which a matched mask differs: a mask probability within float noise of
-        # the 0.5 threshold flips with the CPU's kernels (AVX2 vs AVX-512): one pixel of a
-        # 94-pixel mask is IoU 0.989
-        r["mask_pixels_off_max"] = int(max(np.logical_xor(ref["masks"][a], ours["masks"][b]).sum() for a, b in pairs))
+        off = [int(np.logical_xor(ref["masks"][a], ours["masks"][b]).sum()) for a, b in pairs]
+        r["mask_pixels_off_max"] = max(off)
+        r["masks_apart"] = sum(1 for iou, n in zip(mi, off) if iou < 0.99 and n > PIXELS_AT_THRESHOLD)
     n = min(len(ref["masks"]), len(ours["masks"]))
     in_order = [mask_iou(ref["masks"][k], ours["masks"][k]) for k in range(n)]
     r["mask_iou_in_order"] = float(np.mean(in_order)) if n else 1.0
@@ -221,6 +227,7 @@ def compare(ref: dict, ours: dict) -> dict:
     r["segments_same"] = key(ref["segments"]) == key(ours["segments"])
     r["segment_iou_min"] = float(seg_iou.min()) if len(seg_iou) else 1.0
     r["segment_pixels_off_max"] = int(seg_off.max()) if len(seg_off) else 0
+    r["segments_apart"] = int(((seg_iou < 0.99) & (seg_off > PIXELS_AT_THRESHOLD)).sum())
     return r
 
 

@@ -266,7 +266,7 @@ def version_description(metrics: dict, decision: GateDecision, lineage: dict, ch
                       for label, a, b, c in rows)
     verdict = "**promoted to champion**" if decision.promote else "**not promoted**"
     if decision.champion_version is None:
-        compared = "There was no champion: the first version becomes champion."
+        compared = ""   # the reason says it: no champion yet
     else:
         source = (champion or {}).get("source", "registered")
         how = {"logged": "its registered metrics, measured on the same validation data",
@@ -279,7 +279,7 @@ def version_description(metrics: dict, decision: GateDecision, lineage: dict, ch
         "",
         "| | PQ | SQ | RQ |", "|---|---|---|---|", table,
         "",
-        f"Gate: {verdict}. {decision.reason} (margin {cfg.margin}, per-category tolerance {cfg.tolerance}). "
+        f"Gate: {verdict}: {decision.reason} (margin {cfg.margin}, per-category tolerance {cfg.tolerance}). "
         + compared,
         "",
         "Data (MLflow dataset digests):",
