@@ -265,10 +265,7 @@ def _sweep(ts, cfg, train_shards: str, val_shards: str, model_out: str, output: 
                 val_shards=val_shards, output=output, namespace=ts.namespace or None, cluster=cs,
                 gpus=ts.gpus_per_node, env={"MLFLOW_TRACKING_URI": mlflow_uri} if mlflow_uri else {})
             status = run_job(experiment)
-            name, by_katib_name, best_metrics = katib_best({"metadata": experiment["metadata"], "status": status})
-            from components.train.sweep import _katib_name
-
-            assignment = {n: by_katib_name[_katib_name(n)] for n in sweep.space}
+            name, assignment, best_metrics = katib_best({"metadata": experiment["metadata"], "status": status}, sweep)
             best_model = storage.join(trials_out, name, "model.pt")
             ml.set_tags({"sweep.katib_experiment": experiment["metadata"]["name"], "sweep.best_trial": name})
         best_cfg = resolve_config(trial_settings(ts, assignment))

@@ -200,12 +200,20 @@ def render_katib_experiment(name: str, sweep: SweepSettings, train, *, image: st
     return {"apiVersion": KATIB_API, "kind": "Experiment", "metadata": meta, "spec": spec}
 
 
-def katib_best(experiment: dict) -> tuple[str, dict, dict]:
-    """(trial name, assignment by Katib parameter name, metrics) of a finished Experiment."""
+def katib_best(experiment: dict, sweep: SweepSettings) -> tuple[str, dict, dict]:
+    """(trial name, assignment by search name, metrics) of a finished Experiment. Katib hands
+    values over as text: they are read back as YAML (``"120"`` -> 120), as the trial read them."""
+    import yaml
+
     best = experiment.get("status", {}).get("currentOptimalTrial", {})
     if not best.get("bestTrialName"):
         raise RuntimeError(f"Katib experiment {experiment['metadata']['name']} has no optimal trial "
                            f"(conditions: {experiment.get('status', {}).get('conditions')})")
-    assignment = {p["name"]: p["value"] for p in best.get("parameterAssignments", [])}
+    by_katib = {p["name"]: p["value"] for p in best.get("parameterAssignments", [])}
+    missing = [n for n in sweep.space if _katib_name(n) not in by_katib]
+    if missing:
+        raise RuntimeError(f"Katib experiment {experiment['metadata']['name']}: the optimal trial has no value "
+                           f"for {', '.join(missing)}")
+    assignment = {n: yaml.safe_load(by_katib[_katib_name(n)]) for n in sweep.space}
     metrics = {m["name"]: float(m["latest"]) for m in best.get("observation", {}).get("metrics", [])}
     return best["bestTrialName"], assignment, metrics

@@ -165,10 +165,16 @@ def test_katib_best_reads_the_optimal_trial():
                                       "parameterAssignments": [{"name": "solver-base-lr", "value": "0.02"}],
                                       "observation": {"metrics": [{"name": "PQ", "latest": "0.61", "max": "0.61",
                                                                    "min": "0.61"}]}}}
-    name, assignment, metrics = katib_best({"metadata": {"name": "x"}, "status": status})
-    assert (name, assignment, metrics) == ("panoptic-sweep-1-abc", {"solver-base-lr": "0.02"}, {"PQ": 0.61})
+    status["currentOptimalTrial"]["parameterAssignments"].append({"name": "iterations", "value": "120"})
+    sweep = SweepSettings(trials=2, space={"solver.base_lr": {"min": 0.01, "max": 0.04}, "iterations": [80, 120]})
+    name, assignment, metrics = katib_best({"metadata": {"name": "x"}, "status": status}, sweep)
+    assert (name, assignment, metrics) == ("panoptic-sweep-1-abc", {"solver.base_lr": 0.02, "iterations": 120},
+                                           {"PQ": 0.61})
     with pytest.raises(RuntimeError, match="no optimal trial"):
-        katib_best({"metadata": {"name": "x"}, "status": {}})
+        katib_best({"metadata": {"name": "x"}, "status": {}}, sweep)
+    with pytest.raises(RuntimeError, match="no value for input.flip_prob"):
+        katib_best({"metadata": {"name": "x"}, "status": status},
+                   SweepSettings(trials=1, space={"input.flip_prob": [0.0, 0.5]}))
 
 
 def test_the_trial_command_runs_as_katib_would_run_it(synth_root, tmp_path):
