@@ -91,13 +91,28 @@ def stage_run(stage: str, parent_run_id: str | None, uri: str | None = None, exp
     if parent_run_id:
         with mlflow.start_run(run_id=parent_run_id) as parent:
             with mlflow.start_run(run_name=stage_run_name(stage, parent.info.run_name), nested=True,
-                                  experiment_id=parent.info.experiment_id, log_system_metrics=system_metrics):
+                                  experiment_id=parent.info.experiment_id, log_system_metrics=system_metrics) as run:
                 mlflow.set_tag("panoptic.stage", stage)
                 yield mlflow
+                if system_metrics:
+                    _last_system_sample(run.info.run_id)
     else:
-        with mlflow.start_run(run_name=stage, log_system_metrics=system_metrics):
+        with mlflow.start_run(run_name=stage, log_system_metrics=system_metrics) as run:
             mlflow.set_tag("panoptic.stage", stage)
             yield mlflow
+            if system_metrics:
+                _last_system_sample(run.info.run_id)
+
+
+def _last_system_sample(run_id: str) -> None:
+    """One more system-metrics sample as the stage ends: MLflow's monitor drops the samples of
+    its last interval, so a stage shorter than the interval would otherwise have none."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, resume_logging=True)
+    monitor.collect_metrics()
+    monitor.publish_metrics(monitor.aggregate_metrics())
+    monitor.mlflow_logger.flush()
 
 
 def log_parent(parent_run_id: str | None, *, params: dict | None = None, metrics: dict | None = None,
