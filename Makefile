@@ -10,7 +10,7 @@ DATA ?= data/synth
 RUN_ARGS ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run sweep test lint bench images venv clean help
+.PHONY: run sweep test test-images lint bench images venv clean help
 
 help:
 	@echo "make run    - the embedded default: the whole pipeline on a synthetic dataset, locally (kfp.local, MLflow sqlite)"
@@ -18,7 +18,8 @@ help:
 	@echo "make test   - the whole test suite (unit, integration with real servers, e2e)"
 	@echo "make lint   - ruff (the rules in pyproject.toml)"
 	@echo "make bench  - benchmarks (print measured ratios)"
-	@echo "make images - build the container images (needs Docker)"
+	@echo "make images - build the container images (needs Docker; IMAGE_REGISTRY, IMAGE_TAG, BASE_IMAGE, TORCH_INDEX_URL)"
+	@echo "make test-images - the images as the tests build them (starts a Docker engine, makes a local base)"
 
 venv: $(STAMP)
 
@@ -39,20 +40,37 @@ sweep: $(STAMP)
 	@test -f $(DATA)/annotations/panoptic_val2017.json || $(BIN)/panoptic data synth --out $(DATA) --train 200 --val 50 --seed 0
 	$(BIN)/panoptic pipeline run-local --data $(DATA) --sweep pipeline/sweeps/tiny.yaml $(RUN_ARGS)
 
-test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -ra tests
+test: $(STAMP) lint test-images
+	PANOPTIC_TEST_IMAGES=built $(BIN)/python -m pytest -q -ra tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check components pipeline tests benchmarks
 
 IMAGE_REGISTRY ?= ghcr.io/panoptic-pipeline
 IMAGE_TAG ?= 0.1.0
+BASE_IMAGE ?= python:3.11.11-slim-bookworm
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+DOCKER_BUILD_FLAGS ?=
+GIT_SHA ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+IMAGE_ARGS = --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg GIT_SHA=$(GIT_SHA) --build-arg IMAGE_TAG=$(IMAGE_TAG)
+# what the tests build: the same Dockerfile on a locally made base, the lock's torch (no CPU index here)
+TEST_IMAGES = IMAGE_REGISTRY=panoptic-test IMAGE_TAG=ci BASE_IMAGE=panoptic-test-base:bookworm TORCH_INDEX_URL= \
+	DOCKER_BUILD_FLAGS="--network host -q"
 
 images:
-	docker build -f containers/Dockerfile.cpu -t $(IMAGE_REGISTRY)/panoptic-cpu:$(IMAGE_TAG) .
-	docker build -f containers/Dockerfile.cuda -t $(IMAGE_REGISTRY)/panoptic-cuda:$(IMAGE_TAG) .
+	docker build $(DOCKER_BUILD_FLAGS) -f containers/Dockerfile --target cpu $(IMAGE_ARGS) \
+		--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) -t $(IMAGE_REGISTRY)/panoptic-cpu:$(IMAGE_TAG) .
+	docker build $(DOCKER_BUILD_FLAGS) -f containers/Dockerfile --target cuda $(IMAGE_ARGS) \
+		--build-arg TORCH_INDEX_URL= -t $(IMAGE_REGISTRY)/panoptic-cuda:$(IMAGE_TAG) .
 	@echo "push: docker push $(IMAGE_REGISTRY)/panoptic-cpu:$(IMAGE_TAG) && docker push $(IMAGE_REGISTRY)/panoptic-cuda:$(IMAGE_TAG)"
 	@echo "compile with the same images: IMAGE_REGISTRY=$(IMAGE_REGISTRY) IMAGE_TAG=$(IMAGE_TAG) .venv/bin/panoptic pipeline compile"
+
+# the engine (installed and started when missing), the local base, then both images as the tests use them
+test-images:
+	bash containers/engine.sh
+	bash containers/test-base.sh
+	@t0=$$(date +%s); $(MAKE) -s images $(TEST_IMAGES) >/dev/null && \
+		echo "test images panoptic-test/panoptic-{cpu,cuda}:ci built in $$(( $$(date +%s) - t0 )) s"
 
 bench: $(STAMP)
 	@for b in benchmarks/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
-import re
-import sys
-import threading
 import time
 
 import click
 
 from components.common.cluster import ClusterSettings
 from pipeline.dag import PIPELINE_NAME, STAGE_SETTINGS
+from pipeline.local import LOCAL_SETTINGS, RUNNERS, TaskFailed, run_local
 
 RUN_PARAMETERS = ("data_uri", "force", "mlflow_uri", "experiment", "run_name")
-# run-local's defaults: a CPU-sized run of the embedded default (the stages' own defaults otherwise)
-LOCAL_SETTINGS = {"train": {"config": "tiny", "iterations": 300}, "preprocess": {"shard_images": 100}}
 
 
 def compile_pipeline(out: str, cluster: ClusterSettings | None = None) -> str:
@@ -41,13 +36,30 @@ def _cluster_options(f):
     f = click.option("--s3-secret", default=d.s3_secret, show_default=True, help="Secret with AWS keys.")(f)
     f = click.option("--s3-endpoint", default=d.s3_endpoint, help="AWS_ENDPOINT_URL for MinIO.")(f)
     f = click.option("--mlflow-secret", default=d.mlflow_secret, help="Secret with MLflow credentials.")(f)
+    f = click.option("--shm-size", default=d.shm_size, show_default=True,
+                     help="Memory-backed /dev/shm of GPU tasks and training pods (DataLoader workers).")(f)
+    f = click.option("--image-pull-secret", "image_pull_secrets", multiple=True, metavar="SECRET",
+                     help="Secret for pulling the images from a private registry (repeatable).")(f)
     return f
 
 
-def _cluster(accelerator, gpus, cpu, memory, node_selector, data_pvc, s3_secret, s3_endpoint, mlflow_secret):
+def _cluster(accelerator, gpus, cpu, memory, node_selector, data_pvc, s3_secret, s3_endpoint, mlflow_secret,
+             shm_size, image_pull_secrets, service_account=None):
+    for kv in node_selector:
+        if "=" not in kv:
+            raise click.BadParameter(f"{kv!r}: use KEY=VALUE", param_hint="--node-selector")
     return ClusterSettings(accelerator=accelerator, gpus=gpus, cpu=cpu, memory=memory, data_pvc=data_pvc,
                            s3_secret=s3_secret, s3_endpoint=s3_endpoint, mlflow_secret=mlflow_secret,
-                           node_selector=dict(kv.split("=", 1) for kv in node_selector))
+                           node_selector=dict(kv.split("=", 1) for kv in node_selector), shm_size=shm_size,
+                           image_pull_secrets=tuple(image_pull_secrets),
+                           **({"service_account": service_account} if service_account else {}))
+
+
+def _service_account_option(f):
+    return click.option("--service-account", default="",
+                        help="Service account of the run's tasks and of the training pods they launch (e.g. "
+                             "panoptic-pipeline from infra/overlays/profile; default: KFP's, the profile's "
+                             "default-editor, with the training pods as panoptic-pipeline).")(f)
 
 
 def _value(text: str):
@@ -237,16 +249,19 @@ def _experiment_id(client, name: str, namespace: str = "") -> str:
                    "(stages: subset, preprocess, train, evaluate, register). Repeatable.")
 @click.option("--package", default=None, help="A compiled pipeline.yaml (default: compile now).")
 @_auth_options
+@_service_account_option
 @_cluster_options
-def submit(host, experiment, run_name, params, package, namespace, token_file, cookie, **cluster):
+def submit(host, experiment, run_name, params, package, namespace, token_file, cookie, service_account, **cluster):
     """Create a run of the pipeline on a KFP host and print its URL."""
     arguments = pipeline_arguments(params)
-    package = package or compile_pipeline(os.path.abspath("pipeline.yaml"), _cluster(**cluster))
+    package = package or compile_pipeline(os.path.abspath("pipeline.yaml"), _cluster(**cluster,
+                                                                                     service_account=service_account))
     client = _client(host, namespace, token_file, cookie)
     with _api(host):
         run = client.create_run_from_pipeline_package(
             package, arguments=arguments, run_name=run_name or f"{PIPELINE_NAME}-{time.strftime('%Y%m%d-%H%M%S')}",
-            experiment_id=_experiment_id(client, experiment, namespace), namespace=namespace or None)
+            experiment_id=_experiment_id(client, experiment, namespace), namespace=namespace or None,
+            service_account=service_account or None)
     click.echo(f"run {run.run_id}: {host.rstrip('/')}/#/runs/details/{run.run_id}")
 
 
@@ -260,118 +275,24 @@ def submit(host, experiment, run_name, params, package, namespace, token_file, c
               help="Pipeline parameter or stage setting, as for submit. Repeatable.")
 @click.option("--package", default=None, help="A compiled pipeline.yaml (default: compile now).")
 @_auth_options
+@_service_account_option
 @_cluster_options
-def schedule(host, cron, experiment, name, max_concurrency, params, package, namespace, token_file, cookie, **cluster):
+def schedule(host, cron, experiment, name, max_concurrency, params, package, namespace, token_file, cookie,
+             service_account, **cluster):
     """Create a recurring run: scheduled retraining. A run whose data, config and code equal the
     champion's ends early with "nothing new" (pass --param force=true to retrain anyway)."""
     cron = cron6(cron)
     arguments = pipeline_arguments(params)
-    package = package or compile_pipeline(os.path.abspath("pipeline.yaml"), _cluster(**cluster))
+    package = package or compile_pipeline(os.path.abspath("pipeline.yaml"), _cluster(**cluster,
+                                                                                     service_account=service_account))
     client = _client(host, namespace, token_file, cookie)
     with _api(host):
         job = client.create_recurring_run(experiment_id=_experiment_id(client, experiment, namespace), job_name=name,
                                           cron_expression=cron, max_concurrency=max_concurrency, params=arguments,
-                                          pipeline_package_path=package, no_catchup=True)
+                                          pipeline_package_path=package, no_catchup=True,
+                                          service_account=service_account or None)
     click.echo(f"recurring run {job.recurring_run_id} '{name}' on cron '{cron}' in experiment {experiment}"
                + (f" (namespace {namespace})" if namespace else ""))
-
-
-@contextlib.contextmanager
-def _task_log(path: str, verbose: bool):
-    """Send this process's stdout/stderr (kfp.local streams every task's full log there) through
-    a pipe into ``path`` as plain lines (colour codes and carriage-return redraws removed),
-    echoing only the lines that say which task runs, how it ended, and errors. ``verbose``:
-    everything to the console, as it comes."""
-    if verbose:
-        yield
-        return
-    from components.common.logs import strip_ansi
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    read_fd, write_fd = os.pipe()
-    os.dup2(write_fd, 1)
-    os.dup2(write_fd, 2)
-    os.close(write_fd)
-    keep = re.compile(r"Executing task|finished with status|Pipeline .* finished|Error|Traceback")
-
-    def pump():
-        with open(path, "a", encoding="utf-8") as log, os.fdopen(read_fd, "rb") as pipe:
-            pending = b""
-            for chunk in iter(lambda: pipe.read1(65536), b""):
-                pending += chunk
-                *lines, pending = re.split(rb"\r\n|\n|\r", pending)
-                for raw in lines:
-                    text = strip_ansi(raw.decode(errors="replace")).rstrip()
-                    if text:
-                        log.write(text + "\n")
-                        if keep.search(text):
-                            os.write(saved[0], (text + "\n").encode())
-                log.flush()
-            if pending.strip():
-                log.write(strip_ansi(pending.decode(errors="replace")).rstrip() + "\n")
-
-    t = threading.Thread(target=pump, daemon=True)
-    t.start()
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)  # closes the pipe's last writer: the pump sees the end
-        os.dup2(saved[1], 2)
-        t.join(timeout=10)
-        for fd in saved:
-            os.close(fd)
-
-
-def local_settings(overrides: dict | None = None) -> dict:
-    """run-local's stage settings: LOCAL_SETTINGS with ``overrides`` ({stage: {key: value}}) on top."""
-    out = {stage: dict(LOCAL_SETTINGS.get(stage, {})) for stage in STAGE_SETTINGS}
-    for stage, values in (overrides or {}).items():
-        if stage not in out:
-            raise ValueError(f"{stage!r} is not a stage; stages: {', '.join(STAGE_SETTINGS)}")
-        out[stage].update(values)
-    return out
-
-
-def run_local(data: str | None = None, *, root: str = "runs/local", mlflow_uri: str | None = None, force: bool = False,
-              settings: dict | None = None, synth_train: int = 200, synth_val: int = 50, verbose: bool = False,
-              run_name: str = "") -> dict:
-    """Run the whole DAG with kfp.local's SubprocessRunner on this machine. ``settings``:
-    {stage: {key: value}} over ``LOCAL_SETTINGS``. Returns a summary."""
-    from kfp import local
-
-    from components.common.tracking import DEFAULT_EXPERIMENT, PIPELINE_TAG, setup
-    from pipeline.dag import build_pipeline
-
-    if not data:
-        data = "data/synth"
-        if not os.path.exists(os.path.join(data, "annotations", "panoptic_val2017.json")):
-            from components.synthetic.generator import SynthConfig, generate
-
-            generate(data, SynthConfig(train=synth_train, val=synth_val, seed=0), progress=True)
-    data = os.path.abspath(data) if "://" not in data else data
-    mlflow_uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=os.path.abspath(root),
-               raise_on_error=True)
-    t0 = time.perf_counter()
-    log_path = os.path.join(os.path.abspath(root), "pipeline.log")
-    with _task_log(log_path, verbose):
-        build_pipeline(None)(data_uri=data, mlflow_uri=mlflow_uri, force=force, run_name=run_name,
-                             **local_settings(settings))
-    elapsed = time.perf_counter() - t0
-    mlflow = setup(mlflow_uri, DEFAULT_EXPERIMENT)
-    run = mlflow.search_runs(experiment_names=[DEFAULT_EXPERIMENT], filter_string=f"tags.`{PIPELINE_TAG}` = 'pipeline'",
-                             order_by=["attributes.start_time DESC"], max_results=1, output_format="list")[0]
-    reports = sorted(glob.glob(os.path.join(os.path.abspath(root), "**", "report.html"), recursive=True),
-                     key=os.path.getmtime)
-    skipped = run.data.tags.get("decision") == "skip"
-    return {"run_id": run.info.run_id, "metrics": run.data.metrics, "tags": run.data.tags, "skipped": skipped,
-            "report": None if skipped or not reports else reports[-1], "seconds": elapsed, "mlflow_uri": mlflow_uri,
-            "log": None if verbose else log_path}
 
 
 def _stage_overrides(items: tuple[str, ...]) -> dict:
@@ -400,10 +321,13 @@ def _stage_overrides(items: tuple[str, ...]) -> dict:
 @click.option("--sweep", "sweep_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="A hyper-parameter search (YAML: trials, space, algorithm ...; see pipeline/sweeps/tiny.yaml).")
 @click.option("--force", is_flag=True, help="Retrain even when the data, config and code are the champion's.")
-@click.option("--root", default="runs/local", show_default=True, help="kfp.local pipeline root (artifacts).")
+@click.option("--runner", type=click.Choice(RUNNERS), default="subprocess", show_default=True,
+              help="subprocess: every task in this venv; docker: every task in our images (make images), as on "
+                   "a cluster, with the MLflow store in ROOT unless MLFLOW_TRACKING_URI says otherwise.")
+@click.option("--root", default=None, help="kfp.local pipeline root (artifacts) [default: runs/local, runs/docker].")
 @click.option("--verbose", is_flag=True, help="Show every task's full log (else it goes to ROOT/pipeline.log).")
 def run_local_cmd(data, config, iterations, init, subset_size, val_size, seed, gate_margin, gate_tolerance, sets,
-                  sweep_file, force, root, verbose):
+                  sweep_file, force, runner, root, verbose):
     """Run the same DAG on this machine (kfp.local, CPU, MLflow sqlite by default)."""
     over = _stage_overrides(sets)
     if sweep_file:
@@ -425,7 +349,11 @@ def run_local_cmd(data, config, iterations, init, subset_size, val_size, seed, g
                               ("register", "tolerance", gate_tolerance)):
         if value is not None:
             over.setdefault(stage, {})[key] = value
-    s = run_local(data, root=root, force=force, settings=over, verbose=verbose)
+    try:
+        s = run_local(data, runner=runner, root=root or f"runs/{'docker' if runner == 'docker' else 'local'}",
+                      force=force, settings=over, verbose=verbose)
+    except TaskFailed as e:
+        raise click.ClickException(str(e)) from None
     m, t = s["metrics"], s["tags"]
     click.echo("")
     click.echo(f"pipeline run finished in {s['seconds'] / 60:.1f} min (MLflow run {s['run_id']}, {s['mlflow_uri']})")
@@ -443,4 +371,6 @@ def run_local_cmd(data, config, iterations, init, subset_size, val_size, seed, g
     click.echo(f"report: {s['report']}")
     if s["log"]:
         click.echo(f"full log: {s['log']}")
-    click.echo("compare runs: .venv/bin/panoptic runs compare")
+    default_store = s["mlflow_uri"] == f"sqlite:///{os.path.abspath('mlflow.db')}"
+    env = "" if default_store else f"MLFLOW_TRACKING_URI={s['mlflow_uri']} "
+    click.echo(f"compare runs: {env}.venv/bin/panoptic runs compare")

@@ -46,11 +46,13 @@ def preprocess(train_manifest: Input[Dataset], val_manifest: Input[Dataset], set
 def train(train_shards: Input[Dataset], val_shards: Input[Dataset], settings: dict, cluster: dict, register: dict,
           run_id: str, mlflow_uri: str, model: Output[Model]):
     """Stage 3: train here, or launch a PyTorchJob / TrainJob when nodes > 1; with train.sweep,
-    the trials (here, or a Katib Experiment) ranked on the validation shards, the best one out."""
+    the trials (here, or a Katib Experiment) ranked on the validation shards, the best one out.
+    Launched pods get the artifacts' .uri: a .path is this pod's local copy."""
     from pipeline.steps import step_train
 
     step_train(train_shards=train_shards.path, model_out=model.path, settings=settings, cluster=cluster,
-               register=register, run_id=run_id, mlflow_uri=mlflow_uri, val_shards=val_shards.path)
+               register=register, run_id=run_id, mlflow_uri=mlflow_uri, val_shards=val_shards.path,
+               train_shards_uri=train_shards.uri, val_shards_uri=val_shards.uri, model_uri=model.uri)
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)

@@ -25,19 +25,30 @@ PIPELINE_NAME = "panoptic-fpn"
 STAGE_SETTINGS = ("subset", "preprocess", "train", "evaluate", "register")
 
 
-def _apply(task, cluster: ClusterSettings | None, gpu: bool = False):
+def _apply(task, cluster: ClusterSettings | None, gpu: bool = False, launches: bool = False):
     """The cluster settings on a task (kfp-kubernetes); the train step renders the same ones
-    into its job's pods."""
+    into its job's pods. ``gpu``: GPUs, a memory-backed /dev/shm (DataLoader workers, torchrun
+    x GPUs), node selector and tolerations. ``launches``: the task creates jobs, which it owns:
+    its pod's name, uid and namespace from the downward API."""
     if cluster is None:
         return task
     from kfp import kubernetes
 
-    for secret, keys in cluster.secret_env().items():
-        kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys, optional=True)
+    for secret, keys in cluster.secret_env().items():   # required: a missing one stops the pod, named
+        kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys, optional=False)
     for key, value in cluster.plain_env().items():
         task.set_env_variable(key, value)
+    if cluster.image_pull_secrets:
+        kubernetes.set_image_pull_secrets(task, list(cluster.image_pull_secrets))
     if cluster.data_pvc:
         kubernetes.mount_pvc(task, pvc_name=cluster.data_pvc, mount_path=cluster.data_mount)
+    if launches:
+        for env, path in (("POD_NAME", "metadata.name"), ("POD_UID", "metadata.uid"),
+                          ("POD_NAMESPACE", "metadata.namespace")):
+            kubernetes.use_field_path_as_env(task, env_name=env, field_path=path)
+    if gpu:
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                   size_limit=cluster.shm_size)
     if gpu and cluster.accelerator:
         task.set_accelerator_type(cluster.accelerator).set_accelerator_limit(cluster.gpus)
         task.set_cpu_limit(cluster.cpu).set_memory_limit(cluster.memory)
@@ -72,7 +83,8 @@ def build_pipeline(cluster: ClusterSettings | None = None):
             pre.set_retry(num_retries=2)
             trained = _apply(c.train(train_shards=pre.outputs["train_shards"], val_shards=pre.outputs["val_shards"],
                                      settings=train, cluster=job_cluster,
-                                     register=register, run_id=run_id, mlflow_uri=mlflow_uri), cluster, gpu=True)
+                                     register=register, run_id=run_id, mlflow_uri=mlflow_uri), cluster, gpu=True,
+                             launches=True)
             trained.set_caching_options(False)
             evaluated = _apply(c.evaluate(model=trained.outputs["model"], val_shards=pre.outputs["val_shards"],
                                           settings=evaluate, run_id=run_id, mlflow_uri=mlflow_uri), cluster, gpu=True)

@@ -163,14 +163,20 @@ def step_preprocess(*, train_manifest: str, val_manifest: str, train_out: str, v
 
 
 def step_train(*, train_shards: str, model_out: str, settings=None, cluster=None, register=None,
-               run_id: str = "", mlflow_uri: str = "", val_shards: str = "") -> str:
+               run_id: str = "", mlflow_uri: str = "", val_shards: str = "", train_shards_uri: str = "",
+               val_shards_uri: str = "", model_uri: str = "") -> str:
     """Train on one node (in this process, or torchrun over its GPUs) or as a multi-node job
     (PyTorchJob or TrainJob). All of them train the one resolved config, written next to the
     model as ``train_config.json``; ``lineage.json`` records what the model was made from.
     With ``train.sweep``, the trials (on ``val_shards``) run instead and the best one's model
-    is the output. Returns the model.pt URI."""
+    is the output. Returns the model.pt URI.
+
+    ``train_shards`` / ``val_shards`` / ``model_out`` are this task's local paths (KFP's
+    ``.path``); ``*_uri`` are the same artifacts' store URIs (``.uri``, default: the paths), the
+    only addresses a launched pod can reach. Checkpoints go beside the model artifact, not in it
+    (``<model uri>/../checkpoints``, or ``train.checkpoint_uri``)."""
     setup_logging()
-    from components.common.cluster import ClusterSettings
+    from components.common.cluster import ClusterSettings, uri_for_pods
     from components.common.tracking import code_version, data_fingerprint, resolve_model_uri
     from components.data.records import load_index
     from components.register.core import RegisterConfig
@@ -185,13 +191,14 @@ def step_train(*, train_shards: str, model_out: str, settings=None, cluster=None
     if cfg.model.weights.startswith("models:/") and parent is None:  # a URI naming an alias: pin its version
         weights, parent = resolve_model_uri(cfg.model.weights, mlflow_uri or None)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=weights))
-    output = ts.checkpoint_uri or model_out
+    output = uri_for_pods(ts.checkpoint_uri or storage.join(storage.dirname(model_uri or model_out), "checkpoints"))
+    shards_for_pods = uri_for_pods(train_shards_uri or train_shards)
     index = load_index(train_shards)
     # what decide compares: the base settings (and the search), not the trial that won
     fingerprint = data_fingerprint(index.get("source_manifest_hash", ""), settings_fingerprint(ts, cfg))
     if ts.sweep:
         return _sweep(ts, cfg, train_shards, val_shards, model_out, output, index, fingerprint, parent, cluster,
-                      run_id, mlflow_uri)
+                      run_id, mlflow_uri, pods=(shards_for_pods, uri_for_pods(val_shards_uri or val_shards)))
     config_uri = storage.join(output, TRAIN_CONFIG_FILE)
     storage.write_text(config_uri, json.dumps(cfg.to_dict(), indent=1, default=list))
     lineage = {"train_manifest_hash": index.get("source_manifest_hash", ""), "train_shards_hash": shard_hash(index),
@@ -211,7 +218,7 @@ def step_train(*, train_shards: str, model_out: str, settings=None, cluster=None
 
             cs = parse_settings(ClusterSettings, cluster, "cluster settings")
             spec = JobSpec(name=job_name(), image=ts.image or cs.gpu_image, nodes=ts.nodes,
-                           gpus_per_node=ts.gpus_per_node, shards=train_shards, output=output, config_uri=config_uri,
+                           gpus_per_node=ts.gpus_per_node, shards=shards_for_pods, output=output, config_uri=config_uri,
                            env={"MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_RUN_ID": stage_run_id} if mlflow_uri else {},
                            cluster=cs, namespace=ts.namespace or None, runtime=ts.runtime)
             run_job(render_pytorchjob(spec) if ts.launcher == "pytorchjob" else render_trainjob(spec))
@@ -228,6 +235,7 @@ def step_train(*, train_shards: str, model_out: str, settings=None, cluster=None
         if output != model_out:
             storage.write_bytes(storage.join(model_out, "model.pt"), storage.read_bytes(model_uri))
         storage.write_text(storage.join(model_out, LINEAGE_FILE), json.dumps(lineage, indent=1))
+        storage.write_text(storage.join(model_out, TRAIN_CONFIG_FILE), storage.read_text(config_uri))
         if storage.exists(storage.join(output, "train_metrics.json")):
             _log_file(ml, storage.join(output, "train_metrics.json"), "train")
         _log_file(ml, config_uri, "train")
@@ -235,9 +243,10 @@ def step_train(*, train_shards: str, model_out: str, settings=None, cluster=None
 
 
 def _sweep(ts, cfg, train_shards: str, val_shards: str, model_out: str, output: str, index: dict, fingerprint: str,
-           parent, cluster, run_id: str, mlflow_uri: str) -> str:
+           parent, cluster, run_id: str, mlflow_uri: str, pods: tuple[str, str]) -> str:
     """The train stage as a search: trials here (local) or a Katib Experiment (katib); the best
-    trial's model, config and lineage become the stage's output."""
+    trial's model, config and lineage become the stage's output. ``pods``: the train and val
+    shards' URIs as Katib's trial pods reach them."""
     from components.common.cluster import ClusterSettings
     from components.common.tracking import code_version
     from components.train.settings import resolve_config
@@ -261,8 +270,8 @@ def _sweep(ts, cfg, train_shards: str, val_shards: str, model_out: str, output: 
 
             cs = parse_settings(ClusterSettings, cluster, "cluster settings")
             experiment = render_katib_experiment(
-                job_name("panoptic-sweep"), sweep, ts, image=ts.image or cs.gpu_image, train_shards=train_shards,
-                val_shards=val_shards, output=output, namespace=ts.namespace or None, cluster=cs,
+                job_name("panoptic-sweep"), sweep, ts, image=ts.image or cs.gpu_image, train_shards=pods[0],
+                val_shards=pods[1], output=output, namespace=ts.namespace or None, cluster=cs,
                 gpus=ts.gpus_per_node, env={"MLFLOW_TRACKING_URI": mlflow_uri} if mlflow_uri else {})
             status = run_job(experiment)
             name, assignment, best_metrics = katib_best({"metadata": experiment["metadata"], "status": status}, sweep)

@@ -24,3 +24,22 @@ def synth_copy(synth_root, tmp_path):
 
 def pytest_configure(config):
     os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+TEST_IMAGE_REGISTRY, TEST_IMAGE_TAG = "panoptic-test", "ci"   # what `make test-images` tags
+
+
+@pytest.fixture(scope="session")
+def images():
+    """Our two images, built from this tree as `make test-images` builds them (a Docker engine,
+    a locally made base, the lock's torch); `make test` builds them first, a lone pytest run here.
+    Returns {"cpu": ..., "cuda": ..., "env": the variables that make the DAG use them}."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.environ.get("PANOPTIC_TEST_IMAGES") != "built":
+        r = subprocess.run(["make", "-s", "-C", root, "test-images"], capture_output=True, text=True, timeout=3600)
+        assert r.returncode == 0, f"make test-images failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    env = {"IMAGE_REGISTRY": TEST_IMAGE_REGISTRY, "IMAGE_TAG": TEST_IMAGE_TAG}
+    return {"cpu": f"{TEST_IMAGE_REGISTRY}/panoptic-cpu:{TEST_IMAGE_TAG}",
+            "cuda": f"{TEST_IMAGE_REGISTRY}/panoptic-cuda:{TEST_IMAGE_TAG}", "env": env}

@@ -23,11 +23,15 @@ class ClusterSettings:
         node_selector: node labels for GPU tasks and pods (e.g. a GPU product).
         tolerate_gpu_taint: tolerate ``nvidia.com/gpu:NoSchedule``.
         data_pvc / data_mount: a PVC mounted in every task and pod (clusters without S3).
-        s3_secret: Secret holding AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, exposed as env (optional:
-            without it the pods use the node's or workload identity's credentials).
-        s3_endpoint: AWS_ENDPOINT_URL (and MLflow's S3 endpoint) for MinIO; "" for AWS S3.
+        s3_secret: Secret holding AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, exposed as env; required
+            when named (a missing Secret or key stops the pod naming both). "": no Secret, the pods
+            use the node's or the workload identity's credentials (IRSA).
+        s3_endpoint: AWS_ENDPOINT_URL (and MLflow's S3 endpoint) for MinIO; "" for AWS S3. KFP's own
+            MinIO (``minio://`` artifacts) is one: the training pods read those artifacts through it.
         mlflow_secret: Secret holding MLFLOW_TRACKING_USERNAME / _PASSWORD, if the server wants them.
-        service_account: the training pods' service account.
+        service_account: the training pods' service account (the tasks' own is the run's:
+            ``panoptic pipeline submit --service-account``).
+        image_pull_secrets: Secrets for pulling our images from a private registry (tasks and pods).
         gpu_image: the CUDA image of the train and evaluate tasks, and of the training pods.
     """
 
@@ -44,7 +48,12 @@ class ClusterSettings:
     s3_endpoint: str = ""
     mlflow_secret: str = ""
     service_account: str = "panoptic-pipeline"
+    image_pull_secrets: tuple = ()
     gpu_image: str = ""
+
+    def __post_init__(self):
+        names = self.image_pull_secrets
+        self.image_pull_secrets = tuple(n for n in names.split(",") if n) if isinstance(names, str) else tuple(names)
 
     def plain_env(self) -> dict[str, str]:
         """Environment variables with literal values."""
@@ -65,7 +74,7 @@ class ClusterSettings:
         """The container ``env`` of a pod: literal values, then each secret key."""
         env = [{"name": k, "value": str(v)} for k, v in {**self.plain_env(), **(extra or {})}.items()]
         for secret, keys in self.secret_env().items():
-            env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+            env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
                     for key, var in keys.items()]
         return env
 
@@ -79,6 +88,20 @@ class ClusterSettings:
         return ([{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
                 if self.tolerate_gpu_taint and self.accelerator else [])
 
+    def pod_spec(self, containers: list[dict], **extra) -> dict:
+        """A training pod's spec around ``containers`` (each given the shared volume mounts): service
+        account, non-root security context, volumes, tolerations, node selector, pull secrets."""
+        volumes, mounts = self.volumes()
+        spec = {"serviceAccountName": self.service_account,
+                "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
+                "containers": [{**c, "volumeMounts": mounts} for c in containers], "volumes": volumes,
+                "tolerations": self.tolerations(), **extra}
+        if self.node_selector:
+            spec["nodeSelector"] = dict(self.node_selector)
+        if self.image_pull_secrets:
+            spec["imagePullSecrets"] = [{"name": n} for n in self.image_pull_secrets]
+        return spec
+
     def volumes(self) -> tuple[list[dict], list[dict]]:
         """(pod volumes, container mounts): shared memory for DataLoader workers, the data PVC."""
         vols = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": self.shm_size}}]
@@ -87,3 +110,29 @@ class ClusterSettings:
             vols.append({"name": "data", "persistentVolumeClaim": {"claimName": self.data_pvc}})
             mounts.append({"name": "data", "mountPath": self.data_mount})
         return vols, mounts
+
+
+# KFP's artifact stores, as the SDK maps them to a task pod's local copy (``/s3/b/k`` ...)
+KFP_LOCAL_PREFIXES = {"s3://": "/s3/", "minio://": "/minio/", "gs://": "/gcs/"}
+
+
+def uri_for_pods(uri: str) -> str:
+    """An artifact's URI (KFP's ``.uri``, never its ``.path``) as a pod we launch reads it.
+
+    A task's ``Input[...].path`` is that task pod's local copy (KFP maps ``s3://b/k`` to
+    ``/s3/b/k``, ``minio://`` to ``/minio/``, ``gs://`` to ``/gcs/``): no other pod has it. The
+    store's URI is what a PyTorchJob, TrainJob or Katib trial can open: ``s3://`` as it is,
+    KFP's MinIO (``minio://``) through its S3 API (``s3://``; ``s3_endpoint`` names it), a local
+    path (kfp.local, or a PVC every pod mounts) as it is. A task-local copy is refused, and so is
+    ``gs://`` (our storage layer speaks S3: use an s3:// or minio:// pipeline root)."""
+    uri = str(uri)
+    for prefix in KFP_LOCAL_PREFIXES.values():
+        if uri.startswith(prefix):
+            raise ValueError(f"{uri}: a task pod's local copy of an artifact, which the training pods cannot see; "
+                             f"pass the artifact's .uri")
+    if uri.startswith("minio://"):
+        return "s3://" + uri[len("minio://"):]
+    if uri.startswith("s3://") or "://" not in uri:
+        return uri
+    raise ValueError(f"{uri}: the training pods read artifacts through S3 (s3://, or KFP's MinIO as minio://); "
+                     f"run the pipeline with an s3:// or minio:// pipeline root")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 from contextlib import contextmanager
 
@@ -33,12 +34,33 @@ def setup(uri: str | None = None, experiment: str | None = None):
     one (MLflow 3's experiment kind: its UI opens on runs, not on GenAI traces). A kind someone
     chose in the UI is left as it is."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(tracking_uri(uri))
-    exp = mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    uri = tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    location = artifact_location(uri, name)
+    if location and mlflow.get_experiment_by_name(name) is None:
+        try:
+            mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException as e:   # another stage created it first
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    exp = mlflow.set_experiment(name)
     if EXPERIMENT_KIND_TAG not in exp.tags:
         mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return mlflow
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a sqlite store keeps its artifacts: beside the database file
+    (``<folder of the .db>/mlruns/<experiment>``). MLflow's default is ``./mlruns`` of whichever
+    process creates the experiment: in a container (kfp.local's DockerRunner), one that is gone
+    with it. None for other stores (a server decides)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///"):]))
+    return os.path.join(folder, "mlruns", re.sub(r"[^A-Za-z0-9._-]+", "_", experiment))
 
 
 def pipeline_run_name(config: str, when: float | None = None) -> str:
@@ -69,7 +91,9 @@ def start_pipeline_run(uri: str | None = None, experiment: str | None = None, ru
     """Create the MLflow run of one pipeline run; returns its id (stages log under it)."""
     mlflow = setup(uri, experiment)
     with mlflow.start_run(run_name=run_name) as run:
-        mlflow.set_tags({PIPELINE_TAG: "pipeline", "git_sha": git_sha(),
+        sha = git_sha()
+        source = {"mlflow.source.git.commit": sha} if sha != "unknown" else {}
+        mlflow.set_tags({PIPELINE_TAG: "pipeline", "git_sha": sha, **source,
                          "image_tag": os.environ.get("IMAGE_TAG", "local"), **(tags or {})})
         return run.info.run_id
 

@@ -22,9 +22,13 @@ variables set by hand, as two local "nodes".
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import shlex
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -95,21 +99,11 @@ def render_pytorchjob(spec: JobSpec) -> dict:
     if spec.nodes < 2:
         raise ValueError("a PyTorchJob is for nodes >= 2; one node trains in the pipeline step")
     c = spec.cluster
-    volumes, mounts = c.volumes()
+    container = {"name": "pytorch", "image": spec.image, "command": torchrun_command(spec),
+                 "env": c.pod_env(spec.env), "resources": c.pod_resources(spec.gpus_per_node)}
 
     def replica(count: int) -> dict:
-        pod = {
-            "serviceAccountName": c.service_account,
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
-            "containers": [{"name": "pytorch", "image": spec.image, "command": torchrun_command(spec),
-                            "env": c.pod_env(spec.env), "resources": c.pod_resources(spec.gpus_per_node),
-                            "volumeMounts": mounts}],
-            "volumes": volumes,
-            "tolerations": c.tolerations(),
-        }
-        if c.node_selector:
-            pod["nodeSelector"] = dict(c.node_selector)
-        return {"replicas": count, "restartPolicy": "OnFailure", "template": {"spec": pod}}
+        return {"replicas": count, "restartPolicy": "OnFailure", "template": {"spec": c.pod_spec([container])}}
 
     return {"apiVersion": f"{PYTORCHJOB[0]}/{PYTORCHJOB[1]}", "kind": "PyTorchJob", "metadata": _metadata(spec),
             "spec": {"runPolicy": {"cleanPodPolicy": "None", "backoffLimit": 3},
@@ -124,12 +118,7 @@ def render_trainjob(spec: JobSpec) -> dict:
     if spec.nodes < 2:
         raise ValueError("a TrainJob is for nodes >= 2; one node trains in the pipeline step")
     c = spec.cluster
-    volumes, mounts = c.volumes()
-    pod = {"serviceAccountName": c.service_account, "volumes": volumes, "tolerations": c.tolerations(),
-           "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
-           "containers": [{"name": "node", "volumeMounts": mounts}]}
-    if c.node_selector:
-        pod["nodeSelector"] = dict(c.node_selector)
+    pod = c.pod_spec([{"name": "node"}])
     return {
         "apiVersion": f"{TRAINJOB[0]}/{TRAINJOB[1]}", "kind": "TrainJob", "metadata": _metadata(spec),
         "spec": {
@@ -152,45 +141,229 @@ class TrainingJobFailed(RuntimeError):
     pass
 
 
+class JobTimedOut(TrainingJobFailed):
+    pass
+
+
+class Terminated(Exception):
+    """The step got SIGTERM (its KFP run was terminated, or its pod evicted)."""
+
+
+# the pod whose log is the job's (rank 0), by the labels its controller gives it
+MASTER_POD = {"PyTorchJob": ("training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=master",
+                             "pytorch"),
+              "TrainJob": ("jobset.sigs.k8s.io/jobset-name={name},jobset.sigs.k8s.io/replicatedjob-name=node,"
+                           "jobset.sigs.k8s.io/job-index=0", "node")}
+JOB_LABEL = {"PyTorchJob": "training.kubeflow.org/job-name", "TrainJob": "jobset.sigs.k8s.io/jobset-name",
+             "Experiment": "katib.kubeflow.org/experiment"}
+
+
 def _succeeded(kind: str, conditions: dict) -> bool:
     return ("Complete" if kind == "TrainJob" else "Succeeded") in conditions   # PyTorchJob, Katib Experiment
 
 
-def run_job(job: dict, timeout_s: float = 7 * 24 * 3600, poll_s: float = 30.0, api=None) -> dict:
-    """Create a rendered PyTorchJob, TrainJob or Katib Experiment and wait until it succeeds; raise
-    ``TrainingJobFailed`` naming the job, its namespace and the controller's message when it
-    fails or times out."""
-    if api is None:
-        from kubernetes import client, config
+def owner_reference(namespace: str) -> dict | None:
+    """The task's pod as the owner of what the step creates, so Kubernetes deletes the job with
+    the pod (name and uid from the downward API: ``POD_NAME``, ``POD_UID``, ``POD_NAMESPACE``,
+    which the compiled pipeline gives the train task). None outside a pod, or when the job goes
+    to another namespace (an owner must live in the same one)."""
+    name, uid = os.environ.get("POD_NAME"), os.environ.get("POD_UID")
+    if not (name and uid):
+        return None
+    if os.environ.get("POD_NAMESPACE", namespace) != namespace:
+        log.warning("the job goes to namespace %s, the task's pod lives in %s: it cannot own the job, which is "
+                    "deleted only when the step ends or gets SIGTERM", namespace, os.environ["POD_NAMESPACE"])
+        return None
+    return {"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid}
 
+
+def check_secrets(job: dict, namespace: str, core) -> None:
+    """Every Secret key the job's pods need exists: else fail now, naming the Secret and the key,
+    not minutes later as a pod that cannot start (or an S3 credentials error)."""
+    from kubernetes.client.exceptions import ApiException
+
+    needed: dict[str, set[str]] = {}
+    for ref in _secret_refs(job):
+        if not ref.get("optional"):
+            needed.setdefault(ref["name"], set()).add(ref["key"])
+    for name, keys in sorted(needed.items()):
         try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        api = client.CustomObjectsApi()
-    group, version, plural = RESOURCES[job["kind"]]
+            secret = core.read_namespaced_secret(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                raise TrainingJobFailed(f"Secret {namespace}/{name} does not exist; the training pods need its keys "
+                                        f"{', '.join(sorted(keys))} (see infra/base/secrets.template.yaml)") from None
+            log.warning("cannot check Secret %s/%s (%s %s); the pods will say if it is missing", namespace, name,
+                        e.status, e.reason)
+            continue
+        missing = sorted(keys - set((secret.data or {}).keys()) - set((secret.string_data or {}).keys()))
+        if missing:
+            raise TrainingJobFailed(f"Secret {namespace}/{name} has no key {', '.join(missing)}; the training pods "
+                                    f"need it (see infra/base/secrets.template.yaml)")
+
+
+def _secret_refs(node):
+    if isinstance(node, dict):
+        if "secretKeyRef" in node:
+            yield node["secretKeyRef"]
+        for v in node.values():
+            yield from _secret_refs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _secret_refs(v)
+
+
+def _kubernetes():
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))   # read now, not at import
+    return client.CustomObjectsApi(), client.CoreV1Api()
+
+
+def run_job(job: dict, timeout_s: float = 7 * 24 * 3600, poll_s: float = 30.0, api=None, core=None) -> dict:
+    """Create a rendered PyTorchJob, TrainJob or Katib Experiment and wait until it succeeds.
+
+    The job is owned by the task's pod (``owner_reference``), its Secrets are checked first, and
+    the master pod's log is followed into this log. It is deleted when this step gets SIGTERM
+    or the wait times out (then ``Terminated`` / ``TrainingJobFailed``); a job that failed is
+    kept for ``kubectl logs`` (its owner takes it along). Raises ``TrainingJobFailed`` naming
+    the job, its namespace and the controller's message. ``api`` / ``core``: the
+    CustomObjectsApi and CoreV1Api (default: from the pod's service account or kubeconfig)."""
+    if api is None:
+        api, core = _kubernetes()
+    kind = job["kind"]
+    group, version, plural = RESOURCES[kind]
     namespace = job["metadata"].get("namespace") or current_namespace()
     name = job["metadata"]["name"]
+    owner = owner_reference(namespace)
+    if owner:
+        job["metadata"]["ownerReferences"] = [owner]
+    if core is not None:
+        check_secrets(job, namespace, core)
     api.create_namespaced_custom_object(group, version, namespace, plural, job)
-    command = {"PyTorchJob": lambda: job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
-               ["command"], "TrainJob": lambda: job["spec"]["trainer"]["command"],
-               "Experiment": lambda: job["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]["containers"]
-               [0]["command"]}[job["kind"]]()
-    log.info("created %s %s/%s; command: %s", job["kind"], namespace, name, shlex.join(command))
+    log.info("created %s %s/%s%s; command: %s", kind, namespace, name,
+             f" (owned by pod {owner['name']})" if owner else "", shlex.join(_command(job)))
+    follower = MasterLog(core, namespace, kind, name) if core is not None and kind in MASTER_POD else None
+    try:
+        with _sigterm_raises():
+            if follower:
+                follower.start()
+            return _wait(api, kind, (group, version, namespace, plural, name), timeout_s, poll_s)
+    except JobTimedOut:
+        _delete(api, kind, group, version, namespace, plural, name, "its wait timed out")
+        raise
+    except TrainingJobFailed:
+        raise
+    except BaseException as e:
+        _delete(api, kind, group, version, namespace, plural, name,
+                "the step got SIGTERM" if isinstance(e, Terminated) else f"the step stopped ({type(e).__name__})")
+        raise
+    finally:
+        if follower:
+            follower.stop()
+
+
+def _command(job: dict) -> list[str]:
+    return {"PyTorchJob": lambda: job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+            ["command"], "TrainJob": lambda: job["spec"]["trainer"]["command"],
+            "Experiment": lambda: job["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]
+            ["containers"][0]["command"]}[job["kind"]]()
+
+
+def _wait(api, kind: str, where: tuple, timeout_s: float, poll_s: float) -> dict:
+    group, version, namespace, plural, name = where
     deadline = time.time() + timeout_s
-    while time.time() < deadline:
+    while True:
         status = api.get_namespaced_custom_object(group, version, namespace, plural, name).get("status", {})
         conditions = {c["type"]: c for c in status.get("conditions", []) if c.get("status") == "True"}
-        if _succeeded(job["kind"], conditions):
+        if _succeeded(kind, conditions):
             return status
         if "Failed" in conditions:
-            label = {"PyTorchJob": "training.kubeflow.org/job-name", "TrainJob": "jobset.sigs.k8s.io/jobset-name",
-                     "Experiment": "katib.kubeflow.org/experiment"}[job["kind"]]
             message = conditions["Failed"].get("message", "")
-            raise TrainingJobFailed(f"{job['kind']} {namespace}/{name} failed: {message}"
-                                    f" (see `kubectl -n {namespace} logs -l {label}={name}`)")
+            raise TrainingJobFailed(f"{kind} {namespace}/{name} failed: {message}"
+                                    f" (see `kubectl -n {namespace} logs -l {JOB_LABEL[kind]}={name}`)")
+        if time.time() >= deadline:
+            raise JobTimedOut(f"{kind} {namespace}/{name} did not finish within {timeout_s:.0f}s; deleted it")
         time.sleep(poll_s)
-    raise TrainingJobFailed(f"{job['kind']} {namespace}/{name} did not finish within {timeout_s:.0f}s")
+
+
+def _delete(api, kind, group, version, namespace, plural, name, why: str) -> None:
+    try:
+        api.delete_namespaced_custom_object(group, version, namespace, plural, name,
+                                            body={"propagationPolicy": "Background"})
+        log.warning("deleted %s %s/%s: %s", kind, namespace, name, why)
+    except Exception as e:   # say it, and let the first error be the one raised
+        log.error("could not delete %s %s/%s (%s): delete it by hand (kubectl -n %s delete %s %s)", kind, namespace,
+                  name, e, namespace, plural, name)
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises ``Terminated`` while the step waits (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class MasterLog:
+    """Follows the job's master pod's log into this step's log (``[<pod>] line``), again after a
+    restart, until stopped."""
+
+    def __init__(self, core, namespace: str, kind: str, name: str, poll_s: float = 5.0):
+        selector, self.container = MASTER_POD[kind]
+        self.core, self.namespace, self.selector, self.poll_s = core, namespace, selector.format(name=name), poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._followed: set[tuple[str, int]] = set()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.poll_s + 5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._follow_new()
+            except Exception as e:   # the API may blink; the job's own status decides the step
+                log.debug("master log: %s", e)
+            self._stop.wait(self.poll_s)
+
+    def _follow_new(self) -> None:
+        for pod in self.core.list_namespaced_pod(self.namespace, label_selector=self.selector).items:
+            statuses = pod.status.container_statuses or []
+            restarts = max((c.restart_count or 0 for c in statuses), default=0)
+            key = (pod.metadata.uid, restarts)
+            if pod.status.phase not in ("Running", "Succeeded", "Failed") or key in self._followed:
+                continue
+            self._followed.add(key)
+            stream = self.core.read_namespaced_pod_log(pod.metadata.name, self.namespace, container=self.container,
+                                                       follow=True, _preload_content=False)
+            pending = b""
+            for chunk in stream.stream(4096):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    log.info("[%s] %s", pod.metadata.name, line.decode(errors="replace").rstrip())
+                if self._stop.is_set():
+                    break
+            if pending.strip():
+                log.info("[%s] %s", pod.metadata.name, pending.decode(errors="replace").rstrip())
+            stream.release_conn()
 
 
 def current_namespace() -> str:

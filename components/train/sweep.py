@@ -168,14 +168,9 @@ def render_katib_experiment(name: str, sweep: SweepSettings, train, *, image: st
         k = _katib_name(n)
         args += ["--assign", f"{n}=${{trialParameters.{k}}}"]
         trial_parameters.append({"name": k, "reference": k, "description": f"train setting {n}"})
-    volumes, mounts = c.volumes()
     container = {"name": TRIAL_CONTAINER, "image": image, "command": args, "env": c.pod_env(env or {}),
-                 "resources": c.pod_resources(gpus), "volumeMounts": mounts}
-    pod_spec: dict = {"restartPolicy": "Never", "serviceAccountName": c.service_account,
-                      "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
-                      "containers": [container], "volumes": volumes, "tolerations": c.tolerations()}
-    if c.node_selector:
-        pod_spec["nodeSelector"] = dict(c.node_selector)
+                 "resources": c.pod_resources(gpus)}
+    pod_spec = c.pod_spec([container], restartPolicy="Never")
     spec = {
         "objective": {"type": "maximize", "objectiveMetricName": sweep.objective,
                       "additionalMetricNames": [m for m in ("PQ", "SQ", "RQ") if m != sweep.objective]},

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from components.synthetic.generator import SynthConfig, generate
-from pipeline.cli import run_local
+from pipeline.local import run_local
 
 OVERRIDES = ["input.min_size_train=[128]", "input.max_size_train=192", "input.min_size_test=128",
              "input.max_size_test=192", "solver.ims_per_batch=2", "data.num_workers=0"]

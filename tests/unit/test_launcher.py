@@ -1,33 +1,37 @@
 """Multi-node training jobs: what the train step renders for a PyTorchJob and a TrainJob, and
-how it waits. No cluster here: the Kubernetes API is a scripted stand-in (FakeCustomObjects)."""
+how it creates, owns, watches and deletes them. No cluster here: the real ``kubernetes`` client
+talks to a local stand-in of the Kubernetes API (tests/k8s_standin.py) whose controller follows
+a script of job states."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import kubernetes_validate
 import pytest
 
 from components.common import storage
 from components.model.config import from_dict
-from components.train import launcher
-from components.train.launcher import TrainingJobFailed, run_job
+from components.train.launcher import JobTimedOut, TrainingJobFailed, run_job
 from components.train.settings import TrainSettings, resolve_config
 from pipeline.steps import step_train
+from tests.k8s_standin import KubeStandIn, ScriptedController, kubeconfig
 from tests.training import make_shards
 from tests.unit.test_infra import K8S_VERSION
 
+SECRETS = {("team-a", "panoptic-s3"): {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"},
+           ("team-a", "mlflow-auth"): {"MLFLOW_TRACKING_USERNAME": "u", "MLFLOW_TRACKING_PASSWORD": "p"},
+           ("ns", "panoptic-s3"): {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}}
 
-class FakeCustomObjects:
-    """The two CustomObjectsApi calls the launcher makes, answering from a script of states."""
 
-    def __init__(self, states):
-        self.created, self.states = [], list(states)
+def _apis(standin, tmp_path):
+    from kubernetes import client, config
 
-    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
-        self.created.append((group, version, namespace, plural, body))
-
-    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
-        state, message = self.states.pop(0)
-        return {"status": {"conditions": [{"type": state, "status": "True", "message": message}]}}
+    config.load_kube_config(config_file=kubeconfig(str(tmp_path / "kubeconfig"), standin.url))
+    return client.CustomObjectsApi(), client.CoreV1Api()
 
 
 CLUSTER = {"s3_endpoint": "http://minio.panoptic:9000", "s3_secret": "panoptic-s3", "mlflow_secret": "mlflow-auth",
@@ -40,19 +44,23 @@ def shards(synth_root, tmp_path_factory):
 
 
 def _launch(kind, shards, tmp_path, monkeypatch):
-    api = FakeCustomObjects([("Running", ""), ("Succeeded" if kind == "pytorchjob" else "Complete", "done")])
+    def pods_train(job):  # the pods "train": leave the model where they would
+        command = job["spec"]["trainer"]["command"] if kind == "trainjob" else \
+            job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+        storage.write_bytes(storage.join(command[command.index("--output") + 1], "model.pt"), b"weights")
+
+    done = "Succeeded" if kind == "pytorchjob" else "Complete"
+    standin = KubeStandIn(ScriptedController([("Running", ""), (done, "done")], on_created=pods_train),
+                          secrets=SECRETS)
     out = tmp_path / "model"
-
-    def fake_run_job(job, **kw):  # the pods "train": leave the model where they would
-        storage.write_bytes(storage.join(str(out), "model.pt"), b"weights")
-        return run_job(job, poll_s=0, api=api)
-
-    monkeypatch.setattr(launcher, "run_job", fake_run_job)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     settings = {"config": "r50_1x", "iterations": 1000, "nodes": 2, "gpus_per_node": 8, "launcher": kind,
                 "overrides": ["solver.amp=bf16"], "namespace": "team-a"}
-    step_train(train_shards=shards, model_out=str(out), settings=settings, cluster=CLUSTER, mlflow_uri=uri)
-    (group, version, namespace, plural, job), = api.created
+    monkeypatch.setattr("components.train.launcher.time.sleep", lambda s: None)
+    with standin:
+        monkeypatch.setenv("KUBECONFIG", kubeconfig(str(tmp_path / "kubeconfig"), standin.url))
+        step_train(train_shards=shards, model_out=str(out), settings=settings, cluster=CLUSTER, mlflow_uri=uri)
+    job, = standin.controller.created_jobs
     return job, out, uri
 
 
@@ -92,6 +100,7 @@ def test_jobs_train_the_single_node_schedule_and_carry_env_secrets_and_the_mlflo
         assert values["MLFLOW_TRACKING_URI"] == uri and values["MLFLOW_RUN_ID"] == train_run.info.run_id
         assert secrets == {"AWS_ACCESS_KEY_ID": "panoptic-s3", "AWS_SECRET_ACCESS_KEY": "panoptic-s3",
                            "MLFLOW_TRACKING_USERNAME": "mlflow-auth", "MLFLOW_TRACKING_PASSWORD": "mlflow-auth"}
+        assert not any(e["valueFrom"]["secretKeyRef"].get("optional") for e in env if "valueFrom" in e)
     for res in resources:  # one definition of the resources: "48Gi", never "48G"
         assert res["limits"] == {"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": 8}
     for pod in pods:
@@ -142,16 +151,94 @@ def test_trainjob_follows_the_trainer_v1alpha1_api(shards, tmp_path, monkeypatch
                                  K8S_VERSION, strict=True)
 
 
+def _job(kind, name="j2"):
+    return {"kind": kind, "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"trainer": {"command": ["torchrun"], "env": [
+                {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "panoptic-s3",
+                                                                             "key": "AWS_ACCESS_KEY_ID"}}}]}}
+            if kind == "TrainJob" else
+            {"pytorchReplicaSpecs": {"Master": {"template": {"spec": {"containers": [{"command": ["torchrun"]}]}}}}}}
+
+
 @pytest.mark.parametrize("kind,done", [("PyTorchJob", "Succeeded"), ("TrainJob", "Complete")])
-def test_launcher_waits_and_fails_clearly(kind, done):
-    job = {"kind": kind, "metadata": {"name": "j2", "namespace": "ns"},
-           "spec": {"trainer": {"command": ["torchrun"]}} if kind == "TrainJob" else
-           {"pytorchReplicaSpecs": {"Master": {"template": {"spec": {"containers": [{"command": ["torchrun"]}]}}}}}}
-    ok = FakeCustomObjects([("Created", ""), ("Running", ""), (done, "done")])
-    run_job(job, poll_s=0, api=ok)
-    assert ok.created[0][:4] == (("kubeflow.org", "v1", "ns", "pytorchjobs") if kind == "PyTorchJob" else
-                                 ("trainer.kubeflow.org", "v1alpha1", "ns", "trainjobs"))
-    bad = FakeCustomObjects([("Running", ""), ("Failed", "Worker 0 exited with code 1")])
-    with pytest.raises(TrainingJobFailed,
-                       match=rf"{kind} ns/j2 failed: Worker 0 exited with code 1 .*kubectl -n ns logs"):
-        run_job(job, poll_s=0, api=bad)
+def test_launcher_waits_and_fails_clearly(kind, done, tmp_path):
+    with KubeStandIn(ScriptedController([("Created", ""), ("Running", ""), (done, "done")]), secrets=SECRETS) as k:
+        api, core = _apis(k, tmp_path)
+        run_job(_job(kind), poll_s=0, api=api, core=core)
+        post, = k.calls("POST")
+        assert post["path"] == ("/apis/kubeflow.org/v1/namespaces/ns/pytorchjobs" if kind == "PyTorchJob" else
+                                "/apis/trainer.kubeflow.org/v1alpha1/namespaces/ns/trainjobs")
+        assert not k.calls("DELETE")   # a finished job stays until its owner goes
+    with KubeStandIn(ScriptedController([("Running", ""), ("Failed", "Worker 0 exited with code 1")]),
+                     secrets=SECRETS) as k:
+        api, core = _apis(k, tmp_path)
+        with pytest.raises(TrainingJobFailed,
+                           match=rf"{kind} ns/j2 failed: Worker 0 exited with code 1 .*kubectl -n ns logs"):
+            run_job(_job(kind), poll_s=0, api=api, core=core)
+        assert not k.calls("DELETE")   # kept for kubectl logs
+
+
+def test_the_job_is_owned_by_the_task_pod_and_goes_with_it(tmp_path, monkeypatch):
+    """The downward API's POD_NAME / POD_UID make the task's pod the job's owner; deleting that pod
+    (a terminated KFP run) deletes the job, as Kubernetes' garbage collector does."""
+    with KubeStandIn(ScriptedController([("Succeeded", "")]), secrets=SECRETS,
+                     pods={("ns", "panoptic-fpn-abc-train"): {}}) as k:
+        api, core = _apis(k, tmp_path)
+        monkeypatch.setenv("POD_NAME", "panoptic-fpn-abc-train")
+        monkeypatch.setenv("POD_UID", k.pod_uid("ns", "panoptic-fpn-abc-train"))
+        monkeypatch.setenv("POD_NAMESPACE", "ns")
+        run_job(_job("PyTorchJob"), poll_s=0, api=api, core=core)
+        owner, = k.calls("POST")[0]["body"]["metadata"]["ownerReferences"]
+        assert owner == {"apiVersion": "v1", "kind": "Pod", "name": "panoptic-fpn-abc-train",
+                         "uid": k.pod_uid("ns", "panoptic-fpn-abc-train")}
+        core.delete_namespaced_pod("panoptic-fpn-abc-train", "ns")
+        assert [j["metadata"]["name"] for j in k.deleted] == ["j2"]
+        # a job in another namespace cannot be owned by the pod: no reference, a warning
+        monkeypatch.setenv("POD_NAMESPACE", "elsewhere")
+        run_job(_job("PyTorchJob", "j3"), poll_s=0, api=api, core=core)
+        assert "ownerReferences" not in k.calls("POST")[-1]["body"]["metadata"]
+
+
+def test_a_missing_secret_or_key_fails_before_anything_is_created(tmp_path):
+    with KubeStandIn(ScriptedController([("Succeeded", "")]), secrets={}) as k:
+        api, core = _apis(k, tmp_path)
+        with pytest.raises(TrainingJobFailed, match=r"Secret ns/panoptic-s3 does not exist.*AWS_ACCESS_KEY_ID"):
+            run_job(_job("TrainJob"), poll_s=0, api=api, core=core)
+        assert not k.calls("POST")
+    with KubeStandIn(ScriptedController([("Succeeded", "")]), secrets={("ns", "panoptic-s3"): {"OTHER": "x"}}) as k:
+        api, core = _apis(k, tmp_path)
+        with pytest.raises(TrainingJobFailed, match=r"Secret ns/panoptic-s3 has no key AWS_ACCESS_KEY_ID"):
+            run_job(_job("TrainJob"), poll_s=0, api=api, core=core)
+        assert not k.calls("POST")
+
+
+def test_a_wait_that_times_out_deletes_the_job(tmp_path):
+    with KubeStandIn(ScriptedController([("Running", "")]), secrets=SECRETS) as k:
+        api, core = _apis(k, tmp_path)
+        with pytest.raises(JobTimedOut, match="did not finish within"):
+            run_job(_job("PyTorchJob"), timeout_s=0.2, poll_s=0.05, api=api, core=core)
+        delete, = k.calls("DELETE")
+        assert delete["path"] == "/apis/kubeflow.org/v1/namespaces/ns/pytorchjobs/j2"
+        assert delete["body"]["propagationPolicy"] == "Background"
+
+
+def test_sigterm_to_the_step_deletes_the_job(tmp_path):
+    """A terminated KFP run sends the task SIGTERM: the step deletes the job it created (and
+    fails), so no pods train on for a run that is gone."""
+    with KubeStandIn(ScriptedController([("Running", "")]), secrets=SECRETS) as k:
+        env = {**os.environ, "KUBECONFIG": kubeconfig(str(tmp_path / "kubeconfig"), k.url)}
+        code = ("import json, sys; from components.common.logs import setup_logging; setup_logging(); "
+                "from components.train.launcher import run_job; "
+                "run_job(json.loads(sys.argv[1]), poll_s=0.1)")
+        proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(_job("PyTorchJob"))], env=env,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while not k.calls("POST") and time.time() < deadline:
+            time.sleep(0.1)
+        assert k.calls("POST"), "the job was never created"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0
+        assert [d["path"] for d in k.calls("DELETE")] == ["/apis/kubeflow.org/v1/namespaces/ns/pytorchjobs/j2"]
+        assert "deleted PyTorchJob ns/j2: the step got SIGTERM" in err
