@@ -131,7 +131,8 @@ class KubeStandIn:
                     self.send_response(200)
                     self.send_header("Content-Type", "text/plain")
                     self.end_headers()
-                    for chunk in standin.controller.log(ns, name, follow=query.get("follow") == ["true"]):
+                    follow = query.get("follow", [""])[0].lower() == "true"   # the client sends "True"
+                    for chunk in standin.controller.log(ns, name, follow=follow):
                         self.wfile.write(chunk)
                         self.wfile.flush()
                     return

@@ -223,7 +223,10 @@ def _kubernetes():
     return client.CustomObjectsApi(), client.CoreV1Api()
 
 
-def run_job(job: dict, timeout_s: float = 7 * 24 * 3600, poll_s: float = 30.0, api=None, core=None) -> dict:
+POLL_S = 30.0   # between two reads of the job's status
+
+
+def run_job(job: dict, timeout_s: float = 7 * 24 * 3600, poll_s: float | None = None, api=None, core=None) -> dict:
     """Create a rendered PyTorchJob, TrainJob or Katib Experiment and wait until it succeeds.
 
     The job is owned by the task's pod (``owner_reference``), its Secrets are checked first, and
@@ -251,7 +254,8 @@ def run_job(job: dict, timeout_s: float = 7 * 24 * 3600, poll_s: float = 30.0, a
         with _sigterm_raises():
             if follower:
                 follower.start()
-            return _wait(api, kind, (group, version, namespace, plural, name), timeout_s, poll_s)
+            return _wait(api, kind, (group, version, namespace, plural, name), timeout_s,
+                         POLL_S if poll_s is None else poll_s)
     except JobTimedOut:
         _delete(api, kind, group, version, namespace, plural, name, "its wait timed out")
         raise

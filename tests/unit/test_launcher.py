@@ -56,7 +56,7 @@ def _launch(kind, shards, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     settings = {"config": "r50_1x", "iterations": 1000, "nodes": 2, "gpus_per_node": 8, "launcher": kind,
                 "overrides": ["solver.amp=bf16"], "namespace": "team-a"}
-    monkeypatch.setattr("components.train.launcher.time.sleep", lambda s: None)
+    monkeypatch.setattr("components.train.launcher.POLL_S", 0.0)
     with standin:
         monkeypatch.setenv("KUBECONFIG", kubeconfig(str(tmp_path / "kubeconfig"), standin.url))
         step_train(train_shards=shards, model_out=str(out), settings=settings, cluster=CLUSTER, mlflow_uri=uri)
