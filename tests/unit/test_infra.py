@@ -128,3 +128,48 @@ def test_kustomizations_reference_existing_files():
         doc = yaml.safe_load(open(k))
         for r in doc.get("resources", []) + [p["path"] for p in doc.get("patches", [])]:
             assert os.path.exists(os.path.join(os.path.dirname(k), r)), f"{k}: {r}"
+
+
+def test_the_job_examples_are_what_the_launcher_renders():
+    from tests.job_examples import examples, text
+
+    for name, (header, job) in examples().items():
+        path = os.path.join(ROOT, "infra", "training", name)
+        assert open(path).read() == text(header, job), f"{path} is stale: run .venv/bin/python -m tests.job_examples"
+
+
+def _kustomize(folder: str) -> list[dict]:
+    r = subprocess.run(["kubectl", "kustomize", os.path.join(ROOT, folder)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return [d for d in yaml.safe_load_all(r.stdout) if d]
+
+
+@pytest.mark.parametrize("overlay", ["infra/base", "infra/overlays/local", "infra/overlays/prod",
+                                     "infra/overlays/profile"])
+def test_every_kustomization_builds_into_valid_objects(overlay):
+    for doc in _kustomize(overlay):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        for subject in doc.get("subjects", []):   # a RoleBinding's service accounts live where it does
+            assert subject["namespace"] == doc["metadata"]["namespace"], (overlay, doc["metadata"]["name"])
+
+
+def test_the_pipelines_role_covers_what_the_train_step_creates_and_watches():
+    from components.common.cluster import ClusterSettings
+    from components.train.launcher import RESOURCES
+
+    docs = _kustomize("infra/overlays/profile")
+    role = next(d for d in docs if d["kind"] == "Role")
+    allowed = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+               for v in rule["verbs"] if not rule.get("resourceNames")}
+    for group, _, plural in RESOURCES.values():   # PyTorchJob, TrainJob, Katib Experiment
+        for verb in ("create", "get", "delete"):
+            assert (group, plural, verb) in allowed, (group, plural, verb)
+    for resource in ("pods", "pods/log"):
+        assert ("", resource, "get") in allowed and ("", resource, "list") in allowed
+    secrets = next(rule for rule in role["rules"] if rule["resources"] == ["secrets"])
+    d = ClusterSettings()
+    assert set(secrets["resourceNames"]) == {d.s3_secret, "panoptic-mlflow"} and secrets["verbs"] == ["get"]
+    bound = {(b["subjects"][0]["name"]) for b in docs if b["kind"] == "RoleBinding"}
+    assert bound == {d.service_account, "default-editor"}   # the pods' account, and KFP's default in a profile
+    assert {d["metadata"]["namespace"] for d in docs} == {"team-vision"}

@@ -53,6 +53,15 @@ def test_compiled_yaml_has_the_dag_gpus_condition_and_cluster_settings(tmp_path)
     assert {e["envVar"] for e in train["secretAsEnv"][0]["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert train["pvcMount"][0]["mountPath"] == "/data"
     assert "nodeSelector" not in k8s["exec-preprocess"]
+    # required secrets (a missing one stops the pod, named); /dev/shm on GPU tasks; the train task owns its jobs
+    assert all(s["optional"] is False for e in k8s.values() for s in e.get("secretAsEnv", []))
+    for name in ("exec-train", "exec-evaluate", "exec-score-champion"):
+        assert k8s[name]["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi",
+                                                "volumeName": "dshm"}]
+    assert "emptyDirMounts" not in k8s["exec-preprocess"]
+    assert {e["name"]: e["fieldPath"] for e in train["fieldPathAsEnv"]} == {
+        "POD_NAME": "metadata.name", "POD_UID": "metadata.uid", "POD_NAMESPACE": "metadata.namespace"}
+    assert "fieldPathAsEnv" not in k8s["exec-evaluate"]
     # one parameter per stage's settings, plus the run's own
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert set(params) == {"data_uri", "subset", "preprocess", "train", "evaluate", "register", "force", "mlflow_uri",
@@ -73,9 +82,11 @@ def test_submit_and_schedule_send_the_spec_cron_and_experiment(tmp_path):
     with KfpStandIn() as kfp:
         r = runner.invoke(pipeline, ["submit", "--host", kfp.url, "--experiment", "nightly", "--package", package,
                                      "--param", "data_uri=s3://coco/panoptic", "--param", "train.iterations=90000",
-                                     "--param", 'subset={"size": 20000}', "--param", "force=true", "--run-name", "r1"])
+                                     "--param", 'subset={"size": 20000}', "--param", "force=true", "--run-name", "r1",
+                                     "--service-account", "panoptic-pipeline"])
         assert r.exit_code == 0, r.output
         run = next(q for q in kfp.requests if q["method"] == "POST" and q["path"].endswith("/runs"))
+        assert run["body"]["service_account"] == "panoptic-pipeline"   # the tasks run as the bound account
         assert f"{kfp.url}/#/runs/details/run-" in r.output
         assert run["body"]["display_name"] == "r1"
         sent = run["body"]["pipeline_spec"]
@@ -88,9 +99,11 @@ def test_submit_and_schedule_send_the_spec_cron_and_experiment(tmp_path):
         assert exp["body"]["display_name"] == "nightly" and run["body"]["experiment_id"]
 
         r = runner.invoke(pipeline, ["schedule", "--host", kfp.url, "--cron", "0 3 * * 0", "--experiment", "nightly",
-                                     "--package", package, "--param", "data_uri=s3://coco/panoptic"])
+                                     "--package", package, "--param", "data_uri=s3://coco/panoptic",
+                                     "--service-account", "panoptic-pipeline"])
         assert r.exit_code == 0, r.output
         rec = next(q for q in kfp.requests if q["path"].endswith("/recurringruns"))["body"]
+        assert rec["service_account"] == "panoptic-pipeline"
         assert rec["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 0"
         assert rec["display_name"] == "panoptic-fpn-retrain" and str(rec["max_concurrency"]) == "1"
         assert rec["pipeline_spec"]["pipeline_spec"]["root"]["dag"]["tasks"]["decide"]
