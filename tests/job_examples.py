@@ -27,15 +27,15 @@ def examples() -> dict[str, tuple[str, dict]]:
     """file name -> (header, job)."""
     cluster = ClusterSettings(cpu="64", memory="480Gi", shm_size="64Gi", s3_endpoint="http://minio.panoptic:9000")
     spec = JobSpec(name="panoptic-train-example", image="ghcr.io/panoptic-pipeline/panoptic-cuda:0.1.0", nodes=2,
-                   gpus_per_node=8, shards="s3://panoptic-data/shards/train", output="s3://panoptic-data/runs/example",
-                   config_uri="s3://panoptic-data/runs/example/train_config.json", cluster=cluster, namespace="panoptic",
-                   env={"MLFLOW_TRACKING_URI": "http://mlflow.panoptic:5000",
-                        "MLFLOW_RUN_ID": "<the pipeline's train run>"})
-    return {"pytorchjob.example.yaml": (HEADER.format(launcher="pytorchjob", what="a PyTorchJob (Training Operator v1)"),
-                                        render_pytorchjob(spec)),
-            "trainjob.example.yaml": (HEADER.format(launcher="trainjob",
-                                                    what="a TrainJob (Kubeflow Trainer v2, torch runtime)"),
-                                      render_trainjob(spec))}
+                   gpus_per_node=8, shards="s3://panoptic-data/shards/train",
+                   output="s3://panoptic-data/runs/example",
+                   config_uri="s3://panoptic-data/runs/example/train_config.json", cluster=cluster,
+                   namespace="panoptic", env={"MLFLOW_TRACKING_URI": "http://mlflow.panoptic:5000",
+                                              "MLFLOW_RUN_ID": "<the pipeline's train run>"})
+    pytorchjob = HEADER.format(launcher="pytorchjob", what="a PyTorchJob (Training Operator v1)")
+    trainjob = HEADER.format(launcher="trainjob", what="a TrainJob (Kubeflow Trainer v2, torch runtime)")
+    return {"pytorchjob.example.yaml": (pytorchjob, render_pytorchjob(spec)),
+            "trainjob.example.yaml": (trainjob, render_trainjob(spec))}
 
 
 class _NoAliases(yaml.SafeDumper):
