@@ -5,6 +5,7 @@ then sees), and `runs compare` listing the trials."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -45,8 +46,11 @@ def test_local_sweep_logs_trials_and_outputs_the_best_model(synth_root, tmp_path
         [str(i == best) for i in range(3)]
     for t in trials:   # each trial is a real training: curves and its own params
         assert any(k.startswith("train/") for k in t.data.metrics) and "sweep.iterations" in t.data.params
-    # the stage's model is the best trial's, byte for byte, and says what it was
-    assert open(model, "rb").read() == open(tmp_path / "m" / "trials" / f"trial-{best:03d}" / "model.pt", "rb").read()
+    # the stage's model is the best trial's, byte for byte, and says what it was; the trials (with their
+    # checkpoints) lie beside the Model artifact, not in it
+    trial = tmp_path / "checkpoints" / "trials" / f"trial-{best:03d}" / "model.pt"
+    assert open(model, "rb").read() == open(trial, "rb").read()
+    assert sorted(os.listdir(tmp_path / "m")) == ["lineage.json", "model.pt", "train_config.json"]
     lineage = json.load(open(tmp_path / "m" / "lineage.json"))
     best_run = next(t for t in trials if t.data.tags["sweep.trial"] == str(best))
     assert {k: str(v) for k, v in json.loads(lineage["sweep_best"]).items()} == \
