@@ -23,7 +23,28 @@ COMMANDS = {
 }
 
 
+def _worded(e: Exception) -> click.ClickException | None:
+    """An input or environment error as the one line click prints; None for a bug."""
+    from components.common.errors import one_line
+
+    message = one_line(e)
+    return None if message is None else click.ClickException(message)
+
+
 class LazyGroup(click.Group):
+    """Sub-commands imported when they run; errors from bad input end in one line (see ``invoke``)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as e:
+            worded = _worded(e)
+            if worded is None:   # not an input or environment error: a bug, with its traceback
+                raise
+            raise worded from None
+
     def list_commands(self, ctx):
         return list(COMMANDS)
 
@@ -36,6 +57,32 @@ class LazyGroup(click.Group):
             return None
         module, attr, _ = COMMANDS[name]
         return getattr(importlib.import_module(module), attr)
+
+
+def run_alone(command: click.Command, prog_name: str) -> None:
+    """Run one stage's command as its own program (``python -m components.<stage>``, what the
+    containers and the training pods run), its errors worded as ``panoptic`` words them."""
+    import sys
+
+    from components.common.logs import setup_logging
+
+    setup_logging()
+    try:
+        command.main(prog_name=prog_name, standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    except Exception as e:
+        worded = _worded(e)
+        if worded is None:
+            raise
+        worded.show()
+        sys.exit(1)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -12,7 +12,6 @@ Facts this module relies on (COCO panoptic, Kirillov et al. 2019):
 from __future__ import annotations
 
 import io
-import json
 import math
 from dataclasses import dataclass, field
 
@@ -72,13 +71,48 @@ def encode_png(ids: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+MAX_PIXELS = 1 << 26        # 8192 x 8192: a larger image or PNG is refused before it is decoded
+MIN_SIDE, MAX_ASPECT = 4, 64  # thinner images cannot be resized for training or inference
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header declares more pixels than ``MAX_PIXELS`` (refused undecoded)."""
+
+
+def check_pixels(h: int, w: int, name: str) -> None:
+    if h * w > MAX_PIXELS:
+        raise ImageTooLarge(f"{name}: {h}x{w} (HxW) pixels, more than the {MAX_PIXELS} an image may have; "
+                            f"refused before decoding")
+
+
+def shape_problem(h: int, w: int) -> tuple[str, str] | None:
+    """(problem kind, message) when an image of this size cannot be trained on or predicted."""
+    if h * w > MAX_PIXELS:
+        return "image_too_large", f"{h}x{w} (HxW) is more than {MAX_PIXELS} pixels"
+    if min(h, w) < MIN_SIDE or max(h, w) > MAX_ASPECT * min(h, w):
+        return "degenerate_shape", f"{h}x{w} (HxW): a side under {MIN_SIDE} px or an aspect ratio over {MAX_ASPECT}:1"
+    return None
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a PNG's IHDR chunk, or None when the header is not there."""
+    if len(data) >= 24 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        return h, w
+    return None
+
+
 def decode_png(data: bytes, name: str = "<bytes>") -> np.ndarray:
     """Panoptic PNG bytes -> (H, W) uint32 ids. Raises ValueError naming ``name`` when corrupt."""
     return rgb2id(decode_png_rgb(data, name))
 
 
 def decode_png_rgb(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Panoptic PNG bytes -> (H, W, 3) uint8. Raises ValueError naming ``name`` when corrupt."""
+    """Panoptic PNG bytes -> (H, W, 3) uint8. Raises ValueError naming ``name`` when corrupt,
+    ``ImageTooLarge`` (before decoding) when its header declares too many pixels."""
+    size = _png_size(data)
+    if size is not None:
+        check_pixels(*size, name)
     if pyspng is not None and data[:8] == b"\x89PNG\r\n\x1a\n":
         try:
             arr = pyspng.load(data)
@@ -88,17 +122,26 @@ def decode_png_rgb(data: bytes, name: str = "<bytes>") -> np.ndarray:
             pass  # let PIL decide, and word the error
     try:
         with Image.open(io.BytesIO(data)) as im:
+            check_pixels(im.size[1], im.size[0], name)
             arr = np.asarray(im.convert("RGB"))
+    except ImageTooLarge:
+        raise
     except Exception as e:  # PIL raises several types for corrupt data
         raise ValueError(f"{name}: cannot decode panoptic PNG ({e})") from e
     return arr
 
 
 def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """JPEG/PNG bytes -> (H, W, 3) uint8 RGB. Raises ValueError naming ``name`` when corrupt."""
+    """JPEG/PNG bytes -> (H, W, 3) uint8 RGB. Raises ValueError naming ``name`` when corrupt or of
+    a shape nothing can be made of (too many pixels: refused before decoding; too thin)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
+            problem = shape_problem(im.size[1], im.size[0])
+            if problem:
+                raise ImageTooLarge(f"{name}: {problem[1]}; refused before decoding")
             arr = np.asarray(im.convert("RGB"))
+    except ImageTooLarge:
+        raise
     except Exception as e:
         raise ValueError(f"{name}: cannot decode image ({e})") from e
     return arr
@@ -113,9 +156,12 @@ def check_image_decodes(data: bytes, name: str = "<bytes>") -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
+            check_pixels(h, w, name)
             if im.format == "JPEG":
                 im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
             im.load()
+    except ImageTooLarge:
+        raise
     except Exception as e:
         raise ValueError(f"{name}: cannot decode image ({e})") from e
     return h, w
@@ -270,6 +316,7 @@ def png_uri(root: str, split: str, file_name: str) -> str:
 
 MAX_SIDE = 65535          # pixels; a larger height or width is a broken entry, not an image
 MAX_SEGMENT_ID = 256**3 - 1
+MAX_SEGMENTS = 10_000     # per image; COCO's most crowded has a few hundred
 
 
 def _is_int(v) -> bool:
@@ -328,6 +375,10 @@ def structure_problems(raw) -> list[str]:
         if not isinstance(segs, list):
             out.append(f"annotations[{i}] (image {a['image_id']}): segments_info must be a list")
             continue
+        if len(segs) > MAX_SEGMENTS:
+            out.append(f"annotations[{i}] (image {a['image_id']}): {len(segs)} segments, more than the "
+                       f"{MAX_SEGMENTS} an image may have")
+            continue
         for j, sg in enumerate(segs):
             where = f"annotations[{i}].segments_info[{j}]"
             if not isinstance(sg, dict) or not _is_int(sg.get("id")) or not 1 <= sg["id"] <= MAX_SEGMENT_ID:
@@ -355,10 +406,7 @@ def load_split(root: str, split: str) -> PanopticSplit:
         raise FileNotFoundError(
             f"{uri}: annotation file not found. Expected the COCO panoptic layout "
             f"{{root}}/annotations/panoptic_{split}.json (make one with `panoptic data synth`)")
-    try:
-        raw = json.loads(storage.read_text(uri))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{uri}: not valid JSON ({e})") from e
+    raw = storage.read_json(uri, "annotation")   # bounded in size and depth; NaN and bad UTF-8 refused
     problems = structure_problems(raw)
     if problems:
         shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")

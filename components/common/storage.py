@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
 import uuid
 from functools import lru_cache
 from urllib.parse import urlparse
@@ -99,38 +100,105 @@ def listdir(uri: str) -> list[str]:
     return sorted(posixpath.basename(i.path) for i in infos)
 
 
-def read_bytes(uri: str) -> bytes:
+class UnsafePath(ValueError):
+    """A path refused before anything is read: ``kind`` "leaves_folder" (a link out of the
+    folder it must stay in) or "not_regular" (a FIFO, a device, a socket)."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class FileTooLarge(ValueError):
+    """A file larger than its kind ever is (a resource bomb, or the wrong file)."""
+
+
+JSON_MAX_BYTES = 4 << 30      # COCO's largest annotation file is ~0.6 GB
+
+
+def _open_regular(path: str, uri: str, within: str | None) -> int:
+    """An fd of ``path``, refused (``UnsafePath``) when it resolves outside ``within`` (a symlink
+    out of the dataset) or is no regular file (a FIFO, a device, a folder): checked before the
+    open, and on the open file (an O_NONBLOCK open does not wait for a FIFO's writer)."""
+    if within is not None:
+        real, root = os.path.realpath(path), os.path.realpath(within)
+        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+            raise UnsafePath(f"{uri}: leads out of {within} (to {real}); refused without reading it", "leaves_folder")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{uri}: no such file") from e
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(f"{uri}: is a folder, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafePath(f"{uri}: not a regular file ({_kind(st.st_mode)}); refused without reading it", "not_regular")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePath(f"{uri}: not a regular file; refused without reading it", "not_regular")
+    return fd
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a file"
+
+
+def read_bytes(uri: str, *, within: str | None = None, max_bytes: int | None = None) -> bytes:
+    """The bytes of a local file or an S3 object. ``within``: a local path must resolve inside
+    that folder (symlinks followed); only regular files are read; ``max_bytes``: a larger file
+    is refused (``FileTooLarge``) before it is read."""
     if not is_remote(uri):  # the common case, without a pyarrow stream per file
         path = resolve(uri)[1]
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except IsADirectoryError as e:
-            raise IsADirectoryError(f"{uri}: is a folder, not a file") from e
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"{uri}: no such file") from e
+        fd = _open_regular(path, uri, within)
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if max_bytes is not None and size > max_bytes:
+                raise FileTooLarge(f"{uri}: {size} bytes, more than the {max_bytes} such a file may have")
+            return f.read()
     fs, path = resolve(uri)
     try:
+        if max_bytes is not None:
+            size = fs.get_file_info(path).size
+            if size is not None and size > max_bytes:
+                raise FileTooLarge(f"{uri}: {size} bytes, more than the {max_bytes} such a file may have")
         with fs.open_input_stream(path) as f:
             return f.read()
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{uri}: no such file") from e
 
 
-def read_text(uri: str) -> str:
-    return read_bytes(uri).decode("utf-8")
+def read_text(uri: str, **kwargs) -> str:
+    data = read_bytes(uri, **kwargs)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{uri}: not UTF-8 text ({e})") from None
+
+
+def read_json(uri: str, what: str = "JSON", max_bytes: int = JSON_MAX_BYTES, **kwargs):
+    """A JSON document, parsed by orjson: nesting beyond 1,024 levels, NaN/Infinity literals,
+    invalid UTF-8 and files over ``max_bytes`` are refused with a ValueError naming the file."""
+    import orjson
+
+    data = read_bytes(uri, max_bytes=max_bytes, **kwargs)
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise ValueError(f"{uri}: the {what} file is not valid JSON ({e})") from None
 
 
 def read_json_doc(uri: str, default_name: str, missing_hint: str):
     """A JSON document given its file or the folder holding ``default_name``; a missing one is a
     FileNotFoundError naming the path and ``missing_hint`` (how to make it)."""
-    import json
-
     if not uri.endswith(".json"):
         uri = join(uri, default_name)
     if not exists(uri):
         raise FileNotFoundError(f"{uri}: {missing_hint}")
-    return uri, json.loads(read_text(uri))
+    return uri, read_json(uri, default_name)
 
 
 def size(uri: str) -> int:

@@ -17,13 +17,16 @@ from components.common import storage
 from components.common.coco_panoptic import (
     VOID,
     CategoryMaps,
+    ImageTooLarge,
     PanopticSplit,
     UnsafeFileName,
     check_image_decodes,
+    check_pixels,
     decode_png_rgb,
     file_name_problem,
     load_split,
     segment_stats,
+    shape_problem,
 )
 from components.common.jpeg_check import JpegStructureError, check_jpeg_structure
 from components.common.logs import progress as progress_bar
@@ -31,6 +34,10 @@ from components.common.logs import progress as progress_bar
 # What each kind of problem means for the user: how to fix it.
 FIXES = {
     "file_name_outside_dataset": "use the plain file name relative to the split's folder (no '..', no absolute path)",
+    "file_outside_dataset": "the file is a link to somewhere outside the split's folder: copy the real file in",
+    "not_a_regular_file": "put a regular image file there (not a FIFO, device or socket)",
+    "image_too_large": "downscale the image: it is larger than any training image may be",
+    "degenerate_shape": "crop or drop the image: its sides must be at least 4 px and at most 64 times each other",
     "missing_annotation": "add an entry to `annotations` for this image, or drop the image from `images`",
     "annotation_without_image": "add the image to `images`, or drop this annotation",
     "missing_image": "restore the image file, or drop the image from the JSON",
@@ -90,7 +97,13 @@ def check_sample(image: dict, annotation: dict | None, image_bytes: bytes | None
     if annotation is None:
         bad(image_name, "missing_annotation", f"image {image_id} has no entry in `annotations`")
         return problems, None
-    if image_bytes is None:
+    shape = shape_problem(image["height"], image["width"])
+    if shape:   # nothing is decoded for such a sample
+        bad(image_name, shape[0], f"the JSON says {shape[1]}")
+        return problems, None
+    if isinstance(image_bytes, Refused):
+        bad(image_name, image_bytes.kind, image_bytes.message.split(": ", 1)[-1])
+    elif image_bytes is None:
         bad(image_name, "missing_image", "file not found")
     else:
         try:
@@ -98,13 +111,21 @@ def check_sample(image: dict, annotation: dict | None, image_bytes: bytes | None
             if (h_img, w_img) != (image.get("height"), image.get("width")):
                 bad(image_name, "size_mismatch", f"image is {h_img}x{w_img} (HxW) but the JSON says "
                                                  f"{image.get('height')}x{image.get('width')}")
+        except ImageTooLarge as e:
+            bad(image_name, "image_too_large", str(e).split(": ", 1)[-1])
         except ValueError as e:
             bad(image_name, "corrupt_image", str(e).split(": ", 1)[-1])
+    if isinstance(png_bytes, Refused):
+        bad(png_name, png_bytes.kind, png_bytes.message.split(": ", 1)[-1])
+        return problems, None
     if png_bytes is None:
         bad(png_name, "missing_png", "file not found")
         return problems, None
     try:
         rgb = decode_png_rgb(png_bytes, png_name)
+    except ImageTooLarge as e:
+        bad(png_name, "image_too_large", str(e).split(": ", 1)[-1])
+        return problems, None
     except ValueError as e:
         bad(png_name, "corrupt_png", str(e).split(": ", 1)[-1])
         return problems, None
@@ -147,9 +168,11 @@ def image_decodable_size(data: bytes, name: str) -> tuple[int, int]:
     so the verdict on a doubtful file is the decoder's own (see components/common/jpeg_check.py).
     """
     try:
-        return check_jpeg_structure(data)
+        h, w = check_jpeg_structure(data)
     except JpegStructureError:
         return check_image_decodes(data, name)
+    check_pixels(h, w, name)
+    return h, w
 
 
 def sample_uris(data: PanopticSplit, image: dict, annotation: dict | None) -> tuple[str, str]:
@@ -161,11 +184,35 @@ def sample_uris(data: PanopticSplit, image: dict, annotation: dict | None) -> tu
         return "", ""
 
 
-def read_or_none(uri: str) -> bytes | None:
+MAX_SAMPLE_BYTES = 256 << 20    # an image or panoptic PNG; COCO's largest is ~1 MB
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A sample file that was not read, and why (a ``Problem`` kind and its message)."""
+    kind: str
+    message: str
+
+
+def read_or_none(uri: str, within: str | None = None) -> bytes | Refused | None:
+    """A sample file's bytes; None when it is missing; ``Refused`` when it must not be read: a
+    link out of ``within`` (its split's folder), something other than a regular file, or a
+    file larger than any image."""
     try:
-        return storage.read_bytes(uri)
+        return storage.read_bytes(uri, within=within, max_bytes=MAX_SAMPLE_BYTES)
     except FileNotFoundError:
         return None
+    except storage.UnsafePath as e:
+        return Refused("file_outside_dataset" if e.kind == "leaves_folder" else "not_a_regular_file", str(e))
+    except storage.FileTooLarge as e:
+        return Refused("image_too_large", str(e))
+
+
+def sample_folders(root: str, split: str) -> tuple[str | None, str | None]:
+    """The folders a split's images and PNGs must stay in (None for S3: no links there)."""
+    if storage.is_remote(root):
+        return None, None
+    return storage.join(root, split), storage.join(root, "annotations", f"panoptic_{split}")
 
 
 @dataclass
@@ -217,11 +264,14 @@ def validate_split(root: str, split: str, workers: int = 4, progress: bool = Tru
             report.problems.append(Problem(image_id, where, "annotation_without_image",
                                            f"annotation for image_id {image_id}, which is not in `images`"))
 
+    image_dir, png_dir = sample_folders(root, split)
+
     def one(image: dict) -> list[Problem]:
         ann = data.annotations.get(int(image["id"]))
         image_uri, png_uri = sample_uris(data, image, ann)
-        problems, _ = check_sample(image, ann, read_or_none(image_uri) if image_uri else None,
-                                   read_or_none(png_uri) if png_uri else None, data.categories, image_uri, png_uri)
+        problems, _ = check_sample(image, ann, read_or_none(image_uri, image_dir) if image_uri else None,
+                                   read_or_none(png_uri, png_dir) if png_uri else None, data.categories, image_uri,
+                                   png_uri)
         return problems
 
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -14,7 +14,8 @@ def output_shape(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
     if max(nh, nw) > max_size:
         s = max_size / max(nh, nw)
         nh, nw = nh * s, nw * s
-    return int(nh + 0.5), int(nw + 0.5)
+    # at least 1 px: an image thin enough would round a side to 0 (detectron2 does; nothing works then)
+    return max(1, int(nh + 0.5)), max(1, int(nw + 0.5))
 
 
 def resize_nearest(arr: np.ndarray, nh: int, nw: int) -> np.ndarray:

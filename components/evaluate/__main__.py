@@ -1,3 +1,4 @@
+from components.cli import run_alone
 from components.evaluate.cli import evaluate_cmd
 
-evaluate_cmd(prog_name="python -m components.evaluate")
+run_alone(evaluate_cmd, "python -m components.evaluate")

@@ -42,7 +42,11 @@ def save_model(model: torch.nn.Module, cfg: Config, categories: CategoryMaps, ur
 
 
 def load_model(uri: str, device: str | torch.device = "cpu"):
-    """Read a ``model.pt`` artifact. Returns (model in eval mode, config, categories)."""
+    """Read a ``model.pt`` artifact. Returns (model in eval mode, config, categories).
+
+    Everything in it is checked before use: its format, a config this code reads, categories,
+    tensors that fit the model exactly (every one present, none extra) and are finite; a file
+    that fails any of it is a ``WeightsError`` naming the file and what is wrong."""
     from components.model.panoptic_fpn import PanopticFPN
 
     try:
@@ -50,13 +54,33 @@ def load_model(uri: str, device: str | torch.device = "cpu"):
     except FileNotFoundError:
         raise FileNotFoundError(f"{uri}: model file not found (train one with `panoptic train`)") from None
     if blob.get("format") not in READABLE_FORMATS:
-        raise WeightsError(f"{uri}: not a Panoptic FPN model artifact (format {blob.get('format')!r}; "
+        raise WeightsError(f"{uri}: not a Panoptic FPN model artifact (format {str(blob.get('format'))[:60]!r}; "
                            f"this version reads {', '.join(READABLE_FORMATS)})")
+    for key, kind in (("config", dict), ("categories", list), ("state_dict", dict)):
+        if not isinstance(blob.get(key), kind):
+            raise WeightsError(f"{uri}: a model artifact without its {key} (a {kind.__name__}); re-export it with "
+                               f"`panoptic train`")
+    bad = [k for k, v in blob["state_dict"].items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise WeightsError(f"{uri}: state_dict entries that are not tensors: {', '.join(map(str, bad[:8]))}")
     cfg = from_dict(blob["config"], uri)
-    categories = CategoryMaps.from_json(blob["categories"])
-    model = PanopticFPN.from_config(cfg, categories)
+    try:
+        categories = CategoryMaps.from_json(blob["categories"])
+        model = PanopticFPN.from_config(cfg, categories)
+    except (KeyError, TypeError, ValueError) as e:
+        raise WeightsError(f"{uri}: its config or categories do not make a model ({type(e).__name__}: "
+                           f"{str(e)[:300]})") from None
     if blob["format"] == MODEL_FORMAT:
-        model.load_state_dict(blob["state_dict"])
+        missing = sorted(set(model.state_dict()) - set(blob["state_dict"]))
+        extra = sorted(set(blob["state_dict"]) - set(model.state_dict()))
+        if missing or extra:
+            raise WeightsError(f"{uri}: its tensors do not fit its config: missing {', '.join(missing[:6]) or '-'}; "
+                               f"unexpected {', '.join(extra[:6]) or '-'}")
+        try:
+            model.load_state_dict(blob["state_dict"])
+        except RuntimeError as e:
+            raise WeightsError(f"{uri}: its tensors do not fit its config ({str(e).splitlines()[0][:300]} ...)") \
+                from None
     else:
         state, dropped = to_our_names(blob["format"], blob["state_dict"])
         report = load_state_strict(model, state, uri, blob["format"], dropped)
@@ -64,4 +88,13 @@ def load_model(uri: str, device: str | torch.device = "cpu"):
             raise WeightsError(f"{uri}: a {blob['format']} file that does not cover the model: "
                                f"{', '.join((report.fresh + report.reinitialized)[:8])}")
         log.info("%s: a %s model, converted to %s on load", uri, blob["format"], MODEL_FORMAT)
+    check_finite(model, uri)
     return model.to(device).eval(), cfg, categories
+
+
+def check_finite(model: torch.nn.Module, name: str) -> None:
+    """Refuse a model with NaN or infinite weights: it would predict nothing, silently."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise WeightsError(f"{name}: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:6])}"
+                           f"{' ...' if len(bad) > 6 else ''}): the training diverged; use an earlier checkpoint")

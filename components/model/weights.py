@@ -14,7 +14,8 @@
   ImageNet ResNet or Mask R-CNN state dict.
 
 Reading never runs code from the file: torch files load with ``weights_only=True`` and
-pickles through an unpickler that admits only containers, numbers, strings and numpy arrays.
+pickles through ``safe_pickle`` (containers, numbers, strings and numeric arrays, built by
+checked stand-ins, never by numpy's own constructors).
 
 Loading is strict. Every tensor of the checkpoint lands in the model, or the load fails
 naming each one that did not. The one exception is a category set of another size (fine-tuning
@@ -40,6 +41,7 @@ import torch
 
 from components.common import storage
 from components.model import convert
+from components.model.safe_pickle import UnsafePickle, loads_data
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +60,6 @@ CLASS_DEPENDENT = ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predicto
                    "roi_heads.mask_head.predictor.", "sem_seg_head.predictor.")
 
 _TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."  # torch.save's pre-zip format
-_PICKLE_ALLOWED = {
-    ("collections", "OrderedDict"), ("_codecs", "encode"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # pickle protocol 5
-}
 
 
 class WeightsError(ValueError):
@@ -115,18 +110,12 @@ def refused_global(error: Exception) -> str:
     return m.group(1) if m else "objects"
 
 
-class _DataOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) in _PICKLE_ALLOWED:
-            return super().find_class(module, name)
-        raise UnsafeCheckpointError(f"{module}.{name}")
-
-
 def read_checkpoint(data: bytes, name: str = "<weights>") -> dict:
     """A checkpoint's content as plain data. torch files (zip or legacy) load with
-    ``weights_only=True``; other pickles (detectron2's ``.pkl``) through an unpickler that
-    admits only dicts, lists, tuples, strings, numbers and numpy arrays. Anything that would
-    import or call something else is refused with ``UnsafeCheckpointError``; nothing runs."""
+    ``weights_only=True``; other pickles (detectron2's ``.pkl``) through ``safe_pickle``, which
+    builds only dicts, lists, tuples, strings, numbers and numeric arrays. Anything that would
+    import or call something else, or is no plain data, is refused with
+    ``UnsafeCheckpointError``; nothing runs."""
     if data[:4] == b"PK\x03\x04" or data.startswith(_TORCH_LEGACY_MAGIC):
         try:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -139,14 +128,14 @@ def read_checkpoint(data: bytes, name: str = "<weights>") -> dict:
             raise WeightsError(f"{name}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
     else:
         try:
-            state = _DataOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
-        except UnsafeCheckpointError as e:
+            state = loads_data(data)
+        except UnsafePickle as e:
             raise UnsafeCheckpointError(
-                f"{name}: refused: this pickle needs {e} to load, which could run code; a checkpoint holds only "
-                f"arrays, numbers and strings") from None
+                f"{name}: refused: this pickle needs {e} to load, which could run code or is no plain data; a "
+                f"checkpoint holds only arrays, numbers and strings") from None
         except Exception as e:
             raise WeightsError(f"{name}: neither a torch checkpoint nor a pickle of arrays "
-                               f"({type(e).__name__}: {e})") from None
+                               f"({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(state, dict):
         raise WeightsError(f"{name}: a checkpoint is a mapping of names to tensors, this file holds a "
                            f"{type(state).__name__}")

@@ -1,3 +1,4 @@
+from components.cli import run_alone
 from components.predict.cli import predict_cmd
 
-predict_cmd(prog_name="python -m components.predict")
+run_alone(predict_cmd, "python -m components.predict")

@@ -1,3 +1,4 @@
+from components.cli import run_alone
 from components.preprocess.cli import preprocess_cmd
 
-preprocess_cmd(prog_name="python -m components.preprocess")
+run_alone(preprocess_cmd, "python -m components.preprocess")

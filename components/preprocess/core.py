@@ -43,7 +43,7 @@ from components.common.coco_panoptic import (
 )
 from components.common.logs import progress as progress_bar
 from components.common.manifests import canonical_hash, load_manifest, sha256_bytes, subset_profile
-from components.common.validation import check_sample, read_or_none
+from components.common.validation import check_sample, read_or_none, sample_folders
 from components.data.records import COMPRESSION, SCHEMA, SCHEMA_VERSION
 
 # Source reads in flight per shard writer: a few for local files (the page cache or a disk),
@@ -136,8 +136,8 @@ def _source_uris(job: dict, image: dict | None, ann: dict | None) -> tuple[str, 
         return "", ""
 
 
-def _read_pair(uris: tuple[str, str]) -> tuple[bytes | None, bytes | None]:
-    return tuple(read_or_none(u) if u else None for u in uris)
+def _read_pair(uris: tuple[str, str], folders: tuple[str | None, str | None]):
+    return tuple(read_or_none(u, within) if u else None for u, within in zip(uris, folders))
 
 
 def _check_and_collect(job: dict, uris: list, contents) -> tuple[dict, list]:
@@ -186,7 +186,8 @@ def _write_shard(job: dict) -> dict:
     threads = IO_THREADS_REMOTE if storage.is_remote(job["source"]) else IO_THREADS_LOCAL
     io_pool = ThreadPoolExecutor(max_workers=threads)
     try:
-        rows, quarantine = _check_and_collect(job, uris, io_pool.map(_read_pair, uris))
+        folders = sample_folders(job["source"], job["split"])
+        rows, quarantine = _check_and_collect(job, uris, io_pool.map(lambda u: _read_pair(u, folders), uris))
     finally:
         io_pool.shutdown(cancel_futures=True)
 

@@ -1,3 +1,4 @@
+from components.cli import run_alone
 from components.register.cli import register_cmd
 
-register_cmd(prog_name="python -m components.register")
+run_alone(register_cmd, "python -m components.register")

@@ -1,3 +1,4 @@
+from components.cli import run_alone
 from components.select_subset.cli import subset
 
-subset(prog_name="python -m components.select_subset")
+run_alone(subset, "python -m components.select_subset")

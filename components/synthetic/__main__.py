@@ -1,3 +1,4 @@
+from components.cli import run_alone
 from components.synthetic.cli import data
 
-data(prog_name="python -m components.synthetic")
+run_alone(data, "python -m components.synthetic")

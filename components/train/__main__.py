@@ -1,3 +1,4 @@
+from components.cli import run_alone
 from components.train.cli import train_cmd
 
-train_cmd(prog_name="python -m components.train")
+run_alone(train_cmd, "python -m components.train")

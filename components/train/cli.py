@@ -18,10 +18,13 @@ from components.model.config import ConfigError, builtin_configs, load_config, p
               help="Override a config value, e.g. --set solver.max_iter=200 (repeatable).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--no-resume", is_flag=True, help="Start over even if OUTPUT has checkpoints.")
+@click.option("--allow-config-change", is_flag=True,
+              help="Resume although the config differs from the checkpoint's (the changes are logged; refused "
+                   "otherwise, naming them).")
 @click.option("--mlflow/--no-mlflow", default=True, show_default=True,
               help="Log to MLflow when MLFLOW_TRACKING_URI is set.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_cmd(shards, output, config_name, overrides, device, no_resume, mlflow, quiet):
+def train_cmd(shards, output, config_name, overrides, device, no_resume, allow_config_change, mlflow, quiet):
     """Train Panoptic FPN. Under torchrun (WORLD_SIZE > 1) it trains with DDP.
 
     Resumes automatically from the latest checkpoint in OUTPUT; SIGTERM saves a checkpoint
@@ -37,13 +40,8 @@ def train_cmd(shards, output, config_name, overrides, device, no_resume, mlflow,
     if mlflow and os.environ.get("MLFLOW_TRACKING_URI") and int(os.environ.get("RANK", 0)) == 0:
         from components.common.tracking import metric_logger
         log_fn = metric_logger(prefix="train/")
-    from components.data.reader import ShardError
-    from components.model.weights import WeightsError
-
-    try:
-        result = train(cfg, shards, output, device=device, resume=not no_resume, progress=not quiet, log_fn=log_fn)
-    except (WeightsError, ShardError, ConfigError, FileNotFoundError) as e:
-        raise click.ClickException(str(e))
+    result = train(cfg, shards, output, device=device, resume=not no_resume, progress=not quiet, log_fn=log_fn,
+                   allow_config_change=allow_config_change)
     if result.preempted:
         click.echo(f"stopped at iteration {result.iterations} (SIGTERM); checkpoint saved, re-run to resume")
         raise SystemExit(143)

@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -112,33 +113,28 @@ def _set_rng_state(state: dict) -> None:
     # the generators take CPU byte tensors, wherever the checkpoint was mapped
     torch.set_rng_state(state["torch"].cpu())
     n, p = state["numpy"], state["python"]
-    if isinstance(n, dict):
-        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-        random.setstate((p["version"], tuple(int(w) for w in p["words"].tolist()), p["gauss"]))
-    else:  # a checkpoint written before: numpy's tuple and Python's as they come
-        np.random.set_state(n)
-        random.setstate(p)
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate((p["version"], tuple(int(w) for w in p["words"].tolist()), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
 
 
 def load_checkpoint(uri: str) -> dict:
-    """A training checkpoint, read without running code (``weights_only``). Checkpoints written
-    before their RNG states were tensors hold numpy arrays; numpy's array constructors are
-    admitted for them (they build arrays, nothing else)."""
-    import torch.serialization
-
-    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 renamed it; the deprecated alias warns
-    reconstruct = core.multiarray._reconstruct
-    # pickles name it by the module numpy had when they were written: admit both spellings
-    safe_numpy = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np.dtypes.Int64DType, reconstruct,
-                  (reconstruct, "numpy.core.multiarray._reconstruct")]
+    """A training checkpoint, read without running code (``weights_only``: tensors and plain
+    data; no numpy object is admitted). Raises ``CheckpointError`` for a file that is not a
+    whole checkpoint of ours (truncated, torn, someone else's)."""
     try:
-        with torch.serialization.safe_globals(safe_numpy):
-            return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+        ckpt = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(f"{uri}: refused: this checkpoint needs {refused_global(e)} to load, which could "
                                     f"run code; delete it to start over") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"{uri}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    missing = [k for k in ("iteration", "model", "optimizer", "scheduler", "scaler", "rng", "config")
+               if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{uri}: not a checkpoint of this trainer (no {', '.join(missing)})")
+    return ckpt
 
 
 def save_checkpoint(output: str, iteration: int, model, optimizer, scheduler, scaler, cfg: Config) -> str:
@@ -156,12 +152,80 @@ def save_checkpoint(output: str, iteration: int, model, optimizer, scheduler, sc
     return storage.join(folder, name)
 
 
+CHECKPOINT_NAME = re.compile(r"model_(\d{7})\.pth")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint the run cannot resume from; the message names it and the way out."""
+
+
 def latest_checkpoint(output: str) -> str | None:
-    marker = storage.join(output, CHECKPOINT_DIR, "last_checkpoint")
-    if not storage.exists(marker):
-        return None
-    uri = storage.join(output, CHECKPOINT_DIR, storage.read_text(marker).strip())
-    return uri if storage.exists(uri) else None
+    """The checkpoint ``last_checkpoint`` names (a checkpoint file of this folder: a name that
+    leaves it is refused), else the newest ``model_NNNNNNN.pth``; None when there is none."""
+    candidates = checkpoint_candidates(output)
+    return candidates[0] if candidates else None
+
+
+def checkpoint_candidates(output: str) -> list[str]:
+    """The folder's checkpoints, the one to resume from first: ``last_checkpoint``'s, then the
+    others newest first. Only plain ``model_NNNNNNN.pth`` names of this folder count."""
+    folder = storage.join(output, CHECKPOINT_DIR)
+    if not storage.exists(folder):
+        return []
+    names = sorted((n for n in storage.listdir(folder) if CHECKPOINT_NAME.fullmatch(n)), reverse=True)
+    marker = storage.join(folder, "last_checkpoint")
+    if storage.exists(marker):
+        named = storage.read_bytes(marker)[:200].decode("utf-8", "replace").strip()
+        if named in names:
+            names.remove(named)
+            names.insert(0, named)
+        elif named:
+            log.warning("%s names %r, not a checkpoint of this folder: ignored (resuming from the newest one "
+                        "there is)", marker, named)
+    return [storage.join(folder, n) for n in names]
+
+
+def resume_point(output: str) -> tuple[str, dict] | None:
+    """(uri, checkpoint) to resume from: the first readable candidate. An unreadable one (a torn
+    write, a truncated copy) is skipped with a warning naming it; when none is readable the run
+    stops rather than start over on top of them."""
+    candidates = checkpoint_candidates(output)
+    bad = []
+    for uri in candidates:
+        try:
+            ckpt = load_checkpoint(uri)
+        except (CheckpointError, UnsafeCheckpointError) as e:
+            log.warning("%s; resuming from an earlier checkpoint", e)
+            bad.append(uri)
+            continue
+        if bad:
+            log.warning("resuming from %s: skipped %d unreadable newer checkpoint(s): %s", uri, len(bad),
+                        ", ".join(bad))
+        return uri, ckpt
+    if bad:
+        raise CheckpointError(f"{storage.join(output, CHECKPOINT_DIR)}: none of its {len(bad)} checkpoint(s) is "
+                              f"readable; delete the folder to start over (or --no-resume)")
+    return None
+
+
+# settings that change how a run is logged or fed, not what it learns: free to differ on resume
+RESUME_FREE = ("log_period", "data.num_workers", "solver.checkpoint_period", "model.weights")
+
+
+def config_changes(saved: dict, cfg: Config) -> dict[str, tuple]:
+    """{key: (checkpoint's value, this run's)} of the settings that differ from the checkpoint's."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = json.loads(json.dumps(v, default=list))
+        return out
+
+    old, new = flat(saved), flat(json.loads(json.dumps(cfg.to_dict(), default=list)))
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and k not in RESUME_FREE}
 
 
 # -- the loop --------------------------------------------------------------------------------
@@ -198,7 +262,8 @@ def _reduce_losses(losses: dict[str, torch.Tensor], world: int) -> dict[str, flo
 
 
 def train(cfg: Config, shards: str, output: str, *, device: str | None = None, resume: bool = True,
-          stop_after: int | None = None, progress: bool = True, log_fn=None) -> TrainResult:
+          stop_after: int | None = None, progress: bool = True, log_fn=None,
+          allow_config_change: bool = False) -> TrainResult:
     """Train on ``shards`` (a preprocess output folder) and write checkpoints + ``model.pt`` to ``output``.
 
     Args:
@@ -209,6 +274,8 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
         resume: continue from the latest checkpoint in ``output`` if there is one.
         stop_after: stop (as if preempted, with a checkpoint) after this many iterations in total.
         log_fn: called with (metrics dict, iteration) every ``log_period`` iterations (MLflow).
+        allow_config_change: resume although ``cfg`` differs from the checkpoint's config (the
+            changes are logged); without it such a resume is refused, naming the keys.
     """
     dev = pick_device(device)
     rank, world = init_distributed(dev)
@@ -234,15 +301,27 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and s.amp == "fp16")
 
     start = 0
-    ckpt_uri = latest_checkpoint(output) if resume else None
+    # loaded on the CPU: load_state_dict copies into the model's and optimizer's devices, and
+    # the RNG states must stay CPU tensors (a GPU map broke resume on CUDA)
+    point = resume_point(output) if resume else None
+    ckpt_uri, ckpt = point if point else (None, None)
     if ckpt_uri:
-        # loaded on the CPU: load_state_dict copies into the model's and optimizer's devices, and
-        # the RNG states must stay CPU tensors (a GPU map broke resume on CUDA)
-        ckpt = load_checkpoint(ckpt_uri)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        changes = config_changes(ckpt["config"], cfg)
+        if changes:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:12])
+            if not allow_config_change:
+                raise CheckpointError(f"{ckpt_uri}: this run's config differs from the checkpoint's ({listed}); resume "
+                                      f"with the checkpoint's config, train into another --output, or allow it "
+                                      f"(--allow-config-change)")
+            log.warning("resuming %s with a changed config: %s", ckpt_uri, listed)
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{ckpt_uri}: does not fit this model ({str(e).splitlines()[0][:300]}); train "
+                                  f"into another --output") from None
         start = int(ckpt["iteration"])
     elif cfg.model.weights:
         load_weights(model, cfg.model.weights)
