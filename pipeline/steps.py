@@ -339,23 +339,28 @@ def step_score_champion(*, val_shards: str, out: str, settings=None, register=No
     was registered with when it was measured on the same validation manifest, else a fresh
     evaluation of its model here. Returns "none", "logged" or "re-scored"."""
     setup_logging()
-    from components.data.records import load_index
+    from components.data.records import load_index, samples_digest, shard_image_ids
+    from components.evaluate.core import EvalConfig
     from components.register.core import RegisterConfig, champion_metrics
 
     name = parse_settings(RegisterConfig, register, "register settings").name
+    max_images = parse_settings(EvalConfig, settings, "evaluate settings").max_images
     champion = get_alias(name, CHAMPION, mlflow_uri or None)
     current = load_index(val_shards).get("source_manifest_hash")
+    # the samples the challenger's evaluation (same settings) scores: the champion's must be these
+    scored = samples_digest(current or "", shard_image_ids(val_shards)[:max_images])
     if champion is None:
         doc = {"status": "none"}
     else:
         logged = champion_metrics(champion, mlflow_uri or None)
-        if logged.get("val_manifest_hash") == current:
+        if logged.get("val_samples_digest") == scored:
             doc = {"status": "logged", "version": str(champion.version), "metrics": {**logged, "source": "logged"}}
         else:
             m = _evaluate_champion(name, champion.version, val_shards, storage.join(out, "evaluation"), settings,
                                    mlflow_uri)
             doc = {"status": "re-scored", "version": str(champion.version), "metrics": {**m, "source": "re-scored"},
-                   "previous_val_manifest_hash": logged.get("val_manifest_hash")}
+                   "previous_val_manifest_hash": logged.get("val_manifest_hash"),
+                   "previous_val_samples_digest": logged.get("val_samples_digest")}
     storage.write_text(storage.join(out, "champion.json"), json.dumps(doc, indent=1))
     if champion is not None:
         with stage_run("score-champion", run_id or None, mlflow_uri or None) as ml:
@@ -384,10 +389,12 @@ def step_register(*, model_uri: str, eval_dir: str, champion_dir: str = "", sett
     cfg = parse_settings(RegisterConfig, settings, "register settings")
     champion_eval = None
     if champion_dir and storage.exists(storage.join(champion_dir, "champion.json")):
-        doc = json.loads(storage.read_text(storage.join(champion_dir, "champion.json")))
-        champion_eval = doc.get("metrics")
+        doc = storage.read_json(storage.join(champion_dir, "champion.json"), "champion")
+        champion_eval = doc.get("metrics") if isinstance(doc, dict) else None
     lineage_uri = storage.join(storage.dirname(model_uri), LINEAGE_FILE)
-    lineage = json.loads(storage.read_text(lineage_uri)) if storage.exists(lineage_uri) else {}
+    lineage = storage.read_json(lineage_uri, "lineage") if storage.exists(lineage_uri) else {}
+    if not isinstance(lineage, dict) or not all(isinstance(v, (str, int, float)) for v in lineage.values()):
+        raise ValueError(f"{lineage_uri}: a lineage is a mapping of names to plain values; re-run the train step")
     r = register(model_uri, eval_dir, RegisterConfig(cfg.name, cfg.margin, cfg.tolerance, promote=False),
                  champion_eval=champion_eval, parent_run_id=run_id or None, uri=mlflow_uri or None, lineage=lineage)
     return r.version, r.decision.promote
@@ -398,5 +405,8 @@ def step_promote(*, version: str, register=None, run_id: str = "", mlflow_uri: s
     from components.register.core import RegisterConfig, promote_champion
 
     cfg = parse_settings(RegisterConfig, register, "register settings")
-    promote_champion(cfg.name, version, uri=mlflow_uri or None, cfg=cfg)
-    log_parent(run_id or None, tags={"model.aliases": "challenger,champion"}, uri=mlflow_uri or None)
+    if promote_champion(cfg.name, version, uri=mlflow_uri or None, cfg=cfg):
+        log_parent(run_id or None, tags={"model.aliases": "challenger,champion"}, uri=mlflow_uri or None)
+    else:
+        log_parent(run_id or None, tags={"gate.promote": "False", "gate.reason": "a better champion was promoted by "
+                                         "another run meanwhile"}, uri=mlflow_uri or None)

@@ -1,6 +1,7 @@
 """Named points where the fault tests stop this process the hard way (SIGKILL), to show that a
-re-run converges. Inert unless ``PANOPTIC_KILL_AT`` names the point (``name`` or ``name:N`` for
-the N-th time this process reaches it)."""
+re-run converges, or hold it (to force an interleaving of two processes). Inert unless
+``PANOPTIC_KILL_AT`` names the point (``name`` or ``name:N`` for the N-th time this process
+reaches it) or ``PANOPTIC_PAUSE_AT`` does (``name:SECONDS``)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,16 @@ import os
 import signal
 
 ENV = "PANOPTIC_KILL_AT"
+PAUSE_ENV = "PANOPTIC_PAUSE_AT"
 _reached: dict[str, int] = {}
 
 
 def point(name: str) -> None:
+    pause = os.environ.get(PAUSE_ENV)
+    if pause and pause.rpartition(":")[0] == name:
+        import time
+
+        time.sleep(float(pause.rpartition(":")[2]))
     spec = os.environ.get(ENV)
     if not spec:
         return

@@ -12,6 +12,7 @@ S3 settings come from the environment, as the AWS tools read them: ``AWS_ACCESS_
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import stat
@@ -199,6 +200,62 @@ def read_json_doc(uri: str, default_name: str, missing_hint: str):
     if not exists(uri):
         raise FileNotFoundError(f"{uri}: {missing_hint}")
     return uri, read_json(uri, default_name)
+
+
+class FolderBusy(OSError):
+    """Another process writes into the folder (``exclusive``)."""
+
+
+@contextlib.contextmanager
+def exclusive(folder: str, name: str, what: str):
+    """Hold ``folder/name`` as a lock while one ``what`` writes into ``folder`` (local folders; an
+    S3 prefix has no such primitive and is not locked): a second one at the same time is refused,
+    naming the holder; a lock whose process is gone (same host) is taken over."""
+    import json
+    import socket
+
+    if is_remote(folder):
+        yield
+        return
+    path = os.path.join(resolve(folder)[1], name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(open(path).read() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            alive = holder.get("host") != me["host"] or _pid_alive(holder.get("pid"))
+            if alive and holder:
+                raise FolderBusy(f"{folder}: another {what} (pid {holder.get('pid')} on {holder.get('host')}) "
+                                 f"is writing here; wait for it or choose another folder") from None
+            os.remove(path)   # its holder is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield
+    finally:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def size(uri: str) -> int:

@@ -21,6 +21,14 @@ EXPERIMENT_KIND = "custom_model_development"   # MLflow 3's "model training" exp
 SYSTEM_METRICS_INTERVAL_S = 5.0   # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it
 
 
+# Bounded server calls. MLflow retries a failing request 7 times with exponential backoff: with
+# the server gone, a stage said nothing for minutes (746 s once). Ours give up within about a
+# minute and say which server; a user's own settings win.
+for _name, _value in (("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"), ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
+                      ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
+    os.environ.setdefault(_name, _value)
+
+
 class RegistryError(RuntimeError):
     """The model registry failed (unreachable, 5xx, refused): not the same as "no such model"."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 
 from components.common import storage
@@ -31,10 +33,57 @@ COMPRESSION = {"image_id": "zstd", "file_name": "zstd", "height": "zstd", "width
                "image": "none", "panoptic_png": "none", "segments_info": "zstd"}
 
 
+SHARD_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.parquet")   # a plain name in the shard folder
+
+
 def load_index(uri: str) -> dict:
-    """Read ``index.json``; ``uri`` may be the file or the shard folder."""
+    """Read ``index.json``; ``uri`` may be the file or the shard folder. Its shard entries must
+    name plain files of the folder (an edited index cannot point at other shards, the training
+    set's say) with whole-number sizes and hex digests."""
     uri, index = storage.read_json_doc(uri, "index.json", "shard index not found (run `panoptic preprocess` first)")
-    if index.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{uri}: schema_version {index.get('schema_version')} but this code reads "
-                         f"{SCHEMA_VERSION}; re-run `panoptic preprocess`")
+    if not isinstance(index, dict) or index.get("schema_version") != SCHEMA_VERSION:
+        version = index.get("schema_version") if isinstance(index, dict) else None
+        raise ValueError(f"{uri}: schema_version {version} but this code reads {SCHEMA_VERSION}; re-run "
+                         f"`panoptic preprocess`")
+    problems = []
+    if not isinstance(index.get("shards"), list):
+        problems.append("shards: not a list")
+    else:
+        for i, s in enumerate(index["shards"]):
+            if not isinstance(s, dict) or not isinstance(s.get("file"), str) or not SHARD_FILE.fullmatch(s["file"]):
+                problems.append(f"shards[{i}]: file must be a plain *.parquet name of this folder, not "
+                                f"{str(s.get('file') if isinstance(s, dict) else s)[:80]!r}")
+            elif not all(isinstance(s.get(k), int) and not isinstance(s.get(k), bool) and s[k] >= 0
+                         for k in ("bytes", "rows")) or not re.fullmatch(r"[0-9a-f]{64}", str(s.get("sha256"))):
+                problems.append(f"shards[{i}] ({s['file']}): bytes and rows must be whole numbers, sha256 a hex digest")
+    if not isinstance(index.get("categories"), list):
+        problems.append("categories: not a list")
+    if not isinstance(index.get("source_manifest_hash", ""), str):
+        problems.append("source_manifest_hash: not a string")
+    if problems:
+        raise ValueError(f"{uri}: a broken shard index ({'; '.join(problems[:5])}); re-run `panoptic preprocess`")
     return index
+
+
+def shard_image_ids(shards_uri: str) -> list[int]:
+    """The image ids of every row, in index order (the order evaluation reads them in)."""
+    import pyarrow.parquet as pq
+
+    index = load_index(shards_uri)
+    folder = shards_uri if not shards_uri.endswith(".json") else storage.dirname(shards_uri)
+    ids: list[int] = []
+    for s in index["shards"]:
+        fs, path = storage.resolve(storage.join(folder, s["file"]))
+        with fs.open_input_file(path) as f:
+            ids += pq.read_table(f, columns=["image_id"])["image_id"].to_pylist()
+    return ids
+
+
+def samples_digest(source_manifest_hash: str, image_ids: list[int]) -> str:
+    """The identity of an evaluation's data: the subset it came from and exactly the images scored,
+    in order. Two evaluations compare only when theirs are equal."""
+    import hashlib
+    import json
+
+    doc = {"manifest": source_manifest_hash, "images": [int(i) for i in image_ids]}
+    return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()

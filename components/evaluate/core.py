@@ -27,11 +27,13 @@ from components.common.logs import progress as progress_bar
 from components.common.metrics import summary_metrics
 from components.common.overlays import overlay
 from components.data.reader import ShardDataset, collate
-from components.data.records import load_index
+from components.data.records import load_index, samples_digest
 from components.evaluate.pq import PQStat
 from components.evaluate.report import render_report, thumbnail
-from components.model.artifact import load_model
+from components.model.artifact import load_model_and_digest
 from components.model.inference import prediction_to_coco
+
+PER_IMAGE_FILE = "per_image.csv"   # each image's PQ, in the order scored
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,21 @@ class EvalConfig:
     batch_size: int = 2
     device: str = "auto"
     num_workers: int = 1
-    max_images: int | None = None
+    max_images: int | None = None   # the first N images only (None: all)
     report_samples: int = 8
     write_predictions: bool = True
     post_workers: int = 4  # threads turning predictions into PQ counts and PNGs while inference
     #                        runs; 0 = in the inference loop itself, one image after another
+
+    def __post_init__(self):
+        for name, low in (("batch_size", 1), ("num_workers", 0), ("report_samples", 0), ("post_workers", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"evaluate: {name} must be a whole number >= {low}, not {value!r}")
+        if self.max_images is not None and (not isinstance(self.max_images, int) or isinstance(self.max_images, bool)
+                                            or self.max_images < 1):
+            raise ValueError(f"evaluate: max_images must be a whole number >= 1 (leave it out for every image), "
+                             f"not {self.max_images!r}")
 
 
 @dataclass
@@ -75,9 +87,18 @@ def _postprocess(sample: dict, panoptic_seg, categories: dict, pred_dir: str, wr
 
 def evaluate(model_uri: str, shards: str, out: str, cfg: EvalConfig = EvalConfig(),
              progress: bool = True) -> EvalResult:
-    """Evaluate ``model_uri`` on ``shards`` (with ``index.json``); write everything under ``out``."""
+    """Evaluate ``model_uri`` on ``shards`` (with ``index.json``); write everything under ``out``.
+
+    ``metrics.json`` names what was measured: ``model_digest`` (the model file's sha256: the gate
+    checks it is the model it registers) and ``val_samples_digest`` (the subset and exactly the
+    images scored: the gate compares only evaluations whose digests are equal)."""
+    with storage.exclusive(out, ".evaluate.lock", "panoptic evaluate"):
+        return _evaluate(model_uri, shards, out, cfg, progress)
+
+
+def _evaluate(model_uri: str, shards: str, out: str, cfg: EvalConfig, progress: bool) -> EvalResult:
     device = pick_device(cfg.device)
-    model, mcfg, cats = load_model(model_uri, device)
+    model, mcfg, cats, model_digest = load_model_and_digest(model_uri, device)
     categories = {c["id"]: c for c in cats.to_json()}
     dataset = ShardDataset(shards, cats, mcfg.input, train=False, with_gt=True, rank=0, world_size=1)
     total = min(len(dataset), cfg.max_images or len(dataset))
@@ -86,6 +107,7 @@ def evaluate(model_uri: str, shards: str, out: str, cfg: EvalConfig = EvalConfig
     stat = PQStat()
     pred_dir = storage.join(out, "predictions", "panoptic_val")
     annotations, worst = [], []  # worst: heap of (-pq, image_id, sample data) of size report_samples
+    per_image = []   # (image_id, file_name, PQ, segments predicted), in sample order
     t_infer = t_pq = t_write = 0.0
     seen = empty = 0  # empty: images with no predicted segment
     bar = progress_bar(total=total, desc="evaluate", unit="img", enabled=progress)
@@ -99,8 +121,9 @@ def evaluate(model_uri: str, shards: str, out: str, cfg: EvalConfig = EvalConfig
         annotations.append(ann)
         t_pq += dt_pq
         t_write += dt_write
+        pq = _image_pq(image_stat, categories)
+        per_image.append((sample["image_id"], sample["file_name"], pq, len(info)))
         if cfg.report_samples:  # keep the N lowest-PQ images: a max-heap on PQ, pop the best
-            pq = _image_pq(image_stat, categories)
             heapq.heappush(worst, (-pq, -sample["image_id"], pq, sample, ids, info))
             if len(worst) > cfg.report_samples:
                 heapq.heappop(worst)
@@ -152,9 +175,11 @@ def evaluate(model_uri: str, shards: str, out: str, cfg: EvalConfig = EvalConfig
         "timing": {"inference_s": t_infer, "pq_s": t_pq, "write_s": t_write, "loop_s": t_loop,
                    "pq_overhead_vs_inference": t_pq / max(t_infer, 1e-9),
                    "images_per_s_inference": seen / max(t_infer, 1e-9), "device": str(device)},
-        "model": model_uri, "shards": shards,
+        "model": model_uri, "shards": shards, "model_digest": model_digest,
         # what the gate checks before comparing two models' metrics: the same validation data
         "val_manifest_hash": load_index(shards).get("source_manifest_hash"),
+        "val_samples_digest": samples_digest(load_index(shards).get("source_manifest_hash", ""),
+                                             [row[0] for row in per_image]),
     }
     metrics_uri = storage.join(out, "metrics.json")
     storage.write_text(metrics_uri, json.dumps(metrics, indent=1))
@@ -169,6 +194,11 @@ def evaluate(model_uri: str, shards: str, out: str, cfg: EvalConfig = EvalConfig
                     f"{r['rq']:.6f}", c["tp"], c["fp"], c["fn"]])
     per_class_uri = storage.join(out, "per_class.csv")
     storage.write_text(per_class_uri, rows.getvalue())
+    images = io.StringIO()
+    w = csv.writer(images, lineterminator="\n")
+    w.writerow(["image_id", "file_name", "pq", "predicted_segments"])
+    w.writerows((i, f, f"{q:.6f}", n) for i, f, q, n in per_image)
+    storage.write_text(storage.join(out, PER_IMAGE_FILE), images.getvalue())
 
     samples = []
     for _, _, pq, sample, ids, info in sorted(worst, key=lambda t: (t[2], t[3]["image_id"])):

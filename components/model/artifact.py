@@ -47,12 +47,21 @@ def load_model(uri: str, device: str | torch.device = "cpu"):
     Everything in it is checked before use: its format, a config this code reads, categories,
     tensors that fit the model exactly (every one present, none extra) and are finite; a file
     that fails any of it is a ``WeightsError`` naming the file and what is wrong."""
+    return load_model_and_digest(uri, device)[:3]
+
+
+def load_model_and_digest(uri: str, device: str | torch.device = "cpu"):
+    """``load_model`` and the sha256 of the bytes it read: (model, config, categories, digest)."""
+    import hashlib
+
     from components.model.panoptic_fpn import PanopticFPN
 
     try:
-        blob = read_checkpoint(fetch(uri), uri)
+        data = fetch(uri)
     except FileNotFoundError:
         raise FileNotFoundError(f"{uri}: model file not found (train one with `panoptic train`)") from None
+    digest = hashlib.sha256(data).hexdigest()
+    blob = read_checkpoint(data, uri)
     if blob.get("format") not in READABLE_FORMATS:
         raise WeightsError(f"{uri}: not a Panoptic FPN model artifact (format {str(blob.get('format'))[:60]!r}; "
                            f"this version reads {', '.join(READABLE_FORMATS)})")
@@ -89,7 +98,7 @@ def load_model(uri: str, device: str | torch.device = "cpu"):
                                f"{', '.join((report.fresh + report.reinitialized)[:8])}")
         log.info("%s: a %s model, converted to %s on load", uri, blob["format"], MODEL_FORMAT)
     check_finite(model, uri)
-    return model.to(device).eval(), cfg, categories
+    return model.to(device).eval(), cfg, categories, digest
 
 
 def check_finite(model: torch.nn.Module, name: str) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from components.register.core import RegisterConfig
@@ -29,17 +27,24 @@ def register_cmd(model_uri, eval_dir, champion_eval_dir, name, margin, tolerance
     promotion gate passes. Tracking URI: MLFLOW_TRACKING_URI, default sqlite:///mlflow.db."""
     from components.common import storage
     from components.common.tracking import RegistryError
-    from components.register.core import IncomparableMetrics, register
+    from components.register.core import IncomparableMetrics, InvalidMetrics, register
 
     champion = None
     if champion_eval_dir:
-        champion = json.loads(storage.read_text(storage.join(champion_eval_dir, "metrics.json")))
-        champion["source"] = "re-scored"
+        champion = storage.read_json(storage.join(champion_eval_dir, "metrics.json"), "champion's evaluation")
+        if isinstance(champion, dict):
+            champion["source"] = "re-scored"
     try:
-        r = register(model_uri, eval_dir, RegisterConfig(name, margin, tolerance, not no_promote),
-                     champion_eval=champion, parent_run_id=run_id)
-    except (RegistryError, IncomparableMetrics, FileNotFoundError) as e:
+        cfg = RegisterConfig(name, margin, tolerance, not no_promote)
+        r = register(model_uri, eval_dir, cfg, champion_eval=champion, parent_run_id=run_id)
+    except (RegistryError, IncomparableMetrics, InvalidMetrics, FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e))
+    except Exception as e:   # the tracking server failed: say which, and that nothing moved
+        from components.common.errors import one_line
+
+        if one_line(e) is None:
+            raise
+        raise click.ClickException(f"{one_line(e)}; nothing was registered or promoted") from None
     click.echo(f"{r.name} version {r.version}: aliases {', '.join(r.aliases)}")
     click.echo(f"gate: {'PASS' if r.decision.promote else 'FAIL'}: {r.decision.reason}")
 

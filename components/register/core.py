@@ -1,25 +1,38 @@
 """Stage 5: register the model in MLflow, alias it ``challenger``, and gate promotion to ``champion``.
 
 The gate compares challenger and champion **on the same evaluation data**: both metric sets
-carry the hash of the validation manifest they were measured on, and a comparison across
-different hashes is refused (the pipeline re-scores the champion on the current validation
-shards first; by hand, ``panoptic evaluate --model models:/NAME@champion`` does). Then a new
-version becomes ``champion`` only if its PQ beats the champion's by more than ``margin``
-(strictly: a tie never moves the alias) and no category's PQ drops by more than
-``tolerance`` (both in PQ points, 0-1 scale). The first version becomes champion.
+carry the digest of exactly the validation samples they were measured on
+(``val_samples_digest``: the subset and the images scored), and a comparison across different
+digests is refused (the pipeline re-scores the champion on the current validation shards
+first; by hand, ``panoptic evaluate --model models:/NAME@champion`` does). Then a new version
+becomes ``champion`` only if its PQ beats the champion's by more than ``margin`` (strictly: a
+tie never moves the alias) and no category's PQ drops by more than ``tolerance`` (both in PQ
+points, 0-1 scale). The first version becomes champion.
 
-Only "model or alias not found" means "no champion yet"; any other registry failure fails the
-stage, and nothing is promoted. Registering is idempotent: a re-run for the same pipeline run
-and the same model file finds the version it made, instead of adding one.
+Nothing read is trusted: every metric must be a finite number in 0..1 (a NaN or 999 stops the
+stage, naming the file), margin and tolerance too, and the evaluation must be of the very model
+file registered (``model_digest``). Only "model or alias not found" means "no champion yet";
+any other registry failure fails the stage, and nothing is promoted.
+
+Registering is idempotent and safe when runs overlap: a re-run for the same pipeline run and
+model file finds the version it made, and the champion is moved only while the registry lock is
+held (``registry_lock``: MLflow has no compare-and-set for aliases, but creating a registered
+model is atomic), after checking again, against the champion of that moment, that the version
+beats it on the same data. So the champion is always the best version that passed, whatever the
+interleaving of two runs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import math
 import os
+import re
+import socket
 import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from components.common import faults, storage
@@ -29,6 +42,7 @@ from components.common.tracking import CHAMPION, RegistryError, get_alias, log_p
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "panoptic-fpn"
+MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")   # no quotes: names go into MLflow filters
 PER_CLASS_PREFIX = "pq_class_"
 EVAL_ARTIFACT = "evaluation"  # where a register run keeps the metrics.json it was gated on
 
@@ -46,6 +60,15 @@ class RegisterConfig:
     margin: float = 0.0
     tolerance: float = 0.05
     promote: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not MODEL_NAME_RE.fullmatch(self.name):
+            raise ValueError(f"register: model name {str(self.name)[:80]!r}: use letters, digits, '.', '_' and '-' "
+                             f"(at most 100), starting with a letter or digit")
+        for key in ("margin", "tolerance"):
+            value = getattr(self, key)
+            if not _unit_number(value):
+                raise ValueError(f"register: {key} must be a finite number in 0..1 (PQ points), not {value!r}")
 
 
 @dataclass
@@ -75,9 +98,48 @@ class IncomparableMetrics(ValueError):
     """Challenger and champion were measured on different validation data."""
 
 
+class InvalidMetrics(ValueError):
+    """An evaluation that cannot be gated on: a metric that is no finite number in 0..1, or the
+    evaluation of another model file."""
+
+
+def _unit_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0.0 <= v <= 1.0
+
+
+def check_metrics(metrics, source: str) -> dict:
+    """``metrics`` (a metrics.json) when every number the gate reads is a finite value in 0..1 and
+    it says what it measured; else ``InvalidMetrics`` naming ``source`` and the values."""
+    if not isinstance(metrics, dict):
+        raise InvalidMetrics(f"{source}: not an evaluation (a {type(metrics).__name__}, not a mapping)")
+    bad = [f"{k}={metrics.get(k)!r}" for k in METRIC_KEYS if k in ("PQ", "SQ", "RQ") or k in metrics
+           if not _unit_number(metrics.get(k))]
+    per_class = (metrics.get("results") or {}).get("per_class") if isinstance(metrics.get("results"), dict) else None
+    if not isinstance(per_class, dict):
+        bad.append("results.per_class missing")
+    else:
+        bad += [f"per-class PQ of {c}={r.get('pq') if isinstance(r, dict) else r!r}" for c, r in per_class.items()
+                if not isinstance(r, dict) or not _unit_number(r.get("pq"))][:5]
+    images = metrics.get("images")
+    if not isinstance(images, int) or isinstance(images, bool) or images < 1:
+        bad.append(f"images={images!r}")
+    if bad:
+        raise InvalidMetrics(f"{source}: metrics the gate cannot use ({', '.join(bad[:8])}): every PQ, SQ and RQ "
+                             f"must be a finite number in 0..1; re-run `panoptic evaluate`. Nothing was promoted")
+    return metrics
+
+
 def gate(pq: float, per_class: dict[str, float], champion_pq: float | None, champion_per_class: dict[str, float],
          margin: float, tolerance: float, champion_version: str | None = None) -> GateDecision:
-    """The promotion decision (pure function: numbers in, decision out)."""
+    """The promotion decision (pure function: numbers in, decision out). Every number must be
+    finite and in 0..1: anything else (a NaN compares false both ways) is a ValueError."""
+    numbers = {"PQ": pq, "margin": margin, "tolerance": tolerance,
+               **{f"PQ of {c}": v for c, v in per_class.items()},
+               **({} if champion_pq is None else {"champion PQ": champion_pq}),
+               **{f"champion PQ of {c}": v for c, v in champion_per_class.items()}}
+    bad = [f"{k}={v!r}" for k, v in numbers.items() if not _unit_number(v)]
+    if bad:
+        raise InvalidMetrics(f"the gate refuses {', '.join(bad[:6])}: every figure must be a finite number in 0..1")
     if champion_pq is None:
         return GateDecision(True, "no champion yet: the first version becomes champion", None, pq)
     deltas = {c: per_class.get(c, 0.0) - v for c, v in champion_per_class.items()}
@@ -100,37 +162,84 @@ def per_class_pq(metrics: dict) -> dict[str, float]:
 
 def summary(metrics: dict) -> dict:
     """What gate.json keeps of a metrics.json."""
-    return {k: metrics.get(k) for k in (*METRIC_KEYS, "images", "val_manifest_hash")}
+    return {k: metrics.get(k) for k in (*METRIC_KEYS, "images", "val_manifest_hash", "val_samples_digest",
+                                        "model_digest")}
 
 
 def champion_metrics(champion, uri: str | None = None) -> dict:
-    """The metrics.json a champion version was gated on (logged by its register run). Versions
-    registered before this was kept have only their run's metrics, and no validation hash: they
-    compare with nothing until re-scored."""
+    """The metrics.json a champion version was gated on (logged by its register run), checked."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri(uri))
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = client.download_artifacts(champion.run_id, f"{EVAL_ARTIFACT}/metrics.json", tmp)
-            with open(path) as f:
-                return json.load(f)
-    except Exception as first:
-        try:
-            m = client.get_run(champion.run_id).data.metrics
-        except Exception as e:
-            raise RegistryError(f"cannot read the metrics of champion version {champion.version} (run "
-                                f"{champion.run_id}): {type(e).__name__}: {str(e)[:300]}") from e
-        if "PQ" not in m:
-            raise RegistryError(f"champion version {champion.version}: its run {champion.run_id} has no PQ "
-                                f"({type(first).__name__}: {str(first)[:200]})") from first
-        per_class = {k[len(PER_CLASS_PREFIX):]: {"pq": v} for k, v in m.items() if k.startswith(PER_CLASS_PREFIX)}
-        return {**{k: m.get(k) for k in ("PQ", "SQ", "RQ")}, "results": {"per_class": per_class},
-                "val_manifest_hash": champion.tags.get("val_manifest_hash")}
+            metrics = storage.read_json(path, "champion's metrics")
+    except ValueError:
+        raise
+    except Exception as e:
+        raise RegistryError(f"cannot read the metrics of champion version {champion.version} (run "
+                            f"{champion.run_id}): {type(e).__name__}: {str(e)[:300]}") from e
+    return check_metrics(metrics, f"champion version {champion.version}'s {EVAL_ARTIFACT}/metrics.json")
 
 
 def file_digest(uri: str) -> str:
     return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+
+
+LOCK_STALE_S = 900.0   # a lock older than this was left by a register that died: it is broken
+
+
+@contextmanager
+def registry_lock(client, name: str, timeout_s: float = 600.0, poll_s: float = 0.5):
+    """Hold ``<name>.lock`` in the model registry while versions and aliases of ``name`` change.
+
+    MLflow offers no compare-and-set on aliases; creating a registered model is atomic (its name
+    is unique in the store, local or server), so that creation is the lock and its deletion the
+    release. A lock older than ``LOCK_STALE_S`` (its holder died) is broken, with a warning. A
+    registry failure while taking it is a ``RegistryError``: nothing is promoted."""
+    from mlflow.exceptions import MlflowException
+
+    lock = f"{name}.lock"
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(lock, tags={"panoptic.lock": owner, "panoptic.lock.since": str(time.time())},
+                                           description=f"a transient lock of `panoptic register` for {name}")
+            break
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise RegistryError(f"cannot take the registry lock {lock}: {e.error_code}: {str(e)[:300]}") from e
+        try:
+            held = client.get_registered_model(lock)
+            since = float(held.tags.get("panoptic.lock.since", "0"))
+        except MlflowException:
+            continue   # released meanwhile
+        if time.time() - since > LOCK_STALE_S:
+            log.warning("breaking the registry lock %s held by %s since %.0f s (its holder is gone?)", lock,
+                        held.tags.get("panoptic.lock"), time.time() - since)
+            _release(client, lock)
+            continue
+        if time.time() > deadline:
+            raise RegistryError(f"the registry lock {lock} is held by {held.tags.get('panoptic.lock')} for "
+                                f"{time.time() - since:.0f} s; nothing was registered or promoted (delete the "
+                                f"registered model {lock} if its holder is gone)")
+        time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        _release(client, lock)
+
+
+def _release(client, lock: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_registered_model(lock)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            log.error("could not release the registry lock %s (%s): delete that registered model by hand", lock, e)
 
 
 def _existing_version(client, name: str, pipeline_run: str, digest: str):
@@ -151,7 +260,7 @@ def register(model_uri: str, eval_dir: str, cfg: RegisterConfig = RegisterConfig
              experiment: str | None = None, lineage: dict | None = None) -> RegisterResult:
     """Log ``model_uri`` (a model.pt) as an MLflow pyfunc, register a version (alias
     ``challenger``), decide the gate against the current ``champion`` and, with
-    ``cfg.promote``, move ``champion`` when the gate passes.
+    ``cfg.promote``, move ``champion`` when the gate passes (under the registry lock).
 
     Args:
         eval_dir: ``panoptic evaluate``'s output for this model (``metrics.json``).
@@ -166,27 +275,26 @@ def register(model_uri: str, eval_dir: str, cfg: RegisterConfig = RegisterConfig
 
     from components.register.pyfunc import log_pyfunc
 
-    metrics = json.loads(storage.read_text(storage.join(eval_dir, "metrics.json")))
-    lineage = {**(lineage or {}), "val_manifest_hash": metrics.get("val_manifest_hash", "")}
+    metrics_uri = storage.join(eval_dir, "metrics.json")
+    metrics = check_metrics(storage.read_json(metrics_uri, "evaluation"), metrics_uri)
+    digest = file_digest(model_uri)
+    if metrics.get("model_digest") != digest:
+        raise InvalidMetrics(f"{metrics_uri} is the evaluation of model {str(metrics.get('model_digest'))[:12]} "
+                             f"({metrics.get('model')}), not of {model_uri} ({digest[:12]}): evaluate this model "
+                             f"(panoptic evaluate --model {model_uri}). Nothing was registered")
+    if champion_eval is not None:
+        champion_eval = check_metrics(champion_eval, "the champion's evaluation")
+    lineage = {**(lineage or {}), "val_manifest_hash": metrics.get("val_manifest_hash", ""),
+               "val_samples_digest": metrics.get("val_samples_digest", "")}
     client = MlflowClient(tracking_uri(uri))
     setup(uri, experiment)
     name = cfg.name
     champion = get_alias(name, CHAMPION, uri)  # RegistryError unless "not found": fails the stage
-    champ = None
-    if champion is not None:
-        champ = champion_eval if champion_eval is not None else champion_metrics(champion, uri)
-        if champ.get("val_manifest_hash") != metrics.get("val_manifest_hash"):
-            raise IncomparableMetrics(
-                f"champion {name} version {champion.version} was measured on validation manifest "
-                f"{str(champ.get('val_manifest_hash'))[:12]}, this model on "
-                f"{str(metrics.get('val_manifest_hash'))[:12]}; "
-                f"evaluate the champion on the same shards (panoptic evaluate --model models:/{name}@champion "
-                f"--shards VAL --out DIR) and pass its metrics (--champion-eval-dir DIR)")
+    champ = _champion_on_same_data(name, champion, champion_eval, metrics, uri)
     decision = gate(metrics["PQ"], per_class_pq(metrics), champ["PQ"] if champ else None,
                     per_class_pq(champ) if champ else {}, cfg.margin, cfg.tolerance,
                     champion.version if champion else None)
-    digest = file_digest(model_uri)
-    existing = _existing_version(client, name, parent_run_id, digest) if parent_run_id else None
+    faults.point("register.gated")
     with tempfile.TemporaryDirectory() as tmp, stage_run("register", parent_run_id, uri, experiment) as run_ml:
         run_id = run_ml.active_run().info.run_id
         run_ml.log_metrics({"PQ": metrics["PQ"], "SQ": metrics["SQ"], "RQ": metrics["RQ"],
@@ -199,20 +307,28 @@ def register(model_uri: str, eval_dir: str, cfg: RegisterConfig = RegisterConfig
                         "gate.json")
         run_ml.set_tags({"gate.promote": str(decision.promote), "gate.reason": decision.reason[:4000]})
         run_ml.log_params({"gate.margin": cfg.margin, "gate.tolerance": cfg.tolerance})
-        if existing is not None:
-            version = str(existing.version)
-            log.info("%s version %s was registered for this pipeline run already: reused", name, version)
-        else:
+        def upload():
             local_model = os.path.join(tmp, "model.pt")
             with open(local_model, "wb") as f:
                 f.write(storage.read_bytes(model_uri))
             logged = log_pyfunc(local_model)
             faults.point("register.model_logged")
-            # the keys of idempotency go on the version as it is created: a re-run after a kill
-            # at any later point finds it
-            version = str(mlflow.register_model(logged.model_uri, name, tags={
-                "model_digest": digest, "register_run_id": run_id,
-                **({"pipeline_run_id": parent_run_id} if parent_run_id else {})}).version)
+            return logged
+
+        existing = _existing_version(client, name, parent_run_id, digest) if parent_run_id else None
+        logged = upload() if existing is None else None   # outside the lock: an upload can take a while
+        with registry_lock(client, name):   # one version per pipeline run and model file, runs overlapping or not
+            existing = _existing_version(client, name, parent_run_id, digest) if parent_run_id else None
+            if existing is None:
+                logged = logged or upload()
+                # the keys of idempotency go on the version as it is created: a re-run after a kill
+                # at any later point finds it
+                version = str(mlflow.register_model(logged.model_uri, name, tags={
+                    "model_digest": digest, "register_run_id": run_id,
+                    **({"pipeline_run_id": parent_run_id} if parent_run_id else {})}).version)
+            else:
+                version = str(existing.version)
+                log.info("%s version %s was registered for this pipeline run already: reused", name, version)
     faults.point("register.version_created")
     tags = {"PQ": f"{metrics['PQ']:.6f}", "gate": "pass" if decision.promote else "fail",
             "gate.reason": decision.reason[:4000], **lineage}
@@ -225,8 +341,8 @@ def register(model_uri: str, eval_dir: str, cfg: RegisterConfig = RegisterConfig
     client.set_registered_model_alias(name, "challenger", version)
     aliases = ["challenger"]
     if cfg.promote and decision.promote:
-        promote_champion(name, version, uri=uri, cfg=cfg)
-        aliases.append("champion")
+        if promote_champion(name, version, uri=uri, cfg=cfg, metrics=metrics):
+            aliases.append("champion")
     elif champion is None or not client.get_registered_model(name).description:
         describe_model(client, name, cfg)
     log_parent(parent_run_id, tags={"model.name": name, "model.version": version,
@@ -235,12 +351,60 @@ def register(model_uri: str, eval_dir: str, cfg: RegisterConfig = RegisterConfig
     return RegisterResult(name, version, run_id, aliases, decision, reused=existing is not None)
 
 
-def promote_champion(name: str, version: str, uri: str | None = None, cfg: RegisterConfig = RegisterConfig()) -> None:
+def _champion_on_same_data(name: str, champion, champion_eval: dict | None, metrics: dict, uri: str | None):
+    """The champion's metrics measured on exactly the challenger's validation samples, or None
+    when there is no champion; ``IncomparableMetrics`` when they were measured on other data."""
+    if champion is None:
+        return None
+    champ = champion_eval if champion_eval is not None else champion_metrics(champion, uri)
+    if champ.get("val_samples_digest") != metrics.get("val_samples_digest") or not metrics.get("val_samples_digest"):
+        raise IncomparableMetrics(
+            f"champion {name} version {champion.version} was measured on validation samples "
+            f"{str(champ.get('val_samples_digest'))[:12]} ({champ.get('images')} images), this model on "
+            f"{str(metrics.get('val_samples_digest'))[:12]} ({metrics.get('images')} images); "
+            f"evaluate the champion on the same shards (panoptic evaluate --model models:/{name}@champion "
+            f"--shards VAL --out DIR) and pass its metrics (--champion-eval-dir DIR)")
+    return champ
+
+
+def version_metrics(client, name: str, version: str) -> dict:
+    """The metrics.json version ``version`` was gated on (its register run's), checked."""
+    mv = client.get_model_version(name, str(version))
+    run_id = mv.tags.get("register_run_id") or mv.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, f"{EVAL_ARTIFACT}/metrics.json", tmp)
+        return check_metrics(storage.read_json(path, "version's metrics"), f"{name} version {version}'s metrics")
+
+
+def promote_champion(name: str, version: str, uri: str | None = None, cfg: RegisterConfig = RegisterConfig(),
+                     metrics: dict | None = None) -> bool:
+    """Move ``champion`` to ``version``, under the registry lock, if it still beats the champion
+    of this moment (another run may have promoted one since this version was gated): compared
+    on the same validation samples, with the same margin and tolerance. Returns whether it
+    moved; a champion measured on other data leaves the alias as it is (and says so)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri(uri))
-    client.set_registered_model_alias(name, CHAMPION, str(version))
-    describe_model(client, name, cfg)
+    with registry_lock(client, name):
+        current = get_alias(name, CHAMPION, uri)
+        if current is not None and str(current.version) != str(version):
+            mine = metrics if metrics is not None else version_metrics(client, name, version)
+            theirs = champion_metrics(current, uri)
+            if theirs.get("val_samples_digest") != mine.get("val_samples_digest"):
+                log.warning("not promoting %s version %s: champion version %s (promoted meanwhile) was measured on "
+                            "other validation samples; run the pipeline again to compare them", name, version,
+                            current.version)
+                return False
+            again = gate(mine["PQ"], per_class_pq(mine), theirs["PQ"], per_class_pq(theirs), cfg.margin,
+                         cfg.tolerance, str(current.version))
+            if not again.promote:
+                log.warning("not promoting %s version %s: against champion version %s (promoted meanwhile): %s",
+                            name, version, current.version, again.reason)
+                return False
+        faults.point("register.before_promote")
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+        describe_model(client, name, cfg)
+    return True
 
 
 def _pct(x) -> str:

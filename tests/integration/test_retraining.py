@@ -83,7 +83,7 @@ def test_champion_is_rescored_on_the_challengers_validation_data(server, data, t
     run2 = start_pipeline_run(server)
     challenger = step_evaluate(model_uri=data["m2"], val_shards=val["B"], out=str(tmp_path / "evalB"), settings=EVAL,
                                run_id=run2, mlflow_uri=server)
-    with pytest.raises(IncomparableMetrics, match="measured on validation manifest"):
+    with pytest.raises(IncomparableMetrics, match="measured on validation samples"):
         register(data["m2"], str(tmp_path / "evalB"), RegisterConfig(promote=False), uri=server)  # nothing to compare
     assert step_score_champion(val_shards=val["B"], out=str(tmp_path / "champB"), settings=EVAL, run_id=run2,
                                mlflow_uri=server) == "re-scored"
@@ -91,6 +91,7 @@ def test_champion_is_rescored_on_the_challengers_validation_data(server, data, t
     direct = evaluate(data["m1"], val["B"], str(tmp_path / "m1_on_B"), EvalConfig(**EVAL), progress=False).metrics
     assert rescored["metrics"]["PQ"] == pytest.approx(direct["PQ"], abs=1e-9)  # the champion's model, on B
     assert rescored["metrics"]["val_manifest_hash"] == challenger["val_manifest_hash"]
+    assert rescored["metrics"]["val_samples_digest"] == challenger["val_samples_digest"]
     version2, promote2 = step_register(model_uri=data["m2"], eval_dir=str(tmp_path / "evalB"),
                                        champion_dir=str(tmp_path / "champB"), run_id=run2, mlflow_uri=server)
     from mlflow.tracking import MlflowClient
@@ -102,6 +103,8 @@ def test_champion_is_rescored_on_the_challengers_validation_data(server, data, t
     assert gate["champion"]["PQ"] == pytest.approx(direct["PQ"])
     assert gate["champion"]["val_manifest_hash"] == gate["challenger"]["val_manifest_hash"] \
         == challenger["val_manifest_hash"]
+    assert gate["champion"]["val_samples_digest"] == gate["challenger"]["val_samples_digest"] \
+        == challenger["val_samples_digest"]
     assert gate["decision"]["champion_pq"] == pytest.approx(direct["PQ"])
     assert gate["decision"]["promote"] == promote2 == (challenger["PQ"] > direct["PQ"])
     # registering again for the same pipeline run and model file adds no version
