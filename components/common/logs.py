@@ -27,6 +27,19 @@ def strip_ansi(text: str) -> str:
     return ANSI.sub("", text)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (the CLI's test runner and the
+    pipeline's log pump replace it; a handler holding the first one would write into the void)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 class _PlainFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return strip_ansi(super().format(record))
@@ -47,7 +60,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     if _configured:
         return
     _configured = True
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     fmt = "%(message)s" if interactive() else "%(asctime)s %(levelname)s %(name)s: %(message)s"
     handler.setFormatter(_PlainFormatter(fmt, datefmt="%H:%M:%S"))
     for name in ("components", "pipeline", "py.warnings"):

@@ -270,6 +270,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     leaves at most a ``.tmp-*`` file that no reader looks at. An S3 PUT is atomic already.
     """
     fs, path = resolve(uri)
+    faults.point("storage.write", uri)
     if is_remote(uri):
         with fs.open_output_stream(path) as f:
             f.write(data)

@@ -204,6 +204,8 @@ def read_or_none(uri: str, within: str | None = None) -> bytes | Refused | None:
         return None
     except storage.UnsafePath as e:
         return Refused("file_outside_dataset" if e.kind == "leaves_folder" else "not_a_regular_file", str(e))
+    except IsADirectoryError as e:
+        return Refused("not_a_regular_file", str(e))
     except storage.FileTooLarge as e:
         return Refused("image_too_large", str(e))
 

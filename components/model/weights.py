@@ -239,7 +239,18 @@ def load_weights(model: torch.nn.Module, spec: str) -> LoadReport:
     """Initialise ``model`` from a weights spec (see module docstring); returns the report and
     logs what was loaded, re-initialised, dropped and left fresh."""
     kind, raw = identify(read_checkpoint(fetch(spec), spec))
-    state, dropped = to_our_names(kind, raw)
+    try:
+        state, dropped = to_our_names(kind, raw)
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:   # entries of the wrong kind
+        raise WeightsError(f"{spec} ({kind}): entries that are not tensors of the expected layout "
+                           f"({type(e).__name__}: {str(e)[:200]})") from None
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise WeightsError(f"{spec} ({kind}): entries that are not arrays: {', '.join(map(str, bad[:6]))}")
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise WeightsError(f"{spec}: {len(nonfinite)} tensor(s) hold NaN or infinite values "
+                           f"({', '.join(nonfinite[:6])}): not usable as initial weights")
     report = load_state_strict(model, state, spec, kind, dropped)
     log.info("weights %s (%s): loaded %d tensors", spec, kind, len(report.loaded))
     if report.reinitialized:

@@ -209,7 +209,8 @@ def resume_point(output: str) -> tuple[str, dict] | None:
 
 
 # settings that change how a run is logged or fed, not what it learns: free to differ on resume
-RESUME_FREE = ("log_period", "data.num_workers", "solver.checkpoint_period", "model.weights")
+RESUME_FREE = ("log_period", "data.num_workers", "solver.checkpoint_period", "model.weights",
+               "solver.max_iter")   # running on (or stopping earlier) is what a resume is for
 
 
 def config_changes(saved: dict, cfg: Config) -> dict[str, tuple]:
