@@ -99,3 +99,95 @@ def test_escaping_file_name_is_reported_by_validate_and_quarantined_unopened(syn
     assert [e["image_id"] for e in q] == [victim["id"]]
     assert q[0]["reasons"][0]["kind"] == "file_name_outside_dataset"
     assert res.images_in == len(load_manifest(m)["image_ids"]) == res.rows_written + res.quarantined
+
+
+class _Reduce:
+    def __init__(self, func, args, state):
+        self.func, self.args, self.state = func, args, state
+
+    def __reduce__(self):
+        return self.func, self.args, self.state
+
+
+def test_a_dtype_that_claims_object_references_is_refused_not_dereferenced(tmp_path, synth_root):
+    """numpy's own constructors would build an object array from these bytes and dereference them
+    (SIGSEGV with numpy's allow-listed globals); the reader refuses them in one line."""
+    import numpy as np
+    from numpy._core.multiarray import _reconstruct
+
+    dtype = _Reduce(np.dtype, ("f8", False, True), (3, "<", None, None, None, -1, -1, 0x3F))
+    array = _Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (2,), dtype, False, b"\x41" * 16))
+    f = tmp_path / "crafted.pkl"
+    f.write_bytes(pickle.dumps({"model": {"w": array}}, protocol=2))
+    assert len(f.read_bytes()) < 400
+    image = os.path.join(synth_root, "val2017", sorted(os.listdir(os.path.join(synth_root, "val2017")))[0])
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "components", "predict", image, "--model", str(f), "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, (r.returncode, r.stderr[-500:])   # not -11 (SIGSEGV)
+    assert "object references" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_pickles_of_arrays_load_exactly_at_every_protocol(protocol):
+    import numpy as np
+
+    from components.model.safe_pickle import loads_data
+
+    state = {"model": {"a": np.arange(24, dtype=np.float32).reshape(2, 3, 4), "b": np.ones((3,), ">i8"),
+                       "c": np.asfortranarray(np.eye(3)), "d": np.zeros((0, 4), np.uint8), "e": np.float64(2.5)},
+             "__author__": "x", "matching_heuristics": True}
+    out = loads_data(pickle.dumps(state, protocol=protocol))
+    for k in ("a", "b", "c", "d"):
+        assert out["model"][k].dtype == state["model"][k].dtype and (out["model"][k] == state["model"][k]).all()
+    assert out["model"]["e"] == 2.5 and out["__author__"] == "x" and out["matching_heuristics"] is True
+
+
+def test_a_fifo_or_a_link_out_of_its_folder_is_refused_without_reading(tmp_path):
+    import threading
+
+    from components.common import storage
+
+    fifo = tmp_path / "image.jpg"
+    os.mkfifo(fifo)
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("e", _raises(storage.read_bytes, str(fifo))), daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive(), "reading a FIFO blocked"   # no writer ever comes
+    assert isinstance(result["e"], storage.UnsafePath) and "a FIFO" in str(result["e"])
+    (tmp_path / "split").mkdir()
+    (tmp_path / "secret.txt").write_text("secret")
+    os.symlink(tmp_path / "secret.txt", tmp_path / "split" / "x.jpg")
+    e = _raises(storage.read_bytes, str(tmp_path / "split" / "x.jpg"), within=str(tmp_path / "split"))
+    assert isinstance(e, storage.UnsafePath) and e.kind == "leaves_folder"
+    os.symlink("y.jpg", tmp_path / "split" / "z.jpg")   # a link inside the folder is read as its file
+    (tmp_path / "split" / "y.jpg").write_bytes(b"jpeg")
+    assert storage.read_bytes(str(tmp_path / "split" / "z.jpg"), within=str(tmp_path / "split")) == b"jpeg"
+
+
+def _raises(fn, *args, **kwargs):
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:
+        return e
+    return None
+
+
+def test_evaluate_refuses_a_count_below_one_and_a_folder_another_run_writes(tmp_path):
+    from components.common import storage
+    from components.evaluate.core import EvalConfig
+
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_images must be a whole number >= 1"):
+            EvalConfig(max_images=bad)
+    with storage.exclusive(str(tmp_path), ".evaluate.lock", "panoptic evaluate"):
+        with pytest.raises(storage.FolderBusy, match="another panoptic evaluate .* is writing here"):
+            with storage.exclusive(str(tmp_path), ".evaluate.lock", "panoptic evaluate"):
+                pass
+    (tmp_path / ".evaluate.lock").write_text('{"pid": 999999999, "host": "%s"}' % __import__("socket").gethostname())
+    with storage.exclusive(str(tmp_path), ".evaluate.lock", "panoptic evaluate"):   # its holder is gone
+        pass
+    assert not (tmp_path / ".evaluate.lock").exists()
