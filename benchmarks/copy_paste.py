@@ -19,9 +19,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from components.evaluate.core import EvalConfig, evaluate  # noqa: E402
+from components.evaluate.core import EvaluateSettings, evaluate  # noqa: E402
 from components.model.config import load_config  # noqa: E402
-from components.synthetic.generator import SynthConfig, generate  # noqa: E402
+from components.synthetic.generator import SynthSettings, generate  # noqa: E402
 from components.train.trainer import train  # noqa: E402
 from tests.training import MICRO, make_shards  # noqa: E402
 
@@ -37,7 +37,7 @@ def run(arm: str, prob: float, iterations: int, data: tuple[str, str], out: str,
     over["seed"] = seed
     t0 = time.perf_counter()
     result = train(load_config("tiny", over), data[0], os.path.join(out, arm), progress=False)
-    m = evaluate(result.model_uri, data[1], os.path.join(out, arm + "-eval"), EvalConfig(report_samples=0),
+    m = evaluate(result.model_uri, data[1], os.path.join(out, arm + "-eval"), EvaluateSettings(report_samples=0),
                  progress=False).metrics
     m["train_s"] = time.perf_counter() - t0
     return m
@@ -53,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = os.path.join(tmp, "coco")
-        generate(root, SynthConfig(train=args.train_images, val=32, seed=21, min_side=128, max_side=224,
+        generate(root, SynthSettings(train=args.train_images, val=32, seed=21, min_side=128, max_side=224,
                                    max_things=args.max_things), progress=False)
         data = (make_shards(root, os.path.join(tmp, "train")), make_shards(root, os.path.join(tmp, "val"), "val2017"))
         results = {arm: run(arm, p, args.iterations, data, tmp, args.seed)

@@ -17,7 +17,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from components.evaluate.core import EvalConfig, evaluate  # noqa: E402
+from components.evaluate.core import EvaluateSettings, evaluate  # noqa: E402
 
 
 def newest(pattern: str) -> str | None:
@@ -34,7 +34,7 @@ def main() -> None:
     if not args.model or not args.shards:
         sys.exit("no model/shards given and no local pipeline run found: run `make run` first")
     with tempfile.TemporaryDirectory() as out:
-        m = evaluate(args.model, args.shards, out, EvalConfig(batch_size=args.batch_size), progress=False).metrics
+        m = evaluate(args.model, args.shards, out, EvaluateSettings(batch_size=args.batch_size), progress=False).metrics
     t = m["timing"]
     print(f"model {args.model}\nshards {args.shards}\n{m['images']} images on {t['device']}, PQ {100 * m['PQ']:.2f}")
     print(f"{'inference':24s} {t['inference_s']:8.2f} s  ({t['images_per_s_inference']:.2f} img/s)")

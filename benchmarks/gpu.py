@@ -35,11 +35,11 @@ from components.common.coco_panoptic import CategoryMaps  # noqa: E402
 from components.data.reader import ShardDataset, collate  # noqa: E402
 from components.data.records import load_index  # noqa: E402
 from components.data.targets import InputConfig  # noqa: E402
-from components.evaluate.core import EvalConfig, evaluate  # noqa: E402
+from components.evaluate.core import EvaluateSettings, evaluate  # noqa: E402
 from components.model.config import load_config  # noqa: E402
-from components.preprocess.core import PreprocessConfig, preprocess  # noqa: E402
-from components.select_subset.core import SubsetConfig, select_subset  # noqa: E402
-from components.synthetic.generator import SynthConfig, generate  # noqa: E402
+from components.preprocess.core import PreprocessSettings, preprocess  # noqa: E402
+from components.select_subset.core import SplitSettings, select_subset  # noqa: E402
+from components.synthetic.generator import SynthSettings, generate  # noqa: E402
 from components.train.trainer import train  # noqa: E402
 
 
@@ -50,15 +50,15 @@ def row(*cells) -> None:
 def make_data(work: str, n_train: int, n_val: int) -> tuple[str, str]:
     root = os.path.join(work, "coco")
     t0 = time.perf_counter()
-    generate(root, SynthConfig(train=n_train, val=n_val, seed=0, min_side=480, max_side=640), progress=False,
+    generate(root, SynthSettings(train=n_train, val=n_val, seed=0, min_side=480, max_side=640), progress=False,
              workers=os.cpu_count() or 1)
     t_synth = time.perf_counter() - t0
     shards = {}
     t0 = time.perf_counter()
     for split in ("train2017", "val2017"):
-        m = select_subset(SubsetConfig(), root, split, os.path.join(work, f"subset-{split}")).manifest_uri
+        m = select_subset(SplitSettings(), root, split, os.path.join(work, f"subset-{split}")).manifest_uri
         shards[split] = os.path.join(work, f"shards-{split}")
-        preprocess(PreprocessConfig(shard_images=100, workers=min(8, os.cpu_count() or 1)), m, shards[split],
+        preprocess(PreprocessSettings(shard_images=100, workers=min(8, os.cpu_count() or 1)), m, shards[split],
                    progress=False)
     row("data", f"{n_train} + {n_val} images", f"synth {t_synth:.1f} s",
         f"subset + preprocess {time.perf_counter() - t0:.1f} s")
@@ -130,7 +130,7 @@ def main() -> None:
     for post in (0, 4):  # 0: PQ and PNG writing in the loop, after each batch (the first version)
         t0 = time.perf_counter()
         res = evaluate(model_uri, val_shards, os.path.join(args.work, f"eval-{post}"),
-                       EvalConfig(batch_size=8, num_workers=8, post_workers=post), progress=False)
+                       EvaluateSettings(batch_size=8, num_workers=8, post_workers=post), progress=False)
         wall = time.perf_counter() - t0
         m = res.metrics
         t = m["timing"]

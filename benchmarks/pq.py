@@ -47,11 +47,11 @@ def commands(p: dict) -> dict[str, list[str]]:
 
 
 def make_inputs(tmp: str, n_images: int, n_unique: int) -> dict:
-    from components.synthetic.generator import SynthConfig, generate
+    from components.synthetic.generator import SynthSettings, generate
     from tests.predictions import write_predictions
 
     root = os.path.join(tmp, "coco")
-    generate(root, SynthConfig(train=0, val=n_unique, seed=0, min_side=400, max_side=640), progress=False)
+    generate(root, SynthSettings(train=0, val=n_unique, seed=0, min_side=400, max_side=640), progress=False)
     write_predictions(root, "val2017", os.path.join(tmp, "p"), "mixed", seed=0)
     gt = json.load(open(os.path.join(root, "annotations", "panoptic_val2017.json")))
     pred = json.load(open(os.path.join(tmp, "p", "pred.json")))

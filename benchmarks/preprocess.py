@@ -23,9 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from components.common.coco_panoptic import load_split  # noqa: E402
 from components.common.manifests import load_manifest  # noqa: E402
-from components.preprocess.core import PreprocessConfig, preprocess  # noqa: E402
-from components.select_subset.core import SubsetConfig, select_subset  # noqa: E402
-from components.synthetic.generator import SynthConfig, generate  # noqa: E402
+from components.preprocess.core import PreprocessSettings, preprocess  # noqa: E402
+from components.select_subset.core import SplitSettings, select_subset  # noqa: E402
+from components.synthetic.generator import SynthSettings, generate  # noqa: E402
 
 
 def source_files(root: str, manifest: dict) -> list[str]:
@@ -82,8 +82,8 @@ def main() -> None:
     root = args.keep or os.path.join(tmp, "coco")
     if not os.path.exists(os.path.join(root, "annotations", "panoptic_train2017.json")):
         print(f"generating {args.images} COCO-sized synthetic images (400-640 px) ...", flush=True)
-        generate(root, SynthConfig(train=args.images, val=0, seed=0, min_side=400, max_side=640), progress=False)
-    m_uri = select_subset(SubsetConfig(), root, "train2017", os.path.join(tmp, "subset")).manifest_uri
+        generate(root, SynthSettings(train=args.images, val=0, seed=0, min_side=400, max_side=640), progress=False)
+    m_uri = select_subset(SplitSettings(), root, "train2017", os.path.join(tmp, "subset")).manifest_uri
     manifest = load_manifest(m_uri)
     n = manifest["num_images"]
     files = source_files(root, manifest)
@@ -98,7 +98,7 @@ def main() -> None:
         out = os.path.join(tmp, f"out-{next(runs)}")
 
     def run_preprocess(workers):
-        return lambda: preprocess(PreprocessConfig(shard_images=250, workers=workers), m_uri, out, progress=False)
+        return lambda: preprocess(PreprocessSettings(shard_images=250, workers=workers), m_uri, out, progress=False)
 
     print(f"\nsource: {n} images, {mb:.0f} MiB (JPEG + PNG); cpu cores: {os.cpu_count()}; "
           f"both sides write to {tmp}; median of {args.repeats} round-robin rounds")

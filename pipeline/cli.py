@@ -100,14 +100,14 @@ def _stage_keys(stage: str) -> set[str]:
     """The settings one stage takes (its settings dataclass's fields)."""
     import dataclasses
 
-    from components.evaluate.core import EvalConfig
-    from components.preprocess.core import PreprocessConfig
-    from components.register.core import RegisterConfig
+    from components.evaluate.core import EvaluateSettings
+    from components.preprocess.core import PreprocessSettings
+    from components.register.core import RegisterSettings
     from components.select_subset.core import SubsetSettings
     from components.train.settings import TrainSettings
 
-    cls = {"subset": SubsetSettings, "preprocess": PreprocessConfig, "train": TrainSettings, "evaluate": EvalConfig,
-           "register": RegisterConfig}[stage]
+    cls = {"subset": SubsetSettings, "preprocess": PreprocessSettings, "train": TrainSettings,
+           "evaluate": EvaluateSettings, "register": RegisterSettings}[stage]
     return {f.name for f in dataclasses.fields(cls)}
 
 

@@ -69,9 +69,9 @@ def run_local(data: str | None = None, *, runner: str = "subprocess", root: str 
     if not data:
         data = "data/synth"
         if not os.path.exists(os.path.join(data, "annotations", "panoptic_val2017.json")):
-            from components.synthetic.generator import SynthConfig, generate
+            from components.synthetic.generator import SynthSettings, generate
 
-            generate(data, SynthConfig(train=synth_train, val=synth_val, seed=0), progress=True)
+            generate(data, SynthSettings(train=synth_train, val=synth_val, seed=0), progress=True)
     data = os.path.abspath(data) if "://" not in data else data
     root = os.path.abspath(root)
     os.makedirs(root, exist_ok=True)

@@ -98,11 +98,11 @@ def step_decide(*, train_manifest: str, train=None, register=None, force: bool =
     (and ``force`` is off). A registry failure fails the step: it never decides by default."""
     setup_logging()
     from components.common.tracking import data_fingerprint
-    from components.register.core import RegisterConfig
+    from components.register.core import RegisterSettings
     from components.train.settings import TrainSettings, resolve_config, settings_fingerprint
 
     ts = parse_settings(TrainSettings, train, "train settings")
-    rs = parse_settings(RegisterConfig, register, "register settings")
+    rs = parse_settings(RegisterSettings, register, "register settings")
     fingerprint = data_fingerprint(_manifest_hash(train_manifest), settings_fingerprint(ts, resolve_config(ts)))
     champion = get_alias(rs.name, CHAMPION, mlflow_uri or None)
     if force:
@@ -140,9 +140,9 @@ def step_preprocess(*, train_manifest: str, val_manifest: str, train_out: str, v
     setup_logging()
     from components.common.datasets import TRAINING, VALIDATION
     from components.data.records import load_index
-    from components.preprocess.core import PreprocessConfig, preprocess
+    from components.preprocess.core import PreprocessSettings, preprocess
 
-    cfg = parse_settings(PreprocessConfig, settings, "preprocess settings")
+    cfg = parse_settings(PreprocessSettings, settings, "preprocess settings")
     out = {}
     with stage_run("preprocess", run_id or None, mlflow_uri or None) as ml:
         ml.log_params({k: v for k, v in settings_dict(cfg).items() if v is not None})
@@ -179,11 +179,11 @@ def step_train(*, train_shards: str, model_out: str, settings=None, cluster=None
     from components.common.cluster import ClusterSettings, uri_for_pods
     from components.common.tracking import code_version, data_fingerprint, resolve_model_uri
     from components.data.records import load_index
-    from components.register.core import RegisterConfig
+    from components.register.core import RegisterSettings
     from components.train.settings import TrainSettings, resolve_config, settings_fingerprint
 
     ts = parse_settings(TrainSettings, settings, "train settings")
-    name = parse_settings(RegisterConfig, register, "register settings").name
+    name = parse_settings(RegisterSettings, register, "register settings").name
     champion_uri = parent = None
     if ts.init == "champion" and get_alias(name, CHAMPION, mlflow_uri or None) is not None:
         champion_uri, parent = resolve_model_uri(f"models:/{name}@{CHAMPION}", mlflow_uri or None)
@@ -315,10 +315,10 @@ def step_evaluate(*, model_uri: str, val_shards: str, out: str, settings=None, r
     setup_logging()
     from components.common.metrics import METRIC_KEYS
     from components.data.records import load_index
-    from components.evaluate.core import EvalConfig, evaluate
+    from components.evaluate.core import EvaluateSettings, evaluate
     from components.evaluate.pq_files import PER_CLASS_TABLE, per_class_table
 
-    cfg = parse_settings(EvalConfig, settings, "evaluate settings")
+    cfg = parse_settings(EvaluateSettings, settings, "evaluate settings")
     with stage_run("evaluate", run_id or None, mlflow_uri or None, system_metrics=True) as ml:
         _log_data(ml, load_index(val_shards), val_shards, "validation")
         r = evaluate(model_uri, val_shards, out, cfg, progress=False)
@@ -340,11 +340,11 @@ def step_score_champion(*, val_shards: str, out: str, settings=None, register=No
     evaluation of its model here. Returns "none", "logged" or "re-scored"."""
     setup_logging()
     from components.data.records import load_index, samples_digest, shard_image_ids
-    from components.evaluate.core import EvalConfig
-    from components.register.core import RegisterConfig, champion_metrics
+    from components.evaluate.core import EvaluateSettings
+    from components.register.core import RegisterSettings, champion_metrics
 
-    name = parse_settings(RegisterConfig, register, "register settings").name
-    max_images = parse_settings(EvalConfig, settings, "evaluate settings").max_images
+    name = parse_settings(RegisterSettings, register, "register settings").name
+    max_images = parse_settings(EvaluateSettings, settings, "evaluate settings").max_images
     champion = get_alias(name, CHAMPION, mlflow_uri or None)
     current = load_index(val_shards).get("source_manifest_hash")
     # the samples the challenger's evaluation (same settings) scores: the champion's must be these
@@ -371,9 +371,9 @@ def step_score_champion(*, val_shards: str, out: str, settings=None, register=No
 
 
 def _evaluate_champion(name: str, version, val_shards: str, out: str, settings, mlflow_uri: str) -> dict:
-    from components.evaluate.core import EvalConfig, evaluate
+    from components.evaluate.core import EvaluateSettings, evaluate
 
-    cfg = parse_settings(EvalConfig, settings, "evaluate settings")
+    cfg = parse_settings(EvaluateSettings, settings, "evaluate settings")
     if mlflow_uri:
         os.environ.setdefault("MLFLOW_TRACKING_URI", mlflow_uri)
     return evaluate(f"models:/{name}/{version}", val_shards, out, cfg, progress=False).metrics
@@ -384,9 +384,9 @@ def step_register(*, model_uri: str, eval_dir: str, champion_dir: str = "", sett
     """Register (alias challenger) and decide the gate against the champion's metrics on the same
     validation data (``champion_dir/champion.json``); promotion is a separate step."""
     setup_logging()
-    from components.register.core import RegisterConfig, register
+    from components.register.core import RegisterSettings, register
 
-    cfg = parse_settings(RegisterConfig, settings, "register settings")
+    cfg = parse_settings(RegisterSettings, settings, "register settings")
     champion_eval = None
     if champion_dir and storage.exists(storage.join(champion_dir, "champion.json")):
         doc = storage.read_json(storage.join(champion_dir, "champion.json"), "champion")
@@ -395,16 +395,16 @@ def step_register(*, model_uri: str, eval_dir: str, champion_dir: str = "", sett
     lineage = storage.read_json(lineage_uri, "lineage") if storage.exists(lineage_uri) else {}
     if not isinstance(lineage, dict) or not all(isinstance(v, (str, int, float)) for v in lineage.values()):
         raise ValueError(f"{lineage_uri}: a lineage is a mapping of names to plain values; re-run the train step")
-    r = register(model_uri, eval_dir, RegisterConfig(cfg.name, cfg.margin, cfg.tolerance, promote=False),
+    r = register(model_uri, eval_dir, RegisterSettings(cfg.name, cfg.margin, cfg.tolerance, promote=False),
                  champion_eval=champion_eval, parent_run_id=run_id or None, uri=mlflow_uri or None, lineage=lineage)
     return r.version, r.decision.promote
 
 
 def step_promote(*, version: str, register=None, run_id: str = "", mlflow_uri: str = "") -> None:
     setup_logging()
-    from components.register.core import RegisterConfig, promote_champion
+    from components.register.core import RegisterSettings, promote_champion
 
-    cfg = parse_settings(RegisterConfig, register, "register settings")
+    cfg = parse_settings(RegisterSettings, register, "register settings")
     if promote_champion(cfg.name, version, uri=mlflow_uri or None, cfg=cfg):
         log_parent(run_id or None, tags={"model.aliases": "challenger,champion"}, uri=mlflow_uri or None)
     else:

@@ -14,13 +14,13 @@ def run_trial(train, assignment: dict, train_shards: str, val_shards: str, out: 
               device: str = "auto", log_fn=None) -> tuple[str, dict]:
     """Train and evaluate one trial into ``out``; returns (model URI, metrics)."""
     from components.common import storage
-    from components.evaluate.core import EvalConfig, evaluate
+    from components.evaluate.core import EvaluateSettings, evaluate
     from components.train.settings import resolve_config
     from components.train.trainer import train as train_model
 
     cfg = resolve_config(trial_settings(train, assignment))
     result = train_model(cfg, train_shards, out, device=device, progress=False, log_fn=log_fn)
-    ecfg = eval_settings or EvalConfig(report_samples=0)
+    ecfg = eval_settings or EvaluateSettings(report_samples=0)
     metrics = evaluate(result.model_uri, val_shards, storage.join(out, "evaluation"), ecfg, progress=False).metrics
     return result.model_uri, metrics
 

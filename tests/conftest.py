@@ -3,14 +3,14 @@ import shutil
 
 import pytest
 
-from components.synthetic.generator import SynthConfig, generate
+from components.synthetic.generator import SynthSettings, generate
 
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     """A small synthetic COCO panoptic dataset, made once per test session. Do not modify."""
     root = str(tmp_path_factory.mktemp("synth") / "coco")
-    generate(root, SynthConfig(train=16, val=8, seed=3, min_side=128, max_side=256), progress=False)
+    generate(root, SynthSettings(train=16, val=8, seed=3, min_side=128, max_side=256), progress=False)
     return root
 
 

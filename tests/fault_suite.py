@@ -332,13 +332,13 @@ if __name__ == "__main__":  # python -m tests.fault_suite WORKDIR
     import sys
     import tempfile
 
-    from components.synthetic.generator import SynthConfig, generate
+    from components.synthetic.generator import SynthSettings, generate
     from tests.training import make_shards, micro_config
 
     work = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="faults-")
     base = os.path.join(work, "base")
     if not os.path.exists(base):
-        generate(base, SynthConfig(train=4, val=6, seed=11, min_side=96, max_side=160), progress=False)
+        generate(base, SynthSettings(train=4, val=6, seed=11, min_side=96, max_side=160), progress=False)
     from components.train.trainer import train
 
     model = train(micro_config(solver={"max_iter": 1}), make_shards(base, os.path.join(work, "t")),

@@ -619,22 +619,22 @@ MICRO_SETS = ["input.min_size_train=[96]", "input.max_size_train=128", "input.mi
 def build(work: str, seed: int = 0, draws: int = 2) -> Suite:
     """The base data (a small synthetic set), a model, its evaluation and a registry with it as
     champion, a training run with checkpoints; then every class's cases."""
-    from components.evaluate.core import EvalConfig, evaluate
+    from components.evaluate.core import EvaluateSettings, evaluate
     from components.model.config import load_config, parse_overrides
-    from components.synthetic.generator import SynthConfig, generate
+    from components.synthetic.generator import SynthSettings, generate
     from components.train.trainer import train
     from tests.training import make_shards
 
     base = os.path.join(work, "base")
     if not os.path.exists(base):
-        generate(base, SynthConfig(train=4, val=6, seed=11, min_side=96, max_side=160), progress=False)
+        generate(base, SynthSettings(train=4, val=6, seed=11, min_side=96, max_side=160), progress=False)
     shards = make_shards(base, os.path.join(work, "train"))
     val = make_shards(base, os.path.join(work, "val"), split=SPLIT)
     cfg = load_config("tiny", parse_overrides(MICRO_SETS + ["solver.max_iter=2"]))
     run = os.path.join(work, "run")
     model = train(cfg, shards, run, progress=False).model_uri
     evaluation = os.path.join(work, "evaluation")
-    evaluate(model, val, evaluation, EvalConfig(report_samples=0, num_workers=0), progress=False)
+    evaluate(model, val, evaluation, EvaluateSettings(report_samples=0, num_workers=0), progress=False)
     registry = f"sqlite:///{os.path.join(work, 'registry.db')}"
     r = subprocess.run([sys.executable, "-m", "components.register", "--model", model, "--eval-dir", evaluation],
                        env={**os.environ, "MLFLOW_TRACKING_URI": registry}, capture_output=True, text=True, cwd=work)
@@ -645,7 +645,8 @@ def build(work: str, seed: int = 0, draws: int = 2) -> Suite:
     suite.datasets()
     suite.indexes(val)
     suite.gates(registry, evaluation, "1")
-    evaluate(model, val, suite.partial_eval, EvalConfig(report_samples=0, num_workers=0, max_images=1), progress=False)
+    evaluate(model, val, suite.partial_eval, EvaluateSettings(report_samples=0, num_workers=0, max_images=1),
+             progress=False)
     suite.checkpoints(shards, run)
     suite.servers(evaluation)
     suite.disks(val)

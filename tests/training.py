@@ -11,8 +11,8 @@ import torch
 
 from components.common import storage
 from components.model.config import load_config
-from components.preprocess.core import PreprocessConfig, preprocess
-from components.select_subset.core import SubsetConfig, select_subset
+from components.preprocess.core import PreprocessSettings, preprocess
+from components.select_subset.core import SplitSettings, select_subset
 
 MICRO = {
     "input": {"min_size_train": [128], "max_size_train": 192, "min_size_test": 128, "max_size_test": 192},
@@ -31,8 +31,8 @@ def micro_config(**sections):
 
 
 def make_shards(root: str, out: str, split: str = "train2017", size=None) -> str:
-    m = select_subset(SubsetConfig(size=size), root, split, os.path.join(out, "subset")).manifest_uri
-    preprocess(PreprocessConfig(shard_images=4, row_group_images=2, workers=0), m, os.path.join(out, "shards"),
+    m = select_subset(SplitSettings(size=size), root, split, os.path.join(out, "subset")).manifest_uri
+    preprocess(PreprocessSettings(shard_images=4, row_group_images=2, workers=0), m, os.path.join(out, "shards"),
                progress=False)
     return os.path.join(out, "shards")
 

@@ -54,12 +54,12 @@ def evaluate_cmd(model_uri, shards, out, batch_size, device, max_images, report_
     """Run the model over val shards; write COCO panoptic predictions, metrics.json (PQ/SQ/RQ
     all/things/stuff), per_class.csv and a self-contained report.html."""
     from components.common.tracking import RegistryError
-    from components.evaluate.core import EvalConfig, evaluate
+    from components.evaluate.core import EvaluateSettings, evaluate
 
     try:
-        r = evaluate(model_uri, shards, out, EvalConfig(batch_size=batch_size, device=device, max_images=max_images,
-                                                        report_samples=report_samples, num_workers=workers),
-                     progress=not quiet)
+        settings = EvaluateSettings(batch_size=batch_size, device=device, max_images=max_images,
+                                    report_samples=report_samples, num_workers=workers)
+        r = evaluate(model_uri, shards, out, settings, progress=not quiet)
     except (FileNotFoundError, ValueError, RegistryError) as e:
         raise click.ClickException(str(e))
     from components.evaluate.pq_files import format_table

@@ -37,7 +37,7 @@ PER_IMAGE_FILE = "per_image.csv"   # each image's PQ, in the order scored
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvaluateSettings:
     batch_size: int = 2
     device: str = "auto"
     num_workers: int = 1
@@ -85,7 +85,7 @@ def _postprocess(sample: dict, panoptic_seg, categories: dict, pred_dir: str, wr
     return image_stat, ann, ids, info, t1 - t0, time.perf_counter() - t1
 
 
-def evaluate(model_uri: str, shards: str, out: str, cfg: EvalConfig = EvalConfig(),
+def evaluate(model_uri: str, shards: str, out: str, cfg: EvaluateSettings = EvaluateSettings(),
              progress: bool = True) -> EvalResult:
     """Evaluate ``model_uri`` on ``shards`` (with ``index.json``); write everything under ``out``.
 
@@ -96,7 +96,7 @@ def evaluate(model_uri: str, shards: str, out: str, cfg: EvalConfig = EvalConfig
         return _evaluate(model_uri, shards, out, cfg, progress)
 
 
-def _evaluate(model_uri: str, shards: str, out: str, cfg: EvalConfig, progress: bool) -> EvalResult:
+def _evaluate(model_uri: str, shards: str, out: str, cfg: EvaluateSettings, progress: bool) -> EvalResult:
     device = pick_device(cfg.device)
     model, mcfg, cats, model_digest = load_model_and_digest(model_uri, device)
     categories = {c["id"]: c for c in cats.to_json()}

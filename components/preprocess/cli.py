@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from components.preprocess.core import DataQualityError, PreprocessConfig, preprocess
+from components.preprocess.core import DataQualityError, PreprocessSettings, preprocess
 
-DEFAULTS = PreprocessConfig()
+DEFAULTS = PreprocessSettings()
 
 
 @click.command("preprocess")
@@ -27,7 +27,7 @@ def preprocess_cmd(manifest, out, source, shard_images, max_side, max_bad_fracti
     Every sample is checked; bad ones go to quarantine.jsonl with their reasons.
     """
     try:
-        cfg = PreprocessConfig(shard_images=shard_images, max_side=max_side, max_bad_fraction=max_bad_fraction,
+        cfg = PreprocessSettings(shard_images=shard_images, max_side=max_side, max_bad_fraction=max_bad_fraction,
                                workers=workers)
         r = preprocess(cfg, manifest, out, source=source, progress=not quiet)
     except (ValueError, FileNotFoundError, DataQualityError) as e:

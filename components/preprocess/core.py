@@ -57,7 +57,7 @@ class DataQualityError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class PreprocessConfig:
+class PreprocessSettings:
     """How to write the shards.
 
     Args:
@@ -143,7 +143,7 @@ def _read_pair(uris: tuple[str, str], folders: tuple[str | None, str | None]):
 def _check_and_collect(job: dict, uris: list, contents) -> tuple[dict, list]:
     """Run the quality gate on each sample of a shard: returns the good ones as Parquet columns
     and the quarantine entries of the bad ones (``contents`` yields (image, PNG) bytes in order)."""
-    cfg = PreprocessConfig(**job["cfg"])
+    cfg = PreprocessSettings(**job["cfg"])
     categories = CategoryMaps.from_json(job["categories"])
     rows = {k: [] for k in SCHEMA.names}
     quarantine = []
@@ -181,7 +181,7 @@ def _write_shard(job: dict) -> dict:
     The source files are read ahead by a few threads (file and S3 reads release the GIL), so
     the checks of one sample overlap the reads of the next ones.
     """
-    cfg = PreprocessConfig(**job["cfg"])
+    cfg = PreprocessSettings(**job["cfg"])
     uris = [_source_uris(job, image, ann) for _, image, ann in job["samples"]]
     threads = IO_THREADS_REMOTE if storage.is_remote(job["source"]) else IO_THREADS_LOCAL
     io_pool = ThreadPoolExecutor(max_workers=threads)
@@ -242,7 +242,7 @@ def _remove_stale_temp_files(out: str) -> int:
     return removed
 
 
-def preprocess(cfg: PreprocessConfig, manifest_uri: str, out: str, source: str | None = None,
+def preprocess(cfg: PreprocessSettings, manifest_uri: str, out: str, source: str | None = None,
                progress: bool = True) -> PreprocessResult:
     """Write the shards of the manifest's images to ``out``. Idempotent; see module docstring.
 

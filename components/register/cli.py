@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from components.register.core import RegisterConfig
+from components.register.core import RegisterSettings
 
-DEFAULTS = RegisterConfig()
+DEFAULTS = RegisterSettings()
 
 
 @click.command("register")
@@ -35,7 +35,7 @@ def register_cmd(model_uri, eval_dir, champion_eval_dir, name, margin, tolerance
         if isinstance(champion, dict):
             champion["source"] = "re-scored"
     try:
-        cfg = RegisterConfig(name, margin, tolerance, not no_promote)
+        cfg = RegisterSettings(name, margin, tolerance, not no_promote)
         r = register(model_uri, eval_dir, cfg, champion_eval=champion, parent_run_id=run_id)
     except (RegistryError, IncomparableMetrics, InvalidMetrics, FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e))

@@ -48,7 +48,7 @@ EVAL_ARTIFACT = "evaluation"  # where a register run keeps the metrics.json it w
 
 
 @dataclass(frozen=True)
-class RegisterConfig:
+class RegisterSettings:
     """Args:
         name: the registered model.
         margin: PQ (0-1) a new version must gain over the champion, strictly.
@@ -255,7 +255,7 @@ def _existing_version(client, name: str, pipeline_run: str, digest: str):
     return next((v for v in versions if v.tags.get("model_digest") == digest), None)
 
 
-def register(model_uri: str, eval_dir: str, cfg: RegisterConfig = RegisterConfig(), *,
+def register(model_uri: str, eval_dir: str, cfg: RegisterSettings = RegisterSettings(), *,
              champion_eval: dict | None = None, parent_run_id: str | None = None, uri: str | None = None,
              experiment: str | None = None, lineage: dict | None = None) -> RegisterResult:
     """Log ``model_uri`` (a model.pt) as an MLflow pyfunc, register a version (alias
@@ -376,7 +376,7 @@ def version_metrics(client, name: str, version: str) -> dict:
         return check_metrics(storage.read_json(path, "version's metrics"), f"{name} version {version}'s metrics")
 
 
-def promote_champion(name: str, version: str, uri: str | None = None, cfg: RegisterConfig = RegisterConfig(),
+def promote_champion(name: str, version: str, uri: str | None = None, cfg: RegisterSettings = RegisterSettings(),
                      metrics: dict | None = None) -> bool:
     """Move ``champion`` to ``version``, under the registry lock, if it still beats the champion
     of this moment (another run may have promoted one since this version was gated): compared
@@ -420,7 +420,7 @@ def run_link(run_info, tracking: str) -> str:
 
 
 def version_description(metrics: dict, decision: GateDecision, lineage: dict, champion: dict | None,
-                        cfg: RegisterConfig, pipeline_run=None, tracking: str = "") -> str:
+                        cfg: RegisterSettings, pipeline_run=None, tracking: str = "") -> str:
     """A model version's description (Markdown), written from the facts: what it was trained
     on, how well it does, what the gate decided against which champion, and where to look."""
     from components.common.datasets import digest_of
@@ -461,7 +461,7 @@ def version_description(metrics: dict, decision: GateDecision, lineage: dict, ch
     return "\n".join(lines)
 
 
-def describe_model(client, name: str, cfg: RegisterConfig = RegisterConfig()) -> None:
+def describe_model(client, name: str, cfg: RegisterSettings = RegisterSettings()) -> None:
     """The registered model's description: what it is, how versions are promoted, and the
     current champion (rewritten at each promotion)."""
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from components.common import storage
-from components.select_subset.core import STRATEGIES, SubsetConfig, select_subset
+from components.select_subset.core import STRATEGIES, SplitSettings, select_subset
 
 TOP = 10  # categories listed on the console; the CSV and the chart hold them all
 
@@ -46,7 +46,7 @@ def subset(source, split, out, size, strategy, seed, min_per_category, include_c
     the subset vs the full split (category_histogram.csv / .png).
     """
     try:
-        cfg = SubsetConfig(size=_size(size), strategy=strategy, seed=seed, min_per_category=min_per_category,
+        cfg = SplitSettings(size=_size(size), strategy=strategy, seed=seed, min_per_category=min_per_category,
                            include_categories=_list(include_categories), exclude_categories=_list(exclude_categories),
                            min_segments=min_segments, max_segments=max_segments, crowded_only=crowded_only)
         result = select_subset(cfg, source, split, out)

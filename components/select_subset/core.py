@@ -26,7 +26,7 @@ STRATEGIES = ("random", "balanced")
 
 
 @dataclass(frozen=True)
-class SubsetConfig:
+class SplitSettings:
     """What to select.
 
     Args:
@@ -60,8 +60,8 @@ class SubsetConfig:
 
 
 @dataclass(frozen=True)
-class SubsetSettings(SubsetConfig):
-    """The subset stage's settings in the pipeline: the train subset (``SubsetConfig``'s fields)
+class SubsetSettings(SplitSettings):
+    """The subset stage's settings in the pipeline: the train subset (``SplitSettings``'s fields)
     and the validation subset, each from its split.
 
     The validation subset has its own seed, so changing the training seed (a new training
@@ -82,11 +82,11 @@ class SubsetSettings(SubsetConfig):
         super().__post_init__()
         self.val_config()  # validate it now too
 
-    def train_config(self) -> SubsetConfig:
-        return SubsetConfig(**{f.name: getattr(self, f.name) for f in fields(SubsetConfig)})
+    def train_config(self) -> SplitSettings:
+        return SplitSettings(**{f.name: getattr(self, f.name) for f in fields(SplitSettings)})
 
-    def val_config(self) -> SubsetConfig:
-        return SubsetConfig(size=self.val_size, seed=self.val_seed)
+    def val_config(self) -> SplitSettings:
+        return SplitSettings(size=self.val_size, seed=self.val_seed)
 
 
 @dataclass
@@ -112,7 +112,7 @@ def _category_ids(names_or_ids, cats: CategoryMaps) -> set[int]:
     return out
 
 
-def eligible_images(annotations: dict[int, dict], cats: CategoryMaps, cfg: SubsetConfig) -> list[int]:
+def eligible_images(annotations: dict[int, dict], cats: CategoryMaps, cfg: SplitSettings) -> list[int]:
     """Image ids (sorted) that pass the filters."""
     include = _category_ids(cfg.include_categories, cats)
     exclude = _category_ids(cfg.exclude_categories, cats)
@@ -132,7 +132,7 @@ def eligible_images(annotations: dict[int, dict], cats: CategoryMaps, cfg: Subse
     return keep
 
 
-def choose(eligible: list[int], annotations: dict[int, dict], cfg: SubsetConfig) -> tuple[list[int], dict]:
+def choose(eligible: list[int], annotations: dict[int, dict], cfg: SplitSettings) -> tuple[list[int], dict]:
     """Pick the subset. Returns (sorted image ids, notes such as unmet category minimums)."""
     if cfg.size is None:
         n = len(eligible)
@@ -202,7 +202,7 @@ def _histogram_png(full: dict[int, int], subset: dict[int, int], cats: CategoryM
     return figure_png(fig)
 
 
-def select_subset(cfg: SubsetConfig, source: str, split: str, out: str) -> SubsetResult:
+def select_subset(cfg: SplitSettings, source: str, split: str, out: str) -> SubsetResult:
     """Choose the subset of ``source``/``split`` and write the manifest and histogram to ``out``."""
     data = load_split(source, split)
     annotation_sha = sha256_bytes(storage.read_bytes(annotation_json_uri(source, split)))

@@ -10,7 +10,7 @@ import time
 import click
 
 from components.common.validation import validate_split
-from components.synthetic.generator import SynthConfig, generate
+from components.synthetic.generator import SynthSettings, generate
 
 
 @click.command("synth")
@@ -30,7 +30,7 @@ def synth(out, n_train, n_val, seed, min_side, max_side, workers, quiet):
     and OUT/annotations/panoptic_{train,val}2017/*.png.
     """
     try:
-        cfg = SynthConfig(train=n_train, val=n_val, seed=seed, min_side=min_side, max_side=max_side)
+        cfg = SynthSettings(train=n_train, val=n_val, seed=seed, min_side=min_side, max_side=max_side)
     except ValueError as e:
         raise click.BadParameter(str(e))
     t0 = time.perf_counter()

@@ -48,7 +48,7 @@ MIN_SEGMENT_AREA = 24
 
 
 @dataclass(frozen=True)
-class SynthConfig:
+class SynthSettings:
     train: int = 200
     val: int = 50
     seed: int = 0
@@ -124,7 +124,7 @@ def _shape_mask(rng: np.random.Generator, name: str, h: int, w: int, cx: float, 
     return np.asarray(canvas, dtype=bool)
 
 
-def render_scene(rng: np.random.Generator, cfg: SynthConfig):
+def render_scene(rng: np.random.Generator, cfg: SynthSettings):
     """Return ``(rgb uint8 (H,W,3), ids uint32 (H,W), segments_info)`` for one scene."""
     h = int(rng.integers(cfg.min_side, cfg.max_side + 1))
     w = int(rng.integers(cfg.min_side, cfg.max_side + 1))
@@ -230,7 +230,7 @@ def _write_scene(job: tuple) -> tuple[dict, dict]:
             {"image_id": image_id, "file_name": f"{stem}.png", "segments_info": segments_info})
 
 
-def generate_split(out: str, split: str, count: int, cfg: SynthConfig, progress: bool = True,
+def generate_split(out: str, split: str, count: int, cfg: SynthSettings, progress: bool = True,
                    workers: int = 0) -> dict:
     """Write ``count`` scenes of ``split`` under ``out`` and return the split's JSON dict.
 
@@ -263,7 +263,7 @@ def generate_split(out: str, split: str, count: int, cfg: SynthConfig, progress:
     return doc
 
 
-def generate(out: str, cfg: SynthConfig, progress: bool = True, workers: int = 0) -> dict[str, int]:
+def generate(out: str, cfg: SynthSettings, progress: bool = True, workers: int = 0) -> dict[str, int]:
     """Write the train and val splits (``workers`` processes; same files whatever the number).
     Returns image counts per split."""
     counts = {}

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from components.synthetic.generator import SynthConfig, generate
+from components.synthetic.generator import SynthSettings, generate
 from tests.e2e.test_pipeline_local import OVERRIDES
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def _run_local(data, root, env, *extra):
 @pytest.mark.timeout(3000)
 def test_the_dag_runs_in_our_images_to_a_champion_then_nothing_new(images, tmp_path):
     data = str(tmp_path / "coco")
-    generate(data, SynthConfig(train=10, val=4, seed=5, min_side=128, max_side=192), progress=False)
+    generate(data, SynthSettings(train=10, val=4, seed=5, min_side=128, max_side=192), progress=False)
     before = _tree_digest(data)
     root = str(tmp_path / "root")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
@@ -94,7 +94,7 @@ def test_the_dag_runs_in_our_images_to_a_champion_then_nothing_new(images, tmp_p
 @pytest.mark.timeout(1200)
 def test_a_failing_task_fails_the_run_naming_it(images, tmp_path):
     data = str(tmp_path / "coco")
-    generate(data, SynthConfig(train=4, val=2, seed=5, min_side=128, max_side=160), progress=False)
+    generate(data, SynthSettings(train=4, val=2, seed=5, min_side=128, max_side=160), progress=False)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(images["env"])
     out = _run_local(data, str(tmp_path / "root"), env, "--set", "subset.size=50")   # more images than there are

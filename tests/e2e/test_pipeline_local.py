@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from components.synthetic.generator import SynthConfig, generate
+from components.synthetic.generator import SynthSettings, generate
 from pipeline.local import run_local
 
 OVERRIDES = ["input.min_size_train=[128]", "input.max_size_train=192", "input.min_size_test=128",
@@ -19,7 +19,7 @@ OVERRIDES = ["input.min_size_train=[128]", "input.max_size_train=192", "input.mi
 @pytest.mark.slow
 def test_local_pipeline_registers_a_champion_skips_nothing_new_and_gates_the_next(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    generate(str(tmp_path / "coco"), SynthConfig(train=10, val=4, seed=5, min_side=128, max_side=192), progress=False)
+    generate(str(tmp_path / "coco"), SynthSettings(train=10, val=4, seed=5, min_side=128, max_side=192), progress=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     settings = {"train": {"config": "tiny", "iterations": 4, "overrides": OVERRIDES}, "preprocess": {"shard_images": 4}}
     kw = dict(root=str(tmp_path / "root"), mlflow_uri=uri, settings=settings)

@@ -7,8 +7,8 @@ convnext_t_tiny 0.515 (0.266, 0.813), about 30 s of training each; untrained: be
 
 import pytest
 
-from components.evaluate.core import EvalConfig, evaluate
-from components.synthetic.generator import SynthConfig, generate
+from components.evaluate.core import EvaluateSettings, evaluate
+from components.synthetic.generator import SynthSettings, generate
 from components.train.trainer import train
 from tests.training import make_shards
 from tests.unit.test_backbones import TINY_CONFIGS
@@ -23,7 +23,7 @@ ITERATIONS = 80
 def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("learn")
     root = str(tmp / "coco")
-    generate(root, SynthConfig(train=64, val=16, seed=11, min_side=128, max_side=224), progress=False)
+    generate(root, SynthSettings(train=64, val=16, seed=11, min_side=128, max_side=224), progress=False)
     return make_shards(root, str(tmp / "train")), make_shards(root, str(tmp / "val"), split="val2017")
 
 
@@ -41,7 +41,7 @@ def _pq(config: str, iterations: int, data, out) -> dict:
                            "steps": [max(1, int(iterations * 0.75)), max(1, int(iterations * 0.94))]})
     over["log_period"] = 10
     result = train(load_config(config, over), data[0], str(out / "run"), progress=False)
-    return evaluate(result.model_uri, data[1], str(out / "eval"), EvalConfig(report_samples=0),
+    return evaluate(result.model_uri, data[1], str(out / "eval"), EvaluateSettings(report_samples=0),
                     progress=False).metrics
 
 

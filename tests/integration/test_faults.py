@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from components.synthetic.generator import SynthConfig, generate
+from components.synthetic.generator import SynthSettings, generate
 from components.train.trainer import train
 from tests.fault_suite import render, run_suite
 from tests.training import make_shards, micro_config
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 def base(tmp_path_factory):
     work = tmp_path_factory.mktemp("faults")
     root = str(work / "coco")
-    generate(root, SynthConfig(train=4, val=6, seed=11, min_side=96, max_side=160), progress=False)
+    generate(root, SynthSettings(train=4, val=6, seed=11, min_side=96, max_side=160), progress=False)
     model = train(micro_config(solver={"max_iter": 1}), make_shards(root, str(work / "t")), str(work / "m"),
                   progress=False).model_uri
     return root, model, work
@@ -81,11 +81,11 @@ def test_preprocess_killed_at_three_points_then_rerun_is_byte_identical(base, tm
 def test_register_killed_then_rerun_registers_one_version(base, tmp_path, monkeypatch):
     _, model, _ = base
     from components.common.tracking import start_pipeline_run
-    from components.evaluate.core import EvalConfig, evaluate
+    from components.evaluate.core import EvaluateSettings, evaluate
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     shards = make_shards(base[0], str(tmp_path / "val"), split="val2017")
-    evaluate(model, shards, str(tmp_path / "eval"), EvalConfig(report_samples=0), progress=False)
+    evaluate(model, shards, str(tmp_path / "eval"), EvaluateSettings(report_samples=0), progress=False)
     run = start_pipeline_run(uri)
     args = ["components.register", "--model", model, "--eval-dir", str(tmp_path / "eval"), "--run-id", run]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from components.evaluate.core import EvalConfig, evaluate
-from components.synthetic.generator import SynthConfig, generate
+from components.evaluate.core import EvaluateSettings, evaluate
+from components.synthetic.generator import SynthSettings, generate
 from components.train.trainer import train
 from tests.training import make_shards, micro_config
 
@@ -24,7 +24,7 @@ ITERATIONS = 160
 
 def test_tiny_learns_on_cpu(tmp_path):
     root = str(tmp_path / "coco")
-    generate(root, SynthConfig(train=64, val=16, seed=11, min_side=128, max_side=224), progress=False)
+    generate(root, SynthSettings(train=64, val=16, seed=11, min_side=128, max_side=224), progress=False)
     shards = make_shards(root, str(tmp_path / "train"))
     val = make_shards(root, str(tmp_path / "val"), split="val2017")
     cfg = micro_config(input={"min_size_train": [128, 160], "max_size_train": 224, "min_size_test": 160,
@@ -35,7 +35,8 @@ def test_tiny_learns_on_cpu(tmp_path):
     result = train(cfg, shards, str(tmp_path / "run"), progress=False)
     losses = [h["total_loss"] for h in result.history]
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-    m = evaluate(result.model_uri, val, str(tmp_path / "eval"), EvalConfig(report_samples=0), progress=False).metrics
+    m = evaluate(result.model_uri, val, str(tmp_path / "eval"), EvaluateSettings(report_samples=0),
+                 progress=False).metrics
     print(f"loss {first:.3f} -> {last:.3f}; PQ {m['PQ']:.3f} (things {m['PQ_th']:.3f}, stuff {m['PQ_st']:.3f})")
     assert last < 0.6 * first
     assert m["PQ"] >= LEARNING_BAR, json.dumps({k: m[k] for k in ("PQ", "PQ_th", "PQ_st")})

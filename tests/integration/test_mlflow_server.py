@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from components.evaluate.core import EvalConfig, evaluate
+from components.evaluate.core import EvaluateSettings, evaluate
 from components.train.trainer import train
 from tests.servers import mlflow_server, moto_s3, postgres_database
 from tests.training import make_shards, micro_config
@@ -26,22 +26,22 @@ def trained(synth_root, tmp_path_factory):
     shards = make_shards(synth_root, str(tmp / "train"))
     val = make_shards(synth_root, str(tmp / "val"), split="val2017")
     model = train(micro_config(solver={"max_iter": 2}), shards, str(tmp / "run"), progress=False).model_uri
-    evaluate(model, val, str(tmp / "eval"), EvalConfig(report_samples=2), progress=False)
+    evaluate(model, val, str(tmp / "eval"), EvaluateSettings(report_samples=2), progress=False)
     return model, str(tmp / "eval")
 
 
 def test_register_gate_alias_and_predict_on_a_real_server(trained, synth_root, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from components.register.core import RegisterConfig, register
+    from components.register.core import RegisterSettings, register
 
     model, eval_dir = trained
     with moto_s3("mlflow-artifacts"), postgres_database() as db, \
             mlflow_server(db, "s3://mlflow-artifacts/panoptic") as url:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        first = register(model, eval_dir, RegisterConfig(name="pfpn", margin=0.0, tolerance=0.05))
+        first = register(model, eval_dir, RegisterSettings(name="pfpn", margin=0.0, tolerance=0.05))
         assert first.version == "1" and first.aliases == ["challenger", "champion"] and first.decision.promote
-        second = register(model, eval_dir, RegisterConfig(name="pfpn", margin=0.01, tolerance=0.05))
+        second = register(model, eval_dir, RegisterSettings(name="pfpn", margin=0.01, tolerance=0.05))
         assert second.version == "2" and second.aliases == ["challenger"] and not second.decision.promote
         assert "does not beat" in second.decision.reason
         client = MlflowClient(url)

@@ -25,7 +25,7 @@ PANOPTIC = os.path.join(os.path.dirname(sys.executable), "panoptic")
 def evaluations(synth_root, tmp_path_factory):
     """Two models and their evaluations on the same validation shards, with PQ set to 0.40 (A) and
     0.60 (B) in their metrics.json (the gate reads only the figures; the model files stay theirs)."""
-    from components.evaluate.core import EvalConfig, evaluate
+    from components.evaluate.core import EvaluateSettings, evaluate
     from components.train.trainer import train
 
     tmp = tmp_path_factory.mktemp("concurrent")
@@ -35,7 +35,7 @@ def evaluations(synth_root, tmp_path_factory):
     for name, iters, pq in (("A", 1, 0.40), ("B", 2, 0.60)):
         model = train(micro_config(solver={"max_iter": iters}), shards, str(tmp / f"m{name}"), progress=False).model_uri
         folder = str(tmp / f"eval{name}")
-        evaluate(model, val, folder, EvalConfig(report_samples=0, num_workers=0), progress=False)
+        evaluate(model, val, folder, EvaluateSettings(report_samples=0, num_workers=0), progress=False)
         path = os.path.join(folder, "metrics.json")
         m = json.load(open(path))
         m["PQ"] = pq

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from components.common.tracking import RegistryError, start_pipeline_run
-from components.evaluate.core import EvalConfig, evaluate
-from components.register.core import IncomparableMetrics, RegisterConfig, register
-from components.select_subset.core import SubsetConfig, select_subset
+from components.evaluate.core import EvaluateSettings, evaluate
+from components.register.core import IncomparableMetrics, RegisterSettings, register
+from components.select_subset.core import SplitSettings, select_subset
 from components.train.trainer import train
 from pipeline.steps import (
     step_decide,
@@ -49,10 +49,10 @@ def data(synth_root, tmp_path_factory):
     train_shards = make_shards(synth_root, str(tmp / "train"))
     val = {}
     for name, seed in (("A", 0), ("B", 1)):
-        m = select_subset(SubsetConfig(size=4, seed=seed), synth_root, "val2017", str(tmp / f"val{name}")).manifest_uri
-        from components.preprocess.core import PreprocessConfig, preprocess
+        m = select_subset(SplitSettings(size=4, seed=seed), synth_root, "val2017", str(tmp / f"val{name}")).manifest_uri
+        from components.preprocess.core import PreprocessSettings, preprocess
 
-        preprocess(PreprocessConfig(shard_images=4, workers=0), m, str(tmp / f"val{name}" / "shards"), progress=False)
+        preprocess(PreprocessSettings(shard_images=4, workers=0), m, str(tmp / f"val{name}" / "shards"), progress=False)
         val[name] = str(tmp / f"val{name}" / "shards")
     m1 = train(micro_config(solver={"max_iter": 2}), train_shards, str(tmp / "m1"), progress=False).model_uri
     m2 = train(micro_config(solver={"max_iter": 3}), train_shards, str(tmp / "m2"), progress=False).model_uri
@@ -84,11 +84,11 @@ def test_champion_is_rescored_on_the_challengers_validation_data(server, data, t
     challenger = step_evaluate(model_uri=data["m2"], val_shards=val["B"], out=str(tmp_path / "evalB"), settings=EVAL,
                                run_id=run2, mlflow_uri=server)
     with pytest.raises(IncomparableMetrics, match="measured on validation samples"):
-        register(data["m2"], str(tmp_path / "evalB"), RegisterConfig(promote=False), uri=server)  # nothing to compare
+        register(data["m2"], str(tmp_path / "evalB"), RegisterSettings(promote=False), uri=server)  # nothing to compare
     assert step_score_champion(val_shards=val["B"], out=str(tmp_path / "champB"), settings=EVAL, run_id=run2,
                                mlflow_uri=server) == "re-scored"
     rescored = json.load(open(tmp_path / "champB" / "champion.json"))
-    direct = evaluate(data["m1"], val["B"], str(tmp_path / "m1_on_B"), EvalConfig(**EVAL), progress=False).metrics
+    direct = evaluate(data["m1"], val["B"], str(tmp_path / "m1_on_B"), EvaluateSettings(**EVAL), progress=False).metrics
     assert rescored["metrics"]["PQ"] == pytest.approx(direct["PQ"], abs=1e-9)  # the champion's model, on B
     assert rescored["metrics"]["val_manifest_hash"] == challenger["val_manifest_hash"]
     assert rescored["metrics"]["val_samples_digest"] == challenger["val_samples_digest"]
@@ -119,19 +119,19 @@ def test_a_registry_server_error_fails_register_and_promotes_nothing(server, dat
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast: the fault is permanent here
     before = len(_versions(server))
     champion = MlflowClient(server).get_model_version_by_alias("panoptic-fpn", "champion").version
-    evaluate(data["m2"], data["val"]["B"], str(tmp_path / "eval"), EvalConfig(**EVAL), progress=False)
+    evaluate(data["m2"], data["val"]["B"], str(tmp_path / "eval"), EvaluateSettings(**EVAL), progress=False)
     with faulty_proxy(server, fail=("registered-models/alias",)) as proxy:
         with pytest.raises(RegistryError, match="cannot look up panoptic-fpn@champion"):
-            register(data["m2"], str(tmp_path / "eval"), RegisterConfig(), uri=proxy.url)
+            register(data["m2"], str(tmp_path / "eval"), RegisterSettings(), uri=proxy.url)
         with pytest.raises(RegistryError):  # nor does a scheduled run decide "no champion, train"
             step_decide(train_manifest=os.path.join(data["tmp"], "train", "subset"), mlflow_uri=proxy.url)
         assert proxy.hits
         assert len(_versions(server)) == before
         assert MlflowClient(server).get_model_version_by_alias("panoptic-fpn", "champion").version == champion
     # the registry answers again: the retry goes through
-    champion_eval = evaluate(data["m1"], data["val"]["B"], str(tmp_path / "champ"), EvalConfig(**EVAL),
+    champion_eval = evaluate(data["m1"], data["val"]["B"], str(tmp_path / "champ"), EvaluateSettings(**EVAL),
                              progress=False).metrics
-    r = register(data["m2"], str(tmp_path / "eval"), RegisterConfig(promote=False), uri=server,
+    r = register(data["m2"], str(tmp_path / "eval"), RegisterSettings(promote=False), uri=server,
                  champion_eval=champion_eval)
     assert len(_versions(server)) == before + 1 and r.version
 
@@ -169,7 +169,7 @@ def test_registry_outage_mid_pipeline_fails_each_stage_promotes_nothing_and_a_re
     run = start_pipeline_run(server)  # the run began while the server answered
     # register's input as the evaluate stage leaves it (that stage itself now stops before it
     # evaluates when MLflow is down: its run, with system metrics, opens first)
-    evaluate(data["m2"], data["val"]["B"], str(tmp_path / "e"), EvalConfig(**EVAL), progress=False)
+    evaluate(data["m2"], data["val"]["B"], str(tmp_path / "e"), EvaluateSettings(**EVAL), progress=False)
     subset = os.path.join(data["tmp"], "train", "subset")
     train_settings = {"config": "tiny", "iterations": 1, "overrides": MICRO_OVERRIDES}
     stages = {

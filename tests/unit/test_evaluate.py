@@ -5,7 +5,7 @@ import filecmp
 import json
 import os
 
-from components.evaluate.core import EvalConfig, evaluate
+from components.evaluate.core import EvaluateSettings, evaluate
 from components.train.trainer import train
 from tests.training import make_shards, micro_config
 
@@ -17,7 +17,7 @@ def test_threaded_postprocessing_gives_the_same_metrics_and_files(synth_root, tm
     runs = {}
     for workers in (0, 4):  # 0: in the loop, one image after another
         out = str(tmp_path / f"eval{workers}")
-        m = evaluate(model, val, out, EvalConfig(batch_size=2, post_workers=workers, report_samples=3),
+        m = evaluate(model, val, out, EvaluateSettings(batch_size=2, post_workers=workers, report_samples=3),
                      progress=False).metrics
         runs[workers] = (out, m)
     (a, ma), (b, mb) = runs[0], runs[4]

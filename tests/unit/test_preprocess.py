@@ -5,13 +5,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from components.data.records import load_index
-from components.preprocess.core import DataQualityError, PreprocessConfig, preprocess
-from components.select_subset.core import SubsetConfig, select_subset
+from components.preprocess.core import DataQualityError, PreprocessSettings, preprocess
+from components.select_subset.core import SplitSettings, select_subset
 from tests.corrupt import KINDS, corrupt
 
 
 def _manifest(root, tmp_path, name="m", **kw):
-    return select_subset(SubsetConfig(**kw), root, "train2017", str(tmp_path / name)).manifest_uri
+    return select_subset(SplitSettings(**kw), root, "train2017", str(tmp_path / name)).manifest_uri
 
 
 def _files(folder):
@@ -21,8 +21,8 @@ def _files(folder):
 def test_shards_are_byte_identical_and_rows_complete(synth_root, tmp_path):
     m = _manifest(synth_root, tmp_path)
     # 3 writers: this process and 2 spawned ones, taking jobs as they free up
-    a = preprocess(PreprocessConfig(shard_images=5, workers=3), m, str(tmp_path / "a"), progress=False)
-    preprocess(PreprocessConfig(shard_images=5, workers=0), m, str(tmp_path / "b"), progress=False)
+    a = preprocess(PreprocessSettings(shard_images=5, workers=3), m, str(tmp_path / "a"), progress=False)
+    preprocess(PreprocessSettings(shard_images=5, workers=0), m, str(tmp_path / "b"), progress=False)
     fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert list(fa) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "part-00003.parquet"]
     assert fa == fb
@@ -44,14 +44,14 @@ def test_a_failing_writer_fails_the_stage_and_names_the_file(synth_root, tmp_pat
     out = tmp_path / "s"
     (out / f"part-{broken:05d}.parquet").mkdir(parents=True)  # a folder where the shard must go
     with pytest.raises(OSError, match=f"part-{broken:05d}.parquet"):
-        preprocess(PreprocessConfig(shard_images=4, workers=2), m, str(out), progress=False)
+        preprocess(PreprocessSettings(shard_images=4, workers=2), m, str(out), progress=False)
     assert not (out / "index.json").exists()
 
 
 def test_rerun_after_crash_skips_complete_shards_and_replaces_the_rest(synth_root, tmp_path):
     m = _manifest(synth_root, tmp_path)
     out = tmp_path / "s"
-    cfg = PreprocessConfig(shard_images=4, workers=0)
+    cfg = PreprocessSettings(shard_images=4, workers=0)
     preprocess(cfg, m, str(out), progress=False)
     good = _files(out)
     # a crash: shard 1 never finished (half-written temp file, no marker, no final file),
@@ -73,7 +73,7 @@ def test_rerun_after_crash_skips_complete_shards_and_replaces_the_rest(synth_roo
 
 def test_resize_option(synth_root, tmp_path):
     m = _manifest(synth_root, tmp_path, size=4)
-    preprocess(PreprocessConfig(max_side=128, workers=0), m, str(tmp_path / "s"), progress=False)
+    preprocess(PreprocessSettings(max_side=128, workers=0), m, str(tmp_path / "s"), progress=False)
     t = pq.read_table(tmp_path / "s" / "part-00000.parquet").to_pylist()
     assert all(max(r["height"], r["width"]) == 128 for r in t)
     from components.common.coco_panoptic import decode_png
@@ -88,7 +88,7 @@ def test_resize_option(synth_root, tmp_path):
 def test_each_bad_input_kind_is_quarantined_with_its_reason(synth_copy, tmp_path, kind):
     m = _manifest(synth_copy, tmp_path)  # manifest first: the JSON still lists every image
     image_id, target = corrupt(synth_copy, "train2017", kind)
-    r = preprocess(PreprocessConfig(shard_images=6, workers=0, max_bad_fraction=0.1), m, str(tmp_path / "s"),
+    r = preprocess(PreprocessSettings(shard_images=6, workers=0, max_bad_fraction=0.1), m, str(tmp_path / "s"),
                    progress=False)
     assert r.quarantined == 1 and r.rows_written == 15 and r.images_in == r.rows_written + r.quarantined
     q = [json.loads(line) for line in open(tmp_path / "s" / "quarantine.jsonl")]
@@ -106,7 +106,7 @@ def test_gate_fails_the_stage_with_a_clear_message(synth_copy, tmp_path):
     for i in range(3):
         corrupt(synth_copy, "train2017", "corrupt_png", index=i)
     with pytest.raises(DataQualityError, match=r"3 of 16 samples \(18.8%\).*corrupt_png.*quarantine.jsonl"):
-        preprocess(PreprocessConfig(workers=0, max_bad_fraction=0.1), m, str(tmp_path / "s"), progress=False)
+        preprocess(PreprocessSettings(workers=0, max_bad_fraction=0.1), m, str(tmp_path / "s"), progress=False)
     # the report is still written, counts adding up
     index = load_index(str(tmp_path / "s"))
     assert index["images_in"] == index["rows_written"] + index["quarantined"] == 16

@@ -10,8 +10,8 @@ from components.common.coco_panoptic import load_split
 from components.data.reader import ShardDataset, ShardError, collate
 from components.data.targets import InputConfig
 from components.data.transforms import output_shape, resize_nearest
-from components.preprocess.core import PreprocessConfig, preprocess
-from components.select_subset.core import SubsetConfig, select_subset
+from components.preprocess.core import PreprocessSettings, preprocess
+from components.select_subset.core import SplitSettings, select_subset
 
 TINY = InputConfig(min_size_train=(96, 128), max_size_train=192, min_size_test=128, max_size_test=192)
 
@@ -19,8 +19,8 @@ TINY = InputConfig(min_size_train=(96, 128), max_size_train=192, min_size_test=1
 @pytest.fixture(scope="module")
 def shards(synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
-    m = select_subset(SubsetConfig(), synth_root, "train2017", str(out / "subset")).manifest_uri
-    preprocess(PreprocessConfig(shard_images=5, row_group_images=2, workers=0), m, str(out / "s"), progress=False)
+    m = select_subset(SplitSettings(), synth_root, "train2017", str(out / "subset")).manifest_uri
+    preprocess(PreprocessSettings(shard_images=5, row_group_images=2, workers=0), m, str(out / "s"), progress=False)
     return str(out / "s"), load_split(synth_root, "train2017")
 
 

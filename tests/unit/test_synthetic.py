@@ -7,7 +7,7 @@ from PIL import Image
 
 from components.common.coco_panoptic import load_split
 from components.common.validation import validate_split
-from components.synthetic.generator import SynthConfig, generate
+from components.synthetic.generator import SynthSettings, generate
 
 
 def test_synth_passes_validation_and_panopticapi(synth_root):
@@ -46,10 +46,10 @@ def test_synth_is_varied_and_coco_like(synth_root):
 
 def test_synth_is_byte_identical_for_a_seed(tmp_path):
     a, b, c = (str(tmp_path / n) for n in "abc")
-    cfg = SynthConfig(train=3, val=2, seed=7, min_side=96, max_side=200)
+    cfg = SynthSettings(train=3, val=2, seed=7, min_side=96, max_side=200)
     generate(a, cfg, progress=False)
     generate(b, cfg, progress=False, workers=2)  # rendered in 2 processes: the same bytes
-    generate(c, SynthConfig(train=3, val=2, seed=8, min_side=96, max_side=200), progress=False)
+    generate(c, SynthSettings(train=3, val=2, seed=8, min_side=96, max_side=200), progress=False)
     files = sorted(os.path.relpath(os.path.join(d, f), a) for d, _, fs in os.walk(a) for f in fs)
     assert len(files) == 2 + 5 + 5
     match, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)

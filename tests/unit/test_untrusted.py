@@ -82,8 +82,8 @@ def test_escaping_file_name_is_reported_by_validate_and_quarantined_unopened(syn
     import shutil
 
     from components.common.manifests import load_manifest
-    from components.preprocess.core import PreprocessConfig, preprocess
-    from components.select_subset.core import SubsetConfig, select_subset
+    from components.preprocess.core import PreprocessSettings, preprocess
+    from components.select_subset.core import SplitSettings, select_subset
 
     path = os.path.join(synth_copy, "annotations", "panoptic_train2017.json")
     doc = json.load(open(path))
@@ -93,8 +93,8 @@ def test_escaping_file_name_is_reported_by_validate_and_quarantined_unopened(syn
     json.dump(doc, open(path, "w"))
     r = CliRunner().invoke(panoptic, ["data", "validate", synth_copy, "--split", "train2017", "--quiet"])
     assert r.exit_code == 1 and "file_name_outside_dataset" in r.output and "'../../x.jpg'" in r.output
-    m = select_subset(SubsetConfig(), synth_copy, "train2017", str(tmp_path / "sub")).manifest_uri
-    res = preprocess(PreprocessConfig(workers=0, max_bad_fraction=0.5), m, str(tmp_path / "shards"), progress=False)
+    m = select_subset(SplitSettings(), synth_copy, "train2017", str(tmp_path / "sub")).manifest_uri
+    res = preprocess(PreprocessSettings(workers=0, max_bad_fraction=0.5), m, str(tmp_path / "shards"), progress=False)
     q = [json.loads(line) for line in open(tmp_path / "shards" / "quarantine.jsonl")]
     assert [e["image_id"] for e in q] == [victim["id"]]
     assert q[0]["reasons"][0]["kind"] == "file_name_outside_dataset"
@@ -178,11 +178,11 @@ def _raises(fn, *args, **kwargs):
 
 def test_evaluate_refuses_a_count_below_one_and_a_folder_another_run_writes(tmp_path):
     from components.common import storage
-    from components.evaluate.core import EvalConfig
+    from components.evaluate.core import EvaluateSettings
 
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="max_images must be a whole number >= 1"):
-            EvalConfig(max_images=bad)
+            EvaluateSettings(max_images=bad)
     with storage.exclusive(str(tmp_path), ".evaluate.lock", "panoptic evaluate"):
         with pytest.raises(storage.FolderBusy, match="another panoptic evaluate .* is writing here"):
             with storage.exclusive(str(tmp_path), ".evaluate.lock", "panoptic evaluate"):
