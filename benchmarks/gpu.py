@@ -34,9 +34,11 @@ from torch.utils.data import DataLoader  # noqa: E402
 from components.common.coco_panoptic import CategoryMaps  # noqa: E402
 from components.data.reader import ShardDataset, collate  # noqa: E402
 from components.data.records import load_index  # noqa: E402
-from components.data.targets import InputConfig  # noqa: E402
 from components.evaluate.core import EvaluateSettings, evaluate  # noqa: E402
-from components.model.config import load_config  # noqa: E402
+from components.model.config import (
+    InputConfig,  # noqa: E402
+    load_config,  # noqa: E402
+)
 from components.preprocess.core import PreprocessSettings, preprocess  # noqa: E402
 from components.select_subset.core import SplitSettings, select_subset  # noqa: E402
 from components.synthetic.generator import SynthSettings, generate  # noqa: E402

@@ -137,7 +137,7 @@ def main() -> None:
     from torch.utils.data import DataLoader
 
     from components.data.reader import ShardDataset, collate
-    from components.data.targets import InputConfig
+    from components.model.config import InputConfig
 
     cats = load_split(root, "train2017").categories
     print(f"\n{'reader (decode + resize + targets)':40s} {'workers':>8s} {'images/s':>9s} {'per worker':>10s}")

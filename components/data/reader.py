@@ -21,7 +21,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from components.common import storage
 from components.common.coco_panoptic import CategoryMaps
 from components.data.records import load_index
-from components.data.targets import InputConfig, record_to_sample
+from components.data.targets import record_to_sample
+from components.model.config import InputConfig
 
 DONORS = 8   # rows kept as copy-paste donors
 

@@ -13,13 +13,42 @@ from typing import Any
 
 import yaml
 
-from components.data.targets import InputConfig
-
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key and the file."""
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """How images are sized and augmented: a model config's ``input`` section (detectron2's INPUT).
+    Defaults are ``panoptic_fpn_R_50_1x``'s (no LSJ, no copy-paste). The augmentations
+    themselves are in ``augment.py``.
+
+    Args:
+        min_size_train: short sides to choose from at random (detectron2 "choice" sampling).
+        max_size_train / max_size_test: cap on the long side.
+        min_size_test: short side at test time.
+        flip_prob: horizontal flip probability (train only).
+        lsj_size: large-scale jitter to this square size instead of the shortest-edge resize
+            (0: off; detectron2's new baselines use 1024).
+        lsj_scale: the range of the jitter's scale.
+        copy_paste_prob: probability of pasting instances of another training image (0: off).
+        copy_paste_max_instances: at most this many instances pasted at once.
+        copy_paste_min_visible: an occluded instance keeping less of its area than this is dropped.
+    """
+
+    min_size_train: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
+    max_size_train: int = 1333
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    flip_prob: float = 0.5
+    lsj_size: int = 0
+    lsj_scale: tuple[float, float] = (0.1, 2.0)
+    copy_paste_prob: float = 0.0
+    copy_paste_max_instances: int = 10
+    copy_paste_min_visible: float = 0.3
 
 
 @dataclass
@@ -186,10 +215,10 @@ def from_dict(doc: dict, source: str = "<dict>") -> Config:
 
 def validate(cfg: Config, source: str) -> None:
     m, s = cfg.model, cfg.solver
-    from components.model.backbones import available
+    from components.model.backbone_names import BACKBONES
 
-    if m.backbone not in available():
-        raise ConfigError(f"{source}: model.backbone {m.backbone!r} is not one of {', '.join(available())}")
+    if m.backbone not in BACKBONES:
+        raise ConfigError(f"{source}: model.backbone {m.backbone!r} is not one of {', '.join(sorted(BACKBONES))}")
     if not isinstance(m.backbone_options, dict):
         raise ConfigError(f"{source}: model.backbone_options must be a mapping of the builder's arguments")
     if m.backbone_norm not in ("FrozenBN", "GN", "BN"):

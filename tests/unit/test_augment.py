@@ -13,7 +13,8 @@ from components.common.coco_panoptic import IGNORE_LABEL, Category, CategoryMaps
 from components.data.augment import augment, copy_paste, large_scale_jitter
 from components.data.reader import ShardDataset
 from components.data.records import load_index
-from components.data.targets import InputConfig, build_targets, decode_record
+from components.data.targets import build_targets, decode_record
+from components.model.config import InputConfig
 from tests.training import make_shards
 
 LSJ_PASTE = InputConfig(min_size_train=(96, 128), max_size_train=192, lsj_size=160, lsj_scale=(0.3, 2.0),

@@ -8,8 +8,8 @@ from torch.utils.data import DataLoader
 
 from components.common.coco_panoptic import load_split
 from components.data.reader import ShardDataset, ShardError, collate
-from components.data.targets import InputConfig
 from components.data.transforms import output_shape, resize_nearest
+from components.model.config import InputConfig
 from components.preprocess.core import PreprocessSettings, preprocess
 from components.select_subset.core import SplitSettings, select_subset
 

@@ -6,9 +6,10 @@ A builder takes the ``ModelConfig`` and returns a ``Backbone``: a module mapping
 ``fpn`` (torchvision's names, so its checkpoints load as they are), and saying whether
 ``channels_last`` memory helps it on a GPU. The meta-architecture asks for nothing else.
 
-Adding a backbone is one file here (a function decorated with ``@register_backbone``) and one
-config; ``docs/extending.md`` has the recipe. ``model.backbone_options`` passes a mapping of
-keyword arguments to the builder (the CPU-sized variants use it).
+Adding a backbone is one file here (a function decorated with ``@register_backbone``), its
+name in ``components/model/backbone_names.py`` and one config; ``docs/extending.md`` has the recipe.
+``model.backbone_options`` passes a mapping of keyword arguments to the builder (the CPU-sized
+variants use it).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import torch
 import torch.nn as nn
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
+from components.model.backbone_names import BACKBONES
+
 STRIDES = (4, 8, 16, 32, 64)
-_MODULES = ("resnet", "swin", "convnext")   # the files that register backbones
 _BUILDERS: dict[str, Callable] = {}
 
 
@@ -47,26 +49,22 @@ def register_backbone(name: str):
     def wrap(fn):
         if name in _BUILDERS:
             raise ValueError(f"backbone {name!r} is registered twice")
+        if name not in BACKBONES:
+            raise ValueError(f"backbone {name!r} is not in components/model/backbone_names.py: add it there")
         _BUILDERS[name] = fn
         return fn
     return wrap
 
 
-def _load_all() -> None:
-    for module in _MODULES:
-        importlib.import_module(f"{__name__}.{module}")
-
-
 def available() -> list[str]:
-    _load_all()
-    return sorted(_BUILDERS)
+    return sorted(BACKBONES)
 
 
 def build_backbone(m) -> Backbone:
     """The backbone a ``ModelConfig`` names."""
-    _load_all()
-    if m.backbone not in _BUILDERS:
+    if m.backbone not in BACKBONES:
         raise ValueError(f"model.backbone {m.backbone!r} is not a known backbone; known: {', '.join(available())}")
+    importlib.import_module(f"{__name__}.{BACKBONES[m.backbone]}")
     try:
         return _BUILDERS[m.backbone](m, **dict(m.backbone_options or {}))
     except TypeError as e:
