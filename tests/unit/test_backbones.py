@@ -90,10 +90,12 @@ class _TwoConvBody(nn.Module):
         return out
 
 
-def test_a_new_backbone_is_one_registered_builder(synth_root, tmp_path):
-    """No file of the model changes: the table and a config (here overrides) are enough."""
+def test_a_new_backbone_is_one_registered_builder(synth_root, tmp_path, monkeypatch):
+    """No file of the model changes: the table, a builder and a config (here overrides) are enough."""
+    from components.model.backbone_names import BACKBONES
     from components.model.backbones import _BUILDERS
 
+    monkeypatch.setitem(BACKBONES, "two_conv_test", "test_backbones")
     register_backbone("two_conv_test")(
         lambda m, **_: Backbone(_TwoConvBody(), [8] * 4, m.fpn_channels, channels_last_helps=False))
     try:

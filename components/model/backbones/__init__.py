@@ -64,7 +64,8 @@ def build_backbone(m) -> Backbone:
     """The backbone a ``ModelConfig`` names."""
     if m.backbone not in BACKBONES:
         raise ValueError(f"model.backbone {m.backbone!r} is not a known backbone; known: {', '.join(available())}")
-    importlib.import_module(f"{__name__}.{BACKBONES[m.backbone]}")
+    if m.backbone not in _BUILDERS:
+        importlib.import_module(f"{__name__}.{BACKBONES[m.backbone]}")
     try:
         return _BUILDERS[m.backbone](m, **dict(m.backbone_options or {}))
     except TypeError as e:
