@@ -9,9 +9,10 @@ data, config and code. ``score champion`` puts the champion's metrics on the cur
 validation shards beside the challenger's (re-scoring it when it was measured on others), so
 the gate compares the two on the same data.
 
-Each stage takes its settings as one mapping parameter (``subset``, ``preprocess``, ``train``,
-``evaluate``, ``register``), parsed by that stage's settings dataclass: a knob lives where its
-dataclass defines it and where the stage uses it.
+Each stage takes its settings as one mapping parameter, named as in ``pipeline/stages.py``'s
+table (``subset``, ``preprocess``, ``train``, ``evaluate``, ``register``) and parsed by that
+stage's settings dataclass: a knob lives where its dataclass defines it and where the stage
+uses it.
 """
 
 from kfp import dsl
@@ -22,7 +23,6 @@ from pipeline import components as c
 from pipeline.settings import GPU_IMAGE
 
 PIPELINE_NAME = "panoptic-fpn"
-STAGE_SETTINGS = ("subset", "preprocess", "train", "evaluate", "register")
 
 
 def _apply(task, cluster: ClusterSettings | None, gpu: bool = False, launches: bool = False):

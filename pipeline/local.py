@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 
-from pipeline.dag import STAGE_SETTINGS
+from pipeline.stages import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,10 @@ class TaskFailed(RuntimeError):
 
 def local_settings(overrides: dict | None = None) -> dict:
     """run-local's stage settings: LOCAL_SETTINGS with ``overrides`` ({stage: {key: value}}) on top."""
-    out = {stage: dict(LOCAL_SETTINGS.get(stage, {})) for stage in STAGE_SETTINGS}
+    out = {stage: dict(LOCAL_SETTINGS.get(stage, {})) for stage in STAGES}
     for stage, values in (overrides or {}).items():
         if stage not in out:
-            raise ValueError(f"{stage!r} is not a stage; stages: {', '.join(STAGE_SETTINGS)}")
+            raise ValueError(f"{stage!r} is not a stage; stages: {', '.join(STAGES)}")
         out[stage].update(values)
     return out
 

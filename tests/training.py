@@ -23,6 +23,11 @@ MICRO = {
 }
 
 
+# MICRO as train-settings overrides, without its max_iter (the settings' iterations say the length)
+MICRO_OVERRIDES = {f"{section}.{k}": v for section, values in MICRO.items() if isinstance(values, dict)
+                   for k, v in values.items() if k != "max_iter"}
+
+
 def micro_config(**sections):
     over = json.loads(json.dumps(MICRO))
     for k, v in sections.items():

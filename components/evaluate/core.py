@@ -30,32 +30,9 @@ from components.data.reader import ShardDataset, collate
 from components.data.records import load_index, samples_digest
 from components.evaluate.pq import PQStat
 from components.evaluate.report import render_report, thumbnail
+from components.evaluate.settings import PER_IMAGE_FILE, EvaluateSettings
 from components.model.artifact import load_model_and_digest
 from components.model.inference import prediction_to_coco
-
-PER_IMAGE_FILE = "per_image.csv"   # each image's PQ, in the order scored
-
-
-@dataclass(frozen=True)
-class EvaluateSettings:
-    batch_size: int = 2
-    device: str = "auto"
-    num_workers: int = 1
-    max_images: int | None = None   # the first N images only (None: all)
-    report_samples: int = 8
-    write_predictions: bool = True
-    post_workers: int = 4  # threads turning predictions into PQ counts and PNGs while inference
-    #                        runs; 0 = in the inference loop itself, one image after another
-
-    def __post_init__(self):
-        for name, low in (("batch_size", 1), ("num_workers", 0), ("report_samples", 0), ("post_workers", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"evaluate: {name} must be a whole number >= {low}, not {value!r}")
-        if self.max_images is not None and (not isinstance(self.max_images, int) or isinstance(self.max_images, bool)
-                                            or self.max_images < 1):
-            raise ValueError(f"evaluate: max_images must be a whole number >= 1 (leave it out for every image), "
-                             f"not {self.max_images!r}")
 
 
 @dataclass

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from components.common.settings import SettingsError, close_to, typed
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
@@ -200,13 +203,22 @@ def from_dict(doc: dict, source: str = "<dict>") -> Config:
             names = {f.name: f for f in dataclasses.fields(cls)}
             for k in value:
                 if k not in names:
-                    raise ConfigError(f"{source}: unknown key `{key}.{k}`; known: {', '.join(sorted(names))}")
-            conv = {k: (tuple(v) if isinstance(v, list) else v) for k, v in value.items()}
+                    raise ConfigError(f"{source}: unknown key `{key}.{k}`{close_to(k, names)}; known: "
+                                      f"{', '.join(sorted(names))}")
+            hints = typing.get_type_hints(cls)
+            try:
+                conv = {k: typed(v, hints[k], f"{source}: {key}.{k}") for k, v in value.items()}
+            except SettingsError as e:
+                raise ConfigError(str(e)) from None
             kwargs[key] = cls(**conv)
         elif key in {f.name for f in dataclasses.fields(Config)}:
-            kwargs[key] = value
+            try:
+                kwargs[key] = typed(value, typing.get_type_hints(Config)[key], f"{source}: {key}")
+            except SettingsError as e:
+                raise ConfigError(str(e)) from None
         else:
-            raise ConfigError(f"{source}: unknown top-level key `{key}`; known: name, seed, log_period, "
+            hint = close_to(key, [*SECTIONS, "name", "seed", "log_period"])
+            raise ConfigError(f"{source}: unknown top-level key `{key}`{hint}; known: name, seed, log_period, "
                               f"{', '.join(SECTIONS)}")
     cfg = Config(**kwargs)
     validate(cfg, source)
@@ -243,13 +255,61 @@ def builtin_configs() -> list[str]:
 
 def load_config(name_or_path: str, overrides: dict | None = None) -> Config:
     """A built-in config by name (``r50_1x``, ``r50_3x``, ``r101_3x``, ``tiny``) or a YAML (or JSON)
-    file path or URI."""
+    file path or URI, with ``overrides`` (nested, or dotted keys: ``{"solver.base_lr": 0.01}``).
+
+    The run's length has one meaning: a ``solver.max_iter`` override scales the schedule with it
+    (``with_length``: LR steps, warmup, checkpoint period), unless the same overrides set those
+    too. (detectron2's MAX_ITER alone would leave r50_1x's 60k/80k steps beyond a short run.)"""
     path = name_or_path if name_or_path.endswith((".yaml", ".yml", ".json")) else \
         os.path.join(CONFIG_DIR, f"{name_or_path}.yaml")
     doc = _read_yaml(path)
-    if overrides:
-        doc = _merge(doc, overrides)
-    return from_dict(doc, path)
+    over = nested(overrides or {})
+    length = over.get("solver", {}).get("max_iter") if isinstance(over.get("solver"), dict) else None
+    if length is not None:
+        over["solver"] = {k: v for k, v in over["solver"].items() if k != "max_iter"}
+    cfg = from_dict(_merge(doc, over) if over else doc, path)
+    if length is None:
+        return cfg
+    explicit = set(over.get("solver", {})) & {"steps", "warmup_iters", "checkpoint_period"}
+    try:
+        length = typed(length, int, f"{path}: solver.max_iter")
+    except SettingsError as e:
+        raise ConfigError(str(e)) from None
+    scaled = with_length(cfg, length)
+    keep = {k: getattr(cfg.solver, k) for k in explicit}
+    cfg = dataclasses.replace(scaled, solver=dataclasses.replace(scaled.solver, **keep))
+    validate(cfg, path)
+    return cfg
+
+
+def with_length(cfg: Config, iterations: int) -> Config:
+    """``cfg`` run for ``iterations`` instead of its ``max_iter``: the LR steps scale by the same
+    factor, the warmup keeps its length up to a tenth of the run, the checkpoint period is at
+    most the run."""
+    if iterations < 1:
+        raise ConfigError(f"solver.max_iter must be >= 1, not {iterations}")
+    s = cfg.solver
+    if iterations == s.max_iter:
+        return cfg
+    f = iterations / s.max_iter
+    solver = dataclasses.replace(s, max_iter=iterations, steps=tuple(max(1, round(x * f)) for x in s.steps),
+                                 warmup_iters=min(s.warmup_iters, max(1, iterations // 10)),
+                                 checkpoint_period=min(s.checkpoint_period, iterations))
+    return dataclasses.replace(cfg, solver=solver)
+
+
+def nested(overrides: dict) -> dict:
+    """Dotted keys (``{"solver.base_lr": 0.01}``) as nested mappings; nested ones stay."""
+    out: dict = {}
+    for key, value in overrides.items():
+        node = out
+        parts = str(key).split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {p} is not a section")
+        node[parts[-1]] = _merge(node.get(parts[-1], {}), value) if isinstance(value, dict) else value
+    return out
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from components.model.config import Config, load_config, parse_overrides
+from components.model.config import Config, load_config, nested
 
 INITS = ("config", "scratch", "imagenet", "champion")
 LAUNCHERS = ("pytorchjob", "trainjob")
@@ -23,9 +23,11 @@ IMAGENET = {"resnet18": "torchvision:resnet18_imagenet", "resnet50": "torchvisio
 class TrainSettings:
     """Args:
         config: a built-in config (``r50_1x``, ``r50_3x``, ``r101_3x``, ``tiny``) or a YAML path/URI.
-        iterations: train this many iterations instead of the config's ``max_iter``; the LR steps,
-            warmup and checkpoint period scale with it (0: the config's schedule).
-        overrides: ``section.key=value`` items applied to the config.
+        iterations: the run's length: this many iterations instead of the config's ``max_iter``, the
+            LR steps, warmup and checkpoint period scaled with it (0: the config's schedule). The
+            same as overriding ``solver.max_iter``: the run's length has that one meaning.
+        overrides: config keys and values applied to the config, ``{"solver.base_lr": 0.01}``
+            (``--set train.solver.base_lr=0.01`` on the command line).
         init: initial weights: ``config`` (the config's ``model.weights``), ``scratch`` (none),
             ``imagenet`` (torchvision's ImageNet backbone), ``champion`` (the registered
             champion, when there is one: fine-tuning), or a weights URI (``models:/...``,
@@ -44,7 +46,7 @@ class TrainSettings:
 
     config: str = "r50_1x"
     iterations: int = 0
-    overrides: tuple = ()
+    overrides: dict = field(default_factory=dict)
     init: str = "config"
     nodes: int = 1
     gpus_per_node: int = 1
@@ -57,8 +59,12 @@ class TrainSettings:
     sweep: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if isinstance(self.overrides, str):  # "a=1;b=2", the CLI's and the old DAG parameter's form
-            object.__setattr__(self, "overrides", tuple(o.strip() for o in self.overrides.split(";") if o.strip()))
+        if not all(isinstance(k, str) for k in self.overrides):
+            raise ValueError("overrides maps config keys (section.key) to values")
+        length = nested(self.overrides).get("solver", {}).get("max_iter")
+        if length is not None and self.iterations and length != self.iterations:
+            raise ValueError(f"iterations {self.iterations} and solver.max_iter {length} disagree: the run's length is "
+                             f"one setting, use iterations")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"launcher must be one of {', '.join(LAUNCHERS)}, not {self.launcher!r}")
         if self.nodes < 1 or self.gpus_per_node < 0 or self.iterations < 0:
@@ -71,17 +77,6 @@ class TrainSettings:
         from components.train.sweep import SweepSettings
 
         return parse_settings(SweepSettings, dict(self.sweep), "train.sweep")
-
-
-def scale_schedule(cfg: Config, iterations: int) -> Config:
-    """Run ``iterations`` instead of ``max_iter``: the LR steps scale by the same factor; the
-    warmup keeps its length up to a tenth of the run; the checkpoint period is at most the run."""
-    f = iterations / cfg.solver.max_iter
-    solver = dataclasses.replace(cfg.solver, max_iter=iterations,
-                                 steps=tuple(max(1, round(s * f)) for s in cfg.solver.steps),
-                                 warmup_iters=min(cfg.solver.warmup_iters, max(1, iterations // 10)),
-                                 checkpoint_period=min(cfg.solver.checkpoint_period, iterations))
-    return dataclasses.replace(cfg, solver=solver)
 
 
 def init_weights(settings: TrainSettings, cfg: Config, champion_uri: str | None) -> str:
@@ -103,9 +98,10 @@ def init_weights(settings: TrainSettings, cfg: Config, champion_uri: str | None)
 def resolve_config(settings: TrainSettings, champion_uri: str | None = None) -> Config:
     """The training config that every launcher runs: config + overrides, the schedule scaled to
     ``iterations``, ``model.weights`` from ``init``."""
-    cfg = load_config(settings.config, parse_overrides(list(settings.overrides)))
-    if settings.iterations and settings.iterations != cfg.solver.max_iter:
-        cfg = scale_schedule(cfg, settings.iterations)
+    overrides = dict(settings.overrides)
+    if settings.iterations:
+        overrides["solver.max_iter"] = settings.iterations   # load_config scales the schedule with it
+    cfg = load_config(settings.config, overrides)
     model = dataclasses.replace(cfg.model, weights=init_weights(settings, cfg, champion_uri))
     return dataclasses.replace(cfg, model=model)
 

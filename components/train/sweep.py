@@ -110,8 +110,8 @@ def plan_trials(s: SweepSettings) -> list[dict]:
 def trial_settings(train, assignment: dict):
     """The train settings of one trial: ``config``/``iterations`` replaced, config keys as overrides."""
     direct = {k: v for k, v in assignment.items() if k in TRAIN_KEYS}
-    overrides = [f"{k}={json.dumps(v)}" for k, v in sorted(assignment.items()) if k not in TRAIN_KEYS]
-    return dataclasses.replace(train, **direct, overrides=tuple(train.overrides) + tuple(overrides), sweep={})
+    overrides = {k: v for k, v in sorted(assignment.items()) if k not in TRAIN_KEYS}
+    return dataclasses.replace(train, **direct, overrides={**train.overrides, **overrides}, sweep={})
 
 
 @dataclass

@@ -5,7 +5,6 @@ registers a champion, the next ends with "nothing new"; a task whose container f
 run, also when it is gone before kfp asks for its exit code."""
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import time
 import pytest
 
 from components.synthetic.generator import SynthSettings, generate
-from tests.e2e.test_pipeline_local import OVERRIDES
+from tests.e2e.test_pipeline_local import OVERRIDE_SETS
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +33,7 @@ def _tree_digest(root: str) -> str:
 def _run_local(data, root, env, *extra):
     cli = [os.path.join(os.path.dirname(sys.executable), "panoptic"), "pipeline", "run-local", "--runner", "docker",
            "--data", data, "--root", root, "--set", "train.config=tiny", "--set", "train.iterations=4",
-           "--set", f"train.overrides={json.dumps(OVERRIDES)}", "--set", "preprocess.shard_images=4", *extra]
+           *OVERRIDE_SETS, "--set", "preprocess.shard_images=4", *extra]
     return subprocess.run(cli, env=env, capture_output=True, text=True, timeout=1500)
 
 

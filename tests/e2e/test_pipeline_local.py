@@ -12,8 +12,10 @@ import pytest
 from components.synthetic.generator import SynthSettings, generate
 from pipeline.local import run_local
 
-OVERRIDES = ["input.min_size_train=[128]", "input.max_size_train=192", "input.min_size_test=128",
-             "input.max_size_test=192", "solver.ims_per_batch=2", "data.num_workers=0"]
+OVERRIDES = {"input.min_size_train": [128], "input.max_size_train": 192, "input.min_size_test": 128,
+             "input.max_size_test": 192, "solver.ims_per_batch": 2, "data.num_workers": 0}
+# the same, as a user types them: one --set train.SECTION.KEY=VALUE each
+OVERRIDE_SETS = [a for k, v in OVERRIDES.items() for a in ("--set", f"train.{k}={json.dumps(v)}")]
 
 
 @pytest.mark.slow
@@ -26,7 +28,7 @@ def test_local_pipeline_registers_a_champion_skips_nothing_new_and_gates_the_nex
     # the first run as a user runs it, its output going to a file (a pipe): plain lines only
     cli = [os.path.join(os.path.dirname(sys.executable), "panoptic"), "pipeline", "run-local", "--data",
            str(tmp_path / "coco"), "--root", kw["root"], "--set", "train.config=tiny", "--set", "train.iterations=4",
-           "--set", f"train.overrides={json.dumps(OVERRIDES)}", "--set", "preprocess.shard_images=4"]
+           *OVERRIDE_SETS, "--set", "preprocess.shard_images=4"]
     out = subprocess.run(cli, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

@@ -24,8 +24,9 @@ from pipeline.steps import (
     step_subset,
     step_train,
 )
-from tests.integration.test_retraining import EVAL, MICRO_OVERRIDES
+from tests.integration.test_retraining import EVAL
 from tests.servers import mlflow_server, moto_s3, postgres_database
+from tests.training import MICRO_OVERRIDES
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,6 @@ mapping for s3, minio and gs)."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pyarrow.fs as pafs
@@ -25,14 +24,12 @@ from pipeline import components as c
 from pipeline.steps import step_evaluate, step_register, step_subset
 from tests.k8s_standin import DockerOperator, KubeStandIn, kubeconfig
 from tests.servers import mlflow_server, moto_s3, postgres_database
-from tests.training import MICRO, make_shards
+from tests.training import MICRO_OVERRIDES, make_shards
 
 pytestmark = pytest.mark.integration
 
 NS = "team-a"
 TASK_POD = "panoptic-fpn-x7k2-system-container-impl-train"
-MICRO_OVERRIDES = [f"{section}.{k}={json.dumps(v)}" for section, values in MICRO.items() if isinstance(values, dict)
-                   for k, v in values.items()]
 
 
 def launched(cls, uri: str, mount: str):

@@ -26,12 +26,10 @@ from pipeline.steps import (
     step_train,
 )
 from tests.servers import faulty_proxy, mlflow_server, moto_s3, postgres_database
-from tests.training import MICRO, make_shards, micro_config
+from tests.training import MICRO_OVERRIDES, make_shards, micro_config
 
 pytestmark = pytest.mark.integration
 
-MICRO_OVERRIDES = [f"{section}.{k}={json.dumps(v)}" for section, values in MICRO.items() if isinstance(values, dict)
-                   for k, v in values.items()]
 EVAL = {"report_samples": 1, "batch_size": 2, "num_workers": 0}
 
 
@@ -143,7 +141,7 @@ def test_warm_start_from_the_champion_loads_its_weights(server, data, tmp_path, 
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
     champion = MlflowClient(server).get_model_version_by_alias("panoptic-fpn", "champion")
-    settings = {"config": "tiny", "init": "champion", "overrides": MICRO_OVERRIDES + ["solver.base_lr=0.0"],
+    settings = {"config": "tiny", "init": "champion", "overrides": {**MICRO_OVERRIDES, "solver.base_lr": 0.0},
                 "iterations": 1}
     model_uri = step_train(train_shards=data["train"], model_out=str(tmp_path / "warm"), settings=settings,
                            mlflow_uri=server)

@@ -11,7 +11,7 @@ import pytest
 
 from components.register.compare import compare_runs, history
 from pipeline.steps import step_preprocess, step_subset, step_train
-from tests.integration.test_retraining import MICRO_OVERRIDES
+from tests.training import MICRO_OVERRIDES
 
 pytestmark = pytest.mark.integration
 

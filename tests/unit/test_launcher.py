@@ -55,7 +55,7 @@ def _launch(kind, shards, tmp_path, monkeypatch):
     out = tmp_path / "model"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     settings = {"config": "r50_1x", "iterations": 1000, "nodes": 2, "gpus_per_node": 8, "launcher": kind,
-                "overrides": ["solver.amp=bf16"], "namespace": "team-a"}
+                "overrides": {"solver.amp": "bf16"}, "namespace": "team-a"}
     monkeypatch.setattr("components.train.launcher.POLL_S", 0.0)
     with standin:
         monkeypatch.setenv("KUBECONFIG", kubeconfig(str(tmp_path / "kubeconfig"), standin.url))
@@ -72,7 +72,7 @@ def _config_read_by_pods(command: list[str]):
 def test_jobs_train_the_single_node_schedule_and_carry_env_secrets_and_the_mlflow_run(kind, shards, tmp_path,
                                                                                       monkeypatch):
     job, out, uri = _launch(kind, shards, tmp_path, monkeypatch)
-    single = resolve_config(TrainSettings(config="r50_1x", iterations=1000, overrides=("solver.amp=bf16",)))
+    single = resolve_config(TrainSettings(config="r50_1x", iterations=1000, overrides={"solver.amp": "bf16"}))
     assert single.solver.max_iter == 1000 and single.solver.steps == (667, 889) and single.solver.warmup_iters == 100
     if kind == "pytorchjob":
         pods = [r["template"]["spec"] for r in job["spec"]["pytorchReplicaSpecs"].values()]

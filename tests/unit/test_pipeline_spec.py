@@ -81,8 +81,8 @@ def test_submit_and_schedule_send_the_spec_cron_and_experiment(tmp_path):
     runner = CliRunner()
     with KfpStandIn() as kfp:
         r = runner.invoke(pipeline, ["submit", "--host", kfp.url, "--experiment", "nightly", "--package", package,
-                                     "--param", "data_uri=s3://coco/panoptic", "--param", "train.iterations=90000",
-                                     "--param", 'subset={"size": 20000}', "--param", "force=true", "--run-name", "r1",
+                                     "--set", "data_uri=s3://coco/panoptic", "--set", "train.iterations=90000",
+                                     "--set", 'subset={"size": 20000}', "--set", "force=true", "--run-name", "r1",
                                      "--service-account", "panoptic-pipeline"])
         assert r.exit_code == 0, r.output
         run = next(q for q in kfp.requests if q["method"] == "POST" and q["path"].endswith("/runs"))
@@ -99,7 +99,7 @@ def test_submit_and_schedule_send_the_spec_cron_and_experiment(tmp_path):
         assert exp["body"]["display_name"] == "nightly" and run["body"]["experiment_id"]
 
         r = runner.invoke(pipeline, ["schedule", "--host", kfp.url, "--cron", "0 3 * * 0", "--experiment", "nightly",
-                                     "--package", package, "--param", "data_uri=s3://coco/panoptic",
+                                     "--package", package, "--set", "data_uri=s3://coco/panoptic",
                                      "--service-account", "panoptic-pipeline"])
         assert r.exit_code == 0, r.output
         rec = next(q for q in kfp.requests if q["path"].endswith("/recurringruns"))["body"]
@@ -118,16 +118,22 @@ def test_cron_fields():
 
 def test_stage_settings_as_parameters():
     assert pipeline_arguments(("train.config=r50_3x", "train.iterations=100", "train={\"nodes\": 2}",
-                               "data_uri=s3://x")) == {"train": {"config": "r50_3x", "iterations": 100, "nodes": 2},
-                                                       "data_uri": "s3://x"}
+                               "data_uri=s3://x", "train.solver.base_lr=0.01")) == {
+        "train": {"config": "r50_3x", "iterations": 100, "nodes": 2, "overrides": {"solver.base_lr": 0.01}},
+        "data_uri": "s3://x"}
     import click
 
-    with pytest.raises(click.BadParameter, match="'trian' is not a stage"):
-        pipeline_arguments(("trian.iterations=1",))
-    with pytest.raises(click.BadParameter, match="train takes a JSON mapping"):
-        pipeline_arguments(("train=5",))
-    with pytest.raises(click.BadParameter, match="no pipeline parameter 'iterations'.*train.iterations"):
-        pipeline_arguments(("iterations=5",))
+    for items, message in ((("trian.iterations=1",), r"'trian' is not a stage \(did you mean train\?\)"),
+                           (("train=5",), "train takes a mapping"),
+                           (("iterations=5",), r"did you mean train.iterations\?"),
+                           (("train.iteratoins=5",), r"no setting 'iteratoins' \(did you mean iterations\?\)"),
+                           (("train.iterations=fifty",), "iterations must be a whole number, not 'fifty'"),
+                           (("train.solver.base_rl=0.1",), r"unknown key `solver.base_rl` \(did you mean base_lr\?\)"),
+                           (("train.solver.base_lr=high",), "solver.base_lr must be a number"),
+                           (("register.margin=.nan",), "margin must be a finite number"),
+                           (("train.iterations=10", "train.solver.max_iter=20"), "the run's length is one setting")):
+        with pytest.raises(click.BadParameter, match=message):
+            pipeline_arguments(items)
 
 
 def test_submit_to_multi_user_kubeflow_with_namespace_and_token(tmp_path):
@@ -137,7 +143,7 @@ def test_submit_to_multi_user_kubeflow_with_namespace_and_token(tmp_path):
     runner = CliRunner()
     with KfpStandIn(token="s3cr3t-token", namespace="team-a") as kfp:
         r = runner.invoke(pipeline, ["submit", "--host", kfp.url, "--package", package, "--namespace", "team-a",
-                                     "--token-file", str(token), "--param", "data_uri=s3://coco/panoptic"])
+                                     "--token-file", str(token), "--set", "data_uri=s3://coco/panoptic"])
         assert r.exit_code == 0, r.output
         assert all(q["authorization"] == "Bearer s3cr3t-token" for q in kfp.requests)
         exp = next(q for q in kfp.requests if q["method"] == "POST" and q["path"].endswith("/experiments"))

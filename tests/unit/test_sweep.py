@@ -24,7 +24,7 @@ from components.train.sweep import (
     render_katib_experiment,
     trial_settings,
 )
-from tests.training import MICRO, make_shards
+from tests.training import MICRO_OVERRIDES, make_shards
 from tests.unit.test_infra import K8S_VERSION
 
 KATIB = json.load(open(os.path.join(os.path.dirname(__file__), "..", "fixtures", "katib", "experiment_v1beta1.json")))
@@ -74,11 +74,11 @@ def test_bad_search_spaces_are_refused_with_the_reason(bad, message):
 
 
 def test_a_trial_is_the_base_settings_with_its_assignment():
-    base = TrainSettings(config="tiny", iterations=300, overrides=("solver.ims_per_batch=2",), sweep={"trials": 1,
+    base = TrainSettings(config="tiny", iterations=300, overrides={"solver.ims_per_batch": 2}, sweep={"trials": 1,
                                                                                                        "space": SPACE})
     t = trial_settings(base, {"config": "convnext_t_tiny", "iterations": 80, "solver.base_lr": 0.02})
     assert (t.config, t.iterations, t.sweep) == ("convnext_t_tiny", 80, {})
-    assert t.overrides == ("solver.ims_per_batch=2", "solver.base_lr=0.02")
+    assert t.overrides == {"solver.ims_per_batch": 2, "solver.base_lr": 0.02}
 
 
 def test_the_best_trial_maximises_the_objective_and_ties_go_to_the_first():
@@ -182,11 +182,9 @@ def test_the_trial_command_runs_as_katib_would_run_it(synth_root, tmp_path):
     lines from stdout: do the same with local shards, and train + evaluate for real."""
     train_shards = make_shards(synth_root, str(tmp_path / "train"), size=4)
     val_shards = make_shards(synth_root, str(tmp_path / "val"), split="val2017", size=2)
-    micro = [f"{section}.{k}={json.dumps(v)}" for section, values in MICRO.items() if isinstance(values, dict)
-             for k, v in values.items()]
     sweep = SweepSettings(trials=2, space={"iterations": [2, 3], "solver.base_lr": {"min": 0.001, "max": 0.01}},
                           backend="katib")
-    exp = render_katib_experiment("s", sweep, TrainSettings(config="tiny", overrides=tuple(micro), device="cpu"),
+    exp = render_katib_experiment("s", sweep, TrainSettings(config="tiny", overrides=MICRO_OVERRIDES, device="cpu"),
                                   image="x", train_shards=train_shards, val_shards=val_shards,
                                   output=str(tmp_path / "model"))
     command = exp["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]["containers"][0]["command"]
