@@ -8,7 +8,6 @@ through ``components.common.tracking``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -20,8 +19,6 @@ from components.common.tracking import CHAMPION, get_alias, log_parent, shard_ha
 
 log = logging.getLogger(__name__)
 
-LINEAGE_FILE = "lineage.json"   # written next to model.pt by the train step, read by register
-TRAIN_CONFIG_FILE = "train_config.json"
 
 
 def _flat(prefix: str, d: dict) -> dict:
@@ -165,149 +162,68 @@ def step_preprocess(*, train_manifest: str, val_manifest: str, train_out: str, v
 def step_train(*, train_shards: str, model_out: str, settings=None, cluster=None, register=None,
                run_id: str = "", mlflow_uri: str = "", val_shards: str = "", train_shards_uri: str = "",
                val_shards_uri: str = "", model_uri: str = "") -> str:
-    """Train on one node (in this process, or torchrun over its GPUs) or as a multi-node job
-    (PyTorchJob or TrainJob). All of them train the one resolved config, written next to the
-    model as ``train_config.json``; ``lineage.json`` records what the model was made from.
-    With ``train.sweep``, the trials (on ``val_shards``) run instead and the best one's model
-    is the output. Returns the model.pt URI.
-
-    ``train_shards`` / ``val_shards`` / ``model_out`` are this task's local paths (KFP's
-    ``.path``); ``*_uri`` are the same artifacts' store URIs (``.uri``, default: the paths), the
-    only addresses a launched pod can reach. Checkpoints go beside the model artifact, not in it
-    (``<model uri>/../checkpoints``, or ``train.checkpoint_uri``)."""
+    """The train stage (``components/train/stage.py`` decides; this logs): one config trained here,
+    with torchrun over this node's GPUs, or as a PyTorchJob / TrainJob; with ``train.sweep``, the
+    trials (ranked on ``val_shards``) and the best one's model. Returns the Model artifact's
+    model.pt URI. ``*_uri``: the artifacts' store URIs (KFP's ``.uri``), which launched pods get;
+    the paths are this task's local copies."""
     setup_logging()
-    from components.common.cluster import ClusterSettings, uri_for_pods
-    from components.common.tracking import code_version, data_fingerprint, resolve_model_uri
-    from components.data.records import load_index
     from components.register.core import RegisterSettings
-    from components.train.settings import TrainSettings, resolve_config, settings_fingerprint
+    from components.train import stage
+    from components.train.settings import TrainSettings
 
     ts = parse_settings(TrainSettings, settings, "train settings")
     name = parse_settings(RegisterSettings, register, "register settings").name
-    champion_uri = parent = None
-    if ts.init == "champion" and get_alias(name, CHAMPION, mlflow_uri or None) is not None:
-        champion_uri, parent = resolve_model_uri(f"models:/{name}@{CHAMPION}", mlflow_uri or None)
-    cfg = resolve_config(ts, champion_uri)
-    if cfg.model.weights.startswith("models:/") and parent is None:  # a URI naming an alias: pin its version
-        weights, parent = resolve_model_uri(cfg.model.weights, mlflow_uri or None)
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=weights))
-    output = uri_for_pods(ts.checkpoint_uri or storage.join(storage.dirname(model_uri or model_out), "checkpoints"))
-    shards_for_pods = uri_for_pods(train_shards_uri or train_shards)
-    index = load_index(train_shards)
-    # what decide compares: the base settings (and the search), not the trial that won
-    fingerprint = data_fingerprint(index.get("source_manifest_hash", ""), settings_fingerprint(ts, cfg))
-    if ts.sweep:
-        return _sweep(ts, cfg, train_shards, val_shards, model_out, output, index, fingerprint, parent, cluster,
-                      run_id, mlflow_uri, pods=(shards_for_pods, uri_for_pods(val_shards_uri or val_shards)))
-    config_uri = storage.join(output, TRAIN_CONFIG_FILE)
-    storage.write_text(config_uri, json.dumps(cfg.to_dict(), indent=1, default=list))
-    lineage = {"train_manifest_hash": index.get("source_manifest_hash", ""), "train_shards_hash": shard_hash(index),
-               "data_fingerprint": fingerprint, "config": cfg.name, "code_version": code_version(),
-               "parent_model_version": parent or "", "init": ts.init}
+    plan = stage.plan(ts, register_name=name, train_shards=train_shards, model_out=model_out,
+                      train_shards_uri=train_shards_uri, model_uri=model_uri, mlflow_uri=mlflow_uri or None)
+    log.info("train: %s, %d iterations at batch %d, %s (%s)%s", plan.cfg.name, plan.cfg.solver.max_iter,
+             plan.cfg.solver.ims_per_batch, stage.launcher(plan), ts.init,
+             f", weights of {plan.parent}" if plan.parent else "")
     with stage_run("train", run_id or None, mlflow_uri or None, system_metrics=True) as ml:
-        _log_data(ml, index, train_shards, "training")
-        ml.log_params({k: v for k, v in _flat("", cfg.to_dict()).items() if len(str(v)) < 500})
-        ml.log_params({"init": ts.init, "nodes": ts.nodes, "gpus_per_node": ts.gpus_per_node})
-        ml.set_tags({f"lineage.{k}": v for k, v in lineage.items()})
-        log_parent(run_id or None, params={"config": cfg.name, "iterations": cfg.solver.max_iter,
-                                           "batch": cfg.solver.ims_per_batch, "nodes": ts.nodes, "init": ts.init},
-                   tags={"lineage.parent_model_version": parent or ""}, uri=mlflow_uri or None)
-        stage_run_id = ml.active_run().info.run_id
-        if ts.nodes > 1:
-            from components.train.launcher import JobSpec, job_name, render_pytorchjob, render_trainjob, run_job
-
-            cs = parse_settings(ClusterSettings, cluster, "cluster settings")
-            spec = JobSpec(name=job_name(), image=ts.image or cs.gpu_image, nodes=ts.nodes,
-                           gpus_per_node=ts.gpus_per_node, shards=shards_for_pods, output=output, config_uri=config_uri,
-                           env={"MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_RUN_ID": stage_run_id} if mlflow_uri else {},
-                           cluster=cs, namespace=ts.namespace or None, runtime=ts.runtime)
-            run_job(render_pytorchjob(spec) if ts.launcher == "pytorchjob" else render_trainjob(spec))
-        elif ts.gpus_per_node > 1:
-            _torchrun_here(ts.gpus_per_node, train_shards, output, config_uri, mlflow_uri, stage_run_id)
+        _log_data(ml, plan.index, train_shards, "training")
+        env = {"MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_RUN_ID": ml.active_run().info.run_id} if mlflow_uri else {}
+        if ts.sweep:
+            sweep = ts.sweep_settings()
+            ml.log_params({"sweep.trials": sweep.trials, "sweep.algorithm": sweep.algorithm,
+                           "sweep.backend": sweep.backend, "sweep.objective": sweep.objective,
+                           "sweep.space": json.dumps(sweep.space, sort_keys=True), "config": plan.cfg.name,
+                           "init": ts.init})
+            model, cfg, assignment, metrics = stage.search(
+                plan, train_shards=train_shards, val_shards=val_shards, val_shards_uri=val_shards_uri,
+                cluster=cluster, evaluate_fn=evaluate_trial, ml=ml,
+                env={"MLFLOW_TRACKING_URI": mlflow_uri} if mlflow_uri else {})
+            out, lineage = stage.finish(plan, model, model_out, cfg, sweep_best=json.dumps(assignment, sort_keys=True),
+                                        **{f"sweep_best_{sweep.objective}": f"{metrics[sweep.objective]:.6f}"})
+            log.info("sweep: best trial %s (%s %.4f)", lineage["sweep_best"], sweep.objective,
+                     metrics[sweep.objective])
+            parent = {"tags": {"sweep.best": lineage["sweep_best"]}, "params": {"sweep.trials": sweep.trials}}
         else:
-            from components.train.trainer import train
+            cfg = plan.cfg
+            ml.log_params({k: v for k, v in _flat("", cfg.to_dict()).items() if len(str(v)) < 500})
+            ml.log_params({"init": ts.init, "nodes": ts.nodes, "gpus_per_node": ts.gpus_per_node})
 
             def log_metrics(metrics, step):
                 ml.log_metrics({f"train/{k}": float(v) for k, v in metrics.items() if k != "iter"}, step=step)
 
-            train(cfg, train_shards, output, device=ts.device, progress=False, log_fn=log_metrics)
-        model_uri = storage.join(output, "model.pt")
-        if output != model_out:
-            storage.write_bytes(storage.join(model_out, "model.pt"), storage.read_bytes(model_uri))
-        storage.write_text(storage.join(model_out, LINEAGE_FILE), json.dumps(lineage, indent=1))
-        storage.write_text(storage.join(model_out, TRAIN_CONFIG_FILE), storage.read_text(config_uri))
-        if storage.exists(storage.join(output, "train_metrics.json")):
-            _log_file(ml, storage.join(output, "train_metrics.json"), "train")
-        _log_file(ml, config_uri, "train")
-    return storage.join(model_out, "model.pt")
-
-
-def _sweep(ts, cfg, train_shards: str, val_shards: str, model_out: str, output: str, index: dict, fingerprint: str,
-           parent, cluster, run_id: str, mlflow_uri: str, pods: tuple[str, str]) -> str:
-    """The train stage as a search: trials here (local) or a Katib Experiment (katib); the best
-    trial's model, config and lineage become the stage's output. ``pods``: the train and val
-    shards' URIs as Katib's trial pods reach them."""
-    from components.common.cluster import ClusterSettings
-    from components.common.tracking import code_version
-    from components.train.settings import resolve_config
-    from components.train.sweep import katib_best, render_katib_experiment, trial_settings
-    from pipeline.sweep import run_local_sweep
-
-    if not val_shards:
-        raise ValueError("train.sweep needs the validation shards to rank its trials (val_shards)")
-    sweep = ts.sweep_settings()
-    trials_out = storage.join(output, "trials")
-    with stage_run("train", run_id or None, mlflow_uri or None, system_metrics=True) as ml:
-        _log_data(ml, index, train_shards, "training")
-        ml.log_params({"sweep.trials": sweep.trials, "sweep.algorithm": sweep.algorithm, "sweep.backend": sweep.backend,
-                       "sweep.objective": sweep.objective, "sweep.space": json.dumps(sweep.space, sort_keys=True),
-                       "config": cfg.name, "init": ts.init})
-        if sweep.backend == "local":
-            best, trials = run_local_sweep(ts, sweep, train_shards, val_shards, trials_out, ml=ml, device=ts.device)
-            assignment, best_model, best_metrics = best.assignment, best.model_uri, best.metrics
-        else:
-            from components.train.launcher import job_name, run_job
-
-            cs = parse_settings(ClusterSettings, cluster, "cluster settings")
-            experiment = render_katib_experiment(
-                job_name("panoptic-sweep"), sweep, ts, image=ts.image or cs.gpu_image, train_shards=pods[0],
-                val_shards=pods[1], output=output, namespace=ts.namespace or None, cluster=cs,
-                gpus=ts.gpus_per_node, env={"MLFLOW_TRACKING_URI": mlflow_uri} if mlflow_uri else {})
-            status = run_job(experiment)
-            name, assignment, best_metrics = katib_best({"metadata": experiment["metadata"], "status": status}, sweep)
-            best_model = storage.join(trials_out, name, "model.pt")
-            ml.set_tags({"sweep.katib_experiment": experiment["metadata"]["name"], "sweep.best_trial": name})
-        best_cfg = resolve_config(trial_settings(ts, assignment))
-        storage.write_text(storage.join(model_out, TRAIN_CONFIG_FILE), json.dumps(best_cfg.to_dict(), indent=1,
-                                                                                  default=list))
-        if best_model != storage.join(model_out, "model.pt"):
-            storage.write_bytes(storage.join(model_out, "model.pt"), storage.read_bytes(best_model))
-        lineage = {"train_manifest_hash": index.get("source_manifest_hash", ""),
-                   "train_shards_hash": shard_hash(index), "data_fingerprint": fingerprint, "config": best_cfg.name,
-                   "code_version": code_version(), "parent_model_version": parent or "", "init": ts.init,
-                   "sweep_best": json.dumps(assignment, sort_keys=True),
-                   f"sweep_best_{sweep.objective}": f"{best_metrics[sweep.objective]:.6f}"}
-        storage.write_text(storage.join(model_out, LINEAGE_FILE), json.dumps(lineage, indent=1))
+            model = stage.train_model(plan, train_shards=train_shards, cluster=cluster, env=env, log_fn=log_metrics)
+            out, lineage = stage.finish(plan, model, model_out)
+            if storage.exists(storage.join(plan.output, "train_metrics.json")):
+                _log_file(ml, storage.join(plan.output, "train_metrics.json"), "train")
+            parent = {"tags": {}, "params": {"nodes": ts.nodes}}
         ml.set_tags({f"lineage.{k}": v for k, v in lineage.items()})
-        _log_file(ml, storage.join(model_out, TRAIN_CONFIG_FILE), "train")
-    log_parent(run_id or None, params={"config": best_cfg.name, "iterations": best_cfg.solver.max_iter,
-                                       "batch": best_cfg.solver.ims_per_batch, "init": ts.init,
-                                       "sweep.trials": sweep.trials},
-               tags={"sweep.best": json.dumps(assignment, sort_keys=True)}, uri=mlflow_uri or None)
-    log.info("sweep: best trial %s (%s %.4f)", json.dumps(assignment, sort_keys=True), sweep.objective,
-             best_metrics[sweep.objective])
-    return storage.join(model_out, "model.pt")
+        _log_file(ml, storage.join(model_out, stage.CONFIG_FILE), "train")
+    log_parent(run_id or None, params={"config": cfg.name, "iterations": cfg.solver.max_iter,
+                                       "batch": cfg.solver.ims_per_batch, "init": ts.init, **parent["params"]},
+               tags={"lineage.parent_model_version": plan.parent, **parent["tags"]}, uri=mlflow_uri or None)
+    return out
 
 
-def _torchrun_here(gpus: int, shards: str, output: str, config_uri: str, mlflow_uri: str, stage_run_id: str) -> None:
-    """One node, several GPUs: the multi-node jobs' command, as one torchrun here."""
-    import subprocess
-    import sys
+def evaluate_trial(model_uri: str, val_shards: str, out: str) -> dict:
+    """A sweep trial's score: the evaluate stage on the validation shards, without a report."""
+    from components.evaluate.core import evaluate
+    from components.evaluate.settings import EvaluateSettings
 
-    env = {**os.environ, **({"MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_RUN_ID": stage_run_id} if mlflow_uri else {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m",
-           "components.train", "--shards", shards, "--output", output, "--config", config_uri, "--quiet"]
-    subprocess.run(cmd, env=env, check=True)
+    return evaluate(model_uri, val_shards, out, EvaluateSettings(report_samples=0), progress=False).metrics
 
 
 def step_evaluate(*, model_uri: str, val_shards: str, out: str, settings=None, run_id: str = "",
@@ -391,6 +307,8 @@ def step_register(*, model_uri: str, eval_dir: str, champion_dir: str = "", sett
     if champion_dir and storage.exists(storage.join(champion_dir, "champion.json")):
         doc = storage.read_json(storage.join(champion_dir, "champion.json"), "champion")
         champion_eval = doc.get("metrics") if isinstance(doc, dict) else None
+    from components.train.stage import LINEAGE_FILE
+
     lineage_uri = storage.join(storage.dirname(model_uri), LINEAGE_FILE)
     lineage = storage.read_json(lineage_uri, "lineage") if storage.exists(lineage_uri) else {}
     if not isinstance(lineage, dict) or not all(isinstance(v, (str, int, float)) for v in lineage.values()):

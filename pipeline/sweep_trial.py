@@ -22,7 +22,8 @@ def main(train_shards, val_shards, output, settings, assignments, objective):
     from components.common.metrics import METRIC_KEYS
     from components.common.settings import parse_settings
     from components.train.settings import TrainSettings
-    from pipeline.sweep import run_trial
+    from components.train.sweep import run_trial
+    from pipeline.steps import evaluate_trial
 
     setup_logging()
     train = parse_settings(TrainSettings, json.loads(settings), "--settings")
@@ -32,7 +33,7 @@ def main(train_shards, val_shards, output, settings, assignments, objective):
         if not sep:
             raise click.BadParameter(f"{item!r}: use NAME=VALUE", param_hint="--assign")
         assignment[name] = yaml.safe_load(value)   # Katib passes every value as text
-    _, metrics = run_trial(train, assignment, train_shards, val_shards, output)
+    _, metrics = run_trial(train, assignment, train_shards, val_shards, output, evaluate_trial)
     for k in (objective, *[m for m in METRIC_KEYS if m != objective]):
         click.echo(f"{k}={metrics[k]:.6f}")
 

@@ -5,8 +5,9 @@ is the stage's output, so it goes through the same evaluation, gate and promotio
 Two backends, one search space:
 
 - ``local`` (kfp.local, or one pod): the trials run one after another in the step, each logged
-  as an MLflow child run of the train stage run (params, curves, PQ): ``pipeline/sweep.py``,
-  which may call both the train and the evaluate stage (a stage never imports another).
+  as an MLflow child run of the train stage run (params, curves, PQ): ``run_local_sweep``,
+  scoring each trial with the evaluate stage's function the pipeline hands in (a stage never
+  imports another).
 - ``katib`` (a cluster): the step creates a Katib ``Experiment`` (kubeflow.org/v1beta1) whose
   trial template is a Job running ``python -m pipeline.sweep_trial`` (train + evaluate,
   printing ``PQ=...`` for Katib's stdout metrics collector), waits for it and takes the optimal
@@ -126,6 +127,64 @@ class Trial:
 def best_trial(trials: list[Trial], objective: str) -> Trial:
     """The trial with the highest objective; a tie goes to the earlier trial."""
     return max(trials, key=lambda t: (t.metrics[objective], -t.index))
+
+
+def run_trial(train, assignment: dict, train_shards: str, val_shards: str, out: str, evaluate_fn,
+              device: str = "auto", log_fn=None) -> tuple[str, dict]:
+    """Train one trial into ``out`` and score it: ``evaluate_fn(model_uri, val_shards, folder)``
+    returns its metrics (the evaluate stage's, handed in: a stage never imports another).
+    Returns (model URI, metrics)."""
+    from components.common import storage
+    from components.train.settings import resolve_config
+    from components.train.trainer import train as train_model
+
+    cfg = resolve_config(trial_settings(train, assignment))
+    result = train_model(cfg, train_shards, out, device=device, progress=False, log_fn=log_fn)
+    return result.model_uri, evaluate_fn(result.model_uri, val_shards, storage.join(out, "evaluation"))
+
+
+def run_local_sweep(train, sweep: SweepSettings, train_shards: str, val_shards: str, out: str, *, evaluate_fn,
+                    ml=None, device: str = "auto") -> tuple[Trial, list[Trial]]:
+    """Run the trials one by one (each a child run of the active MLflow run when ``ml`` is given,
+    named ``trial N · <pipeline run>``); returns (best, all)."""
+    import logging
+
+    from components.common import storage
+    from components.common.metrics import METRIC_KEYS
+
+    log = logging.getLogger(__name__)
+    trials = []
+    parent = ml.active_run() if ml is not None else None
+    for i, assignment in enumerate(plan_trials(sweep)):
+        folder = storage.join(out, f"trial-{i:03d}")
+        log.info("sweep trial %d (%d of %d): %s", i, i + 1, sweep.trials, assignment)
+        if ml is None:
+            model_uri, metrics = run_trial(train, assignment, train_shards, val_shards, folder, evaluate_fn,
+                                           device=device)
+            trials.append(Trial(i, assignment, model_uri, metrics))
+            continue
+        name = f"trial {i} · {parent.info.run_name.split(' · ', 1)[-1]}"   # <stage> · <pipeline run>
+        with ml.start_run(run_name=name, nested=True, experiment_id=parent.info.experiment_id) as run:
+            ml.set_tags({"panoptic.kind": "trial", "panoptic.stage": "trial", "sweep.trial": str(i)})
+            ml.log_params({f"sweep.{k}": v for k, v in assignment.items()})
+
+            def log_fn(m, step):
+                ml.log_metrics({f"train/{k}": float(v) for k, v in m.items() if k != "iter"}, step=step)
+
+            model_uri, metrics = run_trial(train, assignment, train_shards, val_shards, folder, evaluate_fn,
+                                           device=device, log_fn=log_fn)
+            ml.log_metrics({k: metrics[k] for k in METRIC_KEYS})
+            trials.append(Trial(i, assignment, model_uri, metrics, run.info.run_id))
+        log.info("sweep trial %d: %s %.4f", i, sweep.objective, metrics[sweep.objective])
+    best = best_trial(trials, sweep.objective)
+    if ml is not None:
+        ml.set_tags({"sweep.best_trial": str(best.index), "sweep.best_run_id": best.run_id,
+                     "sweep.best": json.dumps(best.assignment, sort_keys=True)})
+        ml.log_metric(f"sweep_best_{sweep.objective}", best.metrics[sweep.objective])
+        client = ml.MlflowClient()
+        for t in trials:
+            client.set_tag(t.run_id, "sweep.best", str(t.index == best.index))
+    return best, trials
 
 
 # ---- the cluster form: a Katib Experiment ------------------------------------------------
