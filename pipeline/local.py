@@ -296,7 +296,10 @@ def _task_log(path: str, verbose: bool):
     os.dup2(write_fd, 1)
     os.dup2(write_fd, 2)
     os.close(write_fd)
-    keep = re.compile(r"Executing task|finished with status|Pipeline .* finished|Error|Traceback")
+    # what the console shows of the tasks' logs: which task runs and how it ended, the training's
+    # progress (iteration, loss, images/s, ETA), the sweep's trials, decide's verdict, errors
+    keep = re.compile(r"Executing task|finished with status|Pipeline .* finished|Error|Traceback|"
+                      r"train \S+: \d+(/\d+)? it|sweep trial \d+|sweep: best|decide: ")
 
     def pump():
         with open(path, "a", encoding="utf-8") as log_file, os.fdopen(read_fd, "rb") as pipe:
@@ -309,7 +312,7 @@ def _task_log(path: str, verbose: bool):
                     if text:
                         log_file.write(text + "\n")
                         if keep.search(text):
-                            os.write(saved[0], (text + "\n").encode())
+                            os.write(saved[0], (text.strip() + "\n").encode())
                 log_file.flush()
             if pending.strip():
                 log_file.write(strip_ansi(pending.decode(errors="replace")).rstrip() + "\n")

@@ -188,7 +188,7 @@ def step_train(*, train_shards: str, model_out: str, settings=None, cluster=None
                            "sweep.backend": sweep.backend, "sweep.objective": sweep.objective,
                            "sweep.space": json.dumps(sweep.space, sort_keys=True), "config": plan.cfg.name,
                            "init": ts.init})
-            model, cfg, assignment, metrics = stage.search(
+            model, cfg, assignment, metrics, winner = stage.search(
                 plan, train_shards=train_shards, val_shards=val_shards, val_shards_uri=val_shards_uri,
                 cluster=cluster, evaluate_fn=evaluate_trial, ml=ml,
                 env={"MLFLOW_TRACKING_URI": mlflow_uri} if mlflow_uri else {})
@@ -196,7 +196,8 @@ def step_train(*, train_shards: str, model_out: str, settings=None, cluster=None
                                         **{f"sweep_best_{sweep.objective}": f"{metrics[sweep.objective]:.6f}"})
             log.info("sweep: best trial %s (%s %.4f)", lineage["sweep_best"], sweep.objective,
                      metrics[sweep.objective])
-            parent = {"tags": {"sweep.best": lineage["sweep_best"]}, "params": {"sweep.trials": sweep.trials}}
+            parent = {"tags": {"sweep.best": lineage["sweep_best"]}, "params": {"sweep.trials": sweep.trials},
+                      "name": (plan.cfg.name, cfg.name, winner)}
         else:
             cfg = plan.cfg
             ml.log_params({k: v for k, v in _flat("", cfg.to_dict()).items() if len(str(v)) < 500})
@@ -215,7 +216,20 @@ def step_train(*, train_shards: str, model_out: str, settings=None, cluster=None
     log_parent(run_id or None, params={"config": cfg.name, "iterations": cfg.solver.max_iter,
                                        "batch": cfg.solver.ims_per_batch, "init": ts.init, **parent["params"]},
                tags={"lineage.parent_model_version": plan.parent, **parent["tags"]}, uri=mlflow_uri or None)
+    if "name" in parent and run_id:   # the pipeline run is called after what won, not the base config
+        _rename_run(run_id, *parent["name"], mlflow_uri or None)
     return out
+
+
+def _rename_run(run_id: str, base: str, won: str, trial: str, uri: str | None) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from components.common.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(uri))
+    name = client.get_run(run_id).info.run_name or ""
+    new = (name.replace(f" {base} ", f" {won} ", 1) if f" {base} " in name else name) + f" · sweep: {trial} won"
+    client.update_run(run_id, name=new)
 
 
 def evaluate_trial(model_uri: str, val_shards: str, out: str) -> dict:

@@ -15,10 +15,11 @@ def pyplot():
     return plt
 
 
-def figure_png(fig) -> bytes:
-    """Lay out ``fig``, render it to PNG bytes (no software tag, so the bytes are reproducible)
-    and close it."""
-    fig.tight_layout()
+def figure_png(fig, tight: bool = True) -> bytes:
+    """Lay out ``fig`` (``tight``: matplotlib's tight layout; else as placed), render it to PNG
+    bytes (no software tag, so the bytes are reproducible) and close it."""
+    if tight:
+        fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     pyplot().close(fig)

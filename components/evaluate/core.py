@@ -163,12 +163,17 @@ def _evaluate(model_uri: str, shards: str, out: str, cfg: EvaluateSettings, prog
 
     rows = io.StringIO()
     w = csv.writer(rows, lineterminator="\n")
-    w.writerow(["category_id", "name", "isthing", "pq", "sq", "rq", "tp", "fp", "fn"])
+    # a category in neither the ground truth nor the predictions has no PQ (panopticapi's 0 is no
+    # measurement): present 0, the figures empty, listed last
+    w.writerow(["category_id", "name", "isthing", "present", "pq", "sq", "rq", "tp", "fp", "fn"])
     counts = stat.counts()
-    for cid, r in sorted(results["per_class"].items(), key=lambda kv: -kv[1]["pq"]):
-        c = counts.get(cid, {"tp": 0, "fp": 0, "fn": 0})
-        w.writerow([cid, categories[cid]["name"], categories[cid]["isthing"], f"{r['pq']:.6f}", f"{r['sq']:.6f}",
-                    f"{r['rq']:.6f}", c["tp"], c["fp"], c["fn"]])
+    zero = {"tp": 0, "fp": 0, "fn": 0}
+    here = {cid: sum(counts.get(cid, zero).values()) > 0 for cid in results["per_class"]}
+    for cid, r in sorted(results["per_class"].items(), key=lambda kv: (not here[kv[0]], -kv[1]["pq"], kv[0])):
+        c = counts.get(cid, zero)
+        figures = [f"{r[k]:.6f}" for k in ("pq", "sq", "rq")] if here[cid] else ["", "", ""]
+        w.writerow([cid, categories[cid]["name"], categories[cid]["isthing"], int(here[cid]), *figures,
+                    c["tp"], c["fp"], c["fn"]])
     per_class_uri = storage.join(out, "per_class.csv")
     storage.write_text(per_class_uri, rows.getvalue())
     images = io.StringIO()

@@ -56,14 +56,16 @@ register_cmd.name = "register"
 @click.option("--experiment", default=None, help="MLflow experiment (default panoptic-fpn).")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV instead of a table.")
 @click.option("--max-runs", default=50, show_default=True)
+@click.option("--wide", is_flag=True, help="Every column: training data, the params that differ, durations.")
 @click.option("--chart", default=None, metavar="FILE.png",
-              help="Also draw PQ/SQ/RQ over time: champions, rejected challengers, runs with nothing new.")
-def compare(experiment, as_csv, max_runs, chart):
-    """Pipeline runs side by side: the params that differ, PQ/SQ/RQ, the gate's decision and
-    reason, duration; best PQ first."""
+              help="Also draw PQ/SQ/RQ over time: champions, rejected challengers, sweep trials, runs with nothing "
+                   "new.")
+def compare(experiment, as_csv, max_runs, wide, chart):
+    """Pipeline runs side by side, best PQ first: PQ/SQ/RQ, the decision, the gate and its reason,
+    the version and its aliases (fits the terminal; --wide for the params that differ)."""
     from components.register.compare import compare_runs, history_chart
 
-    click.echo(compare_runs(experiment, as_csv=as_csv, max_runs=max_runs))
+    click.echo(compare_runs(experiment, as_csv=as_csv, max_runs=max_runs, wide=wide))
     if chart:
         click.echo(f"chart: {history_chart(chart, experiment, max_runs=max_runs)}")
 

@@ -58,9 +58,10 @@ def subset(source, split, out, size, strategy, seed, min_per_category, include_c
     hist = m["category_histogram"]
     present = [c for c in hist["subset"] if hist["subset"][c]]
     click.echo(f"categories: {len(present)} of {len(hist['full'])} present in the subset; the most frequent:")
-    click.echo(f"  {'category':>10s} {'images (full)':>14s} {'images (subset)':>16s}")
+    names = result.category_names
+    click.echo(f"  {'category':24s} {'id':>5s} {'images (full)':>14s} {'images (subset)':>16s}")
     for cid in sorted(hist["subset"], key=lambda c: (-hist["subset"][c], int(c)))[:TOP]:
-        click.echo(f"  {cid:>10s} {hist['full'][cid]:>14d} {hist['subset'][cid]:>16d}")
+        click.echo(f"  {names.get(cid, cid)[:24]:24s} {cid:>5s} {hist['full'][cid]:>14d} {hist['subset'][cid]:>16d}")
     absent = [c for c in hist["full"] if hist["full"][c] and not hist["subset"][c]]
     if absent:
         click.echo(f"  absent from the subset though in the split: {len(absent)} categories")

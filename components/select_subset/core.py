@@ -94,6 +94,7 @@ class SubsetResult:
     manifest_uri: str
     image_ids: list[int]
     manifest: dict = field(repr=False)
+    category_names: dict[str, str] = field(default_factory=dict, repr=False)   # id (as in the manifest) -> name
 
 
 def _category_ids(names_or_ids, cats: CategoryMaps) -> set[int]:
@@ -187,18 +188,23 @@ def category_histogram(image_ids, annotations, cats: CategoryMaps) -> dict[int, 
 
 
 def _histogram_png(full: dict[int, int], subset: dict[int, int], cats: CategoryMaps, n_full: int, n_sub: int) -> bytes:
+    """The subset beside the split, a category a row (most frequent first), so that the names stay
+    readable however many categories there are: 9 inches wide, a sixth of an inch a row."""
     plt = pyplot()
 
     ids = sorted(full, key=lambda c: (-full[c], c))
     names = [cats.by_id[c].name for c in ids]
-    x = np.arange(len(ids))
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(ids) + 2), 4), dpi=100)
-    ax.bar(x - 0.2, [full[c] / max(n_full, 1) for c in ids], 0.4, label=f"full split ({n_full} images)")
-    ax.bar(x + 0.2, [subset[c] / max(n_sub, 1) for c in ids], 0.4, label=f"subset ({n_sub} images)")
-    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("fraction of images containing the category")
-    ax.set_title("Category histogram: subset vs full split")
-    ax.legend()
+    y = np.arange(len(ids))
+    fig, ax = plt.subplots(figsize=(9, max(3.0, 0.17 * len(ids) + 1.4)), dpi=100)
+    ax.barh(y - 0.2, [full[c] / max(n_full, 1) for c in ids], 0.4, label=f"full split ({n_full} images)")
+    ax.barh(y + 0.2, [subset[c] / max(n_sub, 1) for c in ids], 0.4, label=f"subset ({n_sub} images)")
+    ax.set_yticks(y, names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_ylim(len(ids) - 0.5, -0.5)
+    ax.set_xlabel("fraction of images containing the category")
+    ax.set_title("Category histogram: subset vs full split", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
     return figure_png(fig)
 
 
@@ -245,4 +251,5 @@ def select_subset(cfg: SplitSettings, source: str, split: str, out: str) -> Subs
     storage.write_text(storage.join(out, "category_histogram.csv"), rows.getvalue())
     storage.write_bytes(storage.join(out, "category_histogram.png"),
                         _histogram_png(full_hist, sub_hist, data.categories, len(annotated), len(image_ids)))
-    return SubsetResult(manifest_uri=manifest_uri, image_ids=image_ids, manifest=manifest)
+    return SubsetResult(manifest_uri=manifest_uri, image_ids=image_ids, manifest=manifest,
+                        category_names={str(c.id): c.name for c in data.categories.categories})

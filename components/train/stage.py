@@ -135,10 +135,10 @@ def finish(p: TrainPlan, model: str, model_out: str, cfg: Config | None = None, 
 
 
 def search(p: TrainPlan, *, train_shards: str, val_shards: str, val_shards_uri: str = "", cluster=None,
-           evaluate_fn=None, ml=None, env: dict | None = None) -> tuple[str, Config, dict, dict]:
+           evaluate_fn=None, ml=None, env: dict | None = None) -> tuple[str, Config, dict, dict, str]:
     """The stage as a search (``train.sweep``): trials here (``backend: local``, each a child run
     of ``ml``'s active run; ``evaluate_fn`` scores them) or a Katib Experiment (``katib``).
-    Returns (the best trial's model.pt, its config, its assignment, its metrics)."""
+    Returns (the best trial's model.pt, its config, its assignment, its metrics, its name)."""
     from components.common.settings import parse_settings
     from components.train.sweep import katib_best, render_katib_experiment, run_local_sweep, trial_settings
 
@@ -150,7 +150,7 @@ def search(p: TrainPlan, *, train_shards: str, val_shards: str, val_shards_uri: 
     if sweep.backend == "local":
         best, _ = run_local_sweep(s, sweep, train_shards, val_shards, trials_out, evaluate_fn=evaluate_fn, ml=ml,
                                   device=s.device)
-        assignment, model, metrics = best.assignment, best.model_uri, best.metrics
+        assignment, model, metrics, name = best.assignment, best.model_uri, best.metrics, f"trial {best.index}"
     else:
         from components.train.launcher import job_name, run_job
 
@@ -164,4 +164,4 @@ def search(p: TrainPlan, *, train_shards: str, val_shards: str, val_shards_uri: 
         model = storage.join(trials_out, name, "model.pt")
         if ml is not None:
             ml.set_tags({"sweep.katib_experiment": experiment["metadata"]["name"], "sweep.best_trial": name})
-    return model, resolve_config(trial_settings(s, assignment)), assignment, metrics
+    return model, resolve_config(trial_settings(s, assignment)), assignment, metrics, name

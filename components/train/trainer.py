@@ -392,7 +392,8 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
                     record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
                 t_last, it_last = now, done
                 history.append(record)
-                bar.set_postfix(loss=f"{record['total_loss']:.3f}", lr=f"{record['lr']:.4f}")
+                bar.set_postfix(loss=f"{record['total_loss']:.3f}", lr=f"{record['lr']:.4f}",
+                                **{"img/s": f"{record['images_per_s']:.1f}"})
                 if rank == 0 and log_fn:
                     log_fn(record, done)
             stop_now = preemption.requested or done == end

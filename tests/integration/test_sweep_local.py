@@ -38,9 +38,12 @@ def test_local_sweep_logs_trials_and_outputs_the_best_model(synth_root, tmp_path
                                  f"tags.mlflow.parentRunId = '{run}' and tags.`panoptic.stage` = 'train'")
     trials = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{stage.info.run_id}'")
     assert len(trials) == 3 and all(t.data.tags["panoptic.kind"] == "trial" for t in trials)
-    assert {t.info.run_name for t in trials} == {f"trial {i} · {parent.info.run_name}" for i in range(3)}
     pq = {int(t.data.tags["sweep.trial"]): t.data.metrics["PQ"] for t in trials}
     best = max(sorted(pq), key=lambda i: (pq[i], -i))
+    # the pipeline run is named after the trial that won; the trials after the run as it started
+    base, won = parent.info.run_name.split(" · sweep: ")
+    assert won == f"trial {best} won"
+    assert {t.info.run_name for t in trials} == {f"trial {i} · {base}" for i in range(3)}
     assert stage.data.tags["sweep.best_trial"] == str(best)
     assert [t.data.tags["sweep.best"] for t in sorted(trials, key=lambda t: t.data.tags["sweep.trial"])] == \
         [str(i == best) for i in range(3)]
@@ -62,5 +65,5 @@ def test_local_sweep_logs_trials_and_outputs_the_best_model(synth_root, tmp_path
     rows = [r for r in history() if r["kind"] == "trial"]
     assert sorted(r["PQ"] for r in rows) == sorted(pq.values())
     assert sum("the best" in r["reason"] for r in rows) == 1
-    table = compare_runs()
-    assert table.count("sweep trial") == 3 and "sweep.iterations" in table
+    table = compare_runs(width=200)
+    assert table.count("sweep trial") == 3 and "sweep.iterations" in compare_runs(wide=True)
