@@ -246,7 +246,7 @@ def step_evaluate(*, model_uri: str, val_shards: str, out: str, settings=None, r
     from components.common.metrics import METRIC_KEYS
     from components.data.records import load_index
     from components.evaluate.core import EvaluateSettings, evaluate
-    from components.evaluate.pq_files import PER_CLASS_TABLE, per_class_table
+    from components.evaluate.tables import PER_CLASS_TABLE, per_class_table
 
     cfg = parse_settings(EvaluateSettings, settings, "evaluate settings")
     with stage_run("evaluate", run_id or None, mlflow_uri or None, system_metrics=True) as ml:

@@ -24,7 +24,9 @@ def pq(gt_json, gt_dir, pred_json, pred_dir, workers, engine, as_json, per_class
 
     The numbers are exactly those of panopticapi's pq_compute on the same inputs.
     """
-    from components.evaluate.pq_files import PredictionError, format_table, pq_files, read_json
+    from components.evaluate.pq_files import pq_files
+    from components.evaluate.prediction_files import PredictionError, read_json
+    from components.evaluate.tables import format_table
 
     t0 = time.perf_counter()
     try:
@@ -62,7 +64,7 @@ def evaluate_cmd(model_uri, shards, out, batch_size, device, max_images, report_
         r = evaluate(model_uri, shards, out, settings, progress=not quiet)
     except (FileNotFoundError, ValueError, RegistryError) as e:
         raise click.ClickException(str(e))
-    from components.evaluate.pq_files import format_table
+    from components.evaluate.tables import format_table
 
     click.echo(format_table(r.metrics["results"]))
     t = r.metrics["timing"]

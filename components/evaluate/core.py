@@ -28,11 +28,19 @@ from components.common.metrics import summary_metrics
 from components.common.overlays import overlay
 from components.data.reader import ShardDataset, collate
 from components.data.records import load_index, samples_digest
-from components.evaluate.pq import PQStat
+from components.evaluate.pq import PQStat, device_pair_counts
 from components.evaluate.report import render_report, thumbnail
 from components.evaluate.settings import PER_IMAGE_FILE, EvaluateSettings
 from components.model.artifact import load_model_and_digest
 from components.model.inference import prediction_to_coco
+
+
+def _device_pairs(sample: dict, pred: torch.Tensor, device) -> tuple:
+    gt = torch.as_tensor(sample["gt_ids"].astype("int64"), device=pred.device)
+    if gt.shape != pred.shape:
+        raise ValueError(f"image {sample['image_id']}: the prediction is {tuple(pred.shape)}, the ground truth "
+                         f"{tuple(gt.shape)}")
+    return device_pair_counts(gt, pred)
 
 
 @dataclass
@@ -48,12 +56,16 @@ def _image_pq(stat: PQStat, categories: dict) -> float:
     return stat.results(categories)["All"]["pq"]
 
 
-def _postprocess(sample: dict, panoptic_seg, categories: dict, pred_dir: str, write: bool):
-    """One image: COCO-format prediction, its PQ counts, its PNG (on a worker thread)."""
+def _postprocess(sample: dict, panoptic_seg, categories: dict, pred_dir: str, write: bool, pairs=None):
+    """One image: COCO-format prediction, its PQ counts, its PNG (on a worker thread). ``pairs``:
+    the (gt, pred) pixel counts already made on the inference device (``device_pair_counts``)."""
     t0 = time.perf_counter()
     ids, info = prediction_to_coco(*panoptic_seg)
     image_stat = PQStat()
-    image_stat.add_image(sample["image_id"], sample["gt_ids"], sample["segments_info"], ids, info, categories)
+    if pairs is None:
+        image_stat.add_image(sample["image_id"], sample["gt_ids"], sample["segments_info"], ids, info, categories)
+    else:
+        image_stat.add_pairs(sample["image_id"], *pairs, sample["segments_info"], info, categories)
     t1 = time.perf_counter()
     stem = sample["file_name"].rsplit(".", 1)[0]
     if write:
@@ -82,6 +94,9 @@ def _evaluate(model_uri: str, shards: str, out: str, cfg: EvaluateSettings, prog
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate)
 
     stat = PQStat()
+    # pair counting where the prediction is (integer ops: the counts are the host's, exactly);
+    # on the CPU the host's run-length path is the faster one
+    on_device = cfg.pair_counts == "device" or (cfg.pair_counts == "auto" and device.type == "cuda")
     pred_dir = storage.join(out, "predictions", "panoptic_val")
     annotations, worst = [], []  # worst: heap of (-pq, image_id, sample data) of size report_samples
     per_image = []   # (image_id, file_name, PQ, segments predicted), in sample order
@@ -119,7 +134,8 @@ def _evaluate(model_uri: str, shards: str, out: str, cfg: EvaluateSettings, prog
                 torch.cuda.synchronize(device)
             t_infer += time.perf_counter() - t0
             for sample, output in zip(batch, outputs):
-                args = (sample, output["panoptic_seg"], categories, pred_dir, cfg.write_predictions)
+                pairs = _device_pairs(sample, output["panoptic_seg"][0], device) if on_device else None
+                args = (sample, output["panoptic_seg"], categories, pred_dir, cfg.write_predictions, pairs)
                 if cfg.post_workers > 0:
                     pending.append((sample, pool.submit(_postprocess, *args)))
                 else:

@@ -20,16 +20,12 @@ the in-memory predictions while inference runs.
 
 from __future__ import annotations
 
-import multiprocessing as mp
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from components.common import storage
-from components.common.coco_panoptic import VOID, decode_png, file_name_problem
-from components.common.logs import progress as progress_bar
-from components.evaluate.pq_files import PredictionError, match_annotations, read_json
+from components.common.coco_panoptic import VOID
+from components.evaluate.prediction_files import PredictionError
 
 
 @dataclass
@@ -194,58 +190,3 @@ def device_pair_counts(gt_ids, pred_ids) -> tuple[np.ndarray, np.ndarray]:
     packed = (gt_ids.reshape(-1).to(torch.int64) << 24) | pred_ids.reshape(-1).to(torch.int64)
     keys, counts = torch.unique(packed, sorted=True, return_counts=True)
     return keys.cpu().numpy().astype(np.uint64), counts.cpu().numpy().astype(np.int64)
-
-
-def _read_png(folder: str, name: str, image_id, what: str) -> np.ndarray:
-    problem = file_name_problem(name)
-    if problem:  # never read outside the folder given
-        raise PredictionError(f"In the image with ID {image_id} the {what} file_name {name!r}: {problem}.")
-    uri = storage.join(folder, name)
-    try:
-        data = storage.read_bytes(uri)
-    except FileNotFoundError:
-        raise PredictionError(f"In the image with ID {image_id} the {what} PNG {uri} does not exist.") from None
-    try:
-        return decode_png(data, uri)
-    except ValueError as e:
-        raise PredictionError(f"In the image with ID {image_id}: {e}") from None
-
-
-def _score_chunk(args) -> PQStat:
-    pairs, gt_dir, pred_dir, categories, progress = args
-    stat = PQStat()
-    for gt_ann, pred_ann in progress_bar(pairs, desc="pq", unit="img", enabled=progress):
-        image_id = gt_ann["image_id"]
-        gt = _read_png(gt_dir, gt_ann["file_name"], image_id, "ground-truth")
-        pred = _read_png(pred_dir, pred_ann["file_name"], image_id, "prediction")
-        stat.add_image(image_id, gt, gt_ann["segments_info"], pred, pred_ann["segments_info"], categories)
-    return stat
-
-
-def pq_compute(gt_json_file: str, pred_json_file: str, gt_folder: str | None = None, pred_folder: str | None = None,
-               workers: int = 1, progress: bool = False) -> dict:
-    """PQ of a prediction set with this module's engine; the same inputs and result shape as
-    ``panopticapi.evaluation.pq_compute``. Files may be local or ``s3://``; folders default to
-    the JSON path without ``.json``. ``workers`` > 1 scores chunks of images in that many
-    processes. (`panoptic pq` goes through ``pq_files``, which picks the fastest engine.)"""
-    gt = read_json(gt_json_file, "ground-truth", gt=True)
-    pred = read_json(pred_json_file, "prediction", gt=False)
-    return pq_compute_docs(gt, pred, gt_folder or gt_json_file[: -len(".json")],
-                           pred_folder or pred_json_file[: -len(".json")], workers=workers, progress=progress)
-
-
-def pq_compute_docs(gt_json: dict, pred_json: dict, gt_folder: str, pred_folder: str, workers: int = 1,
-                    progress: bool = False) -> dict:
-    """``pq_compute`` on JSON documents already read and checked (``pq_files.read_json``)."""
-    categories = {el["id"]: el for el in gt_json["categories"]}
-    pairs = match_annotations(gt_json, pred_json)
-    stat = PQStat()
-    if workers > 1 and len(pairs) > 1:
-        chunks = [list(c) for c in np.array_split(np.arange(len(pairs)), workers) if len(c)]
-        jobs = [([pairs[i] for i in c], gt_folder, pred_folder, categories, False) for c in chunks]
-        with ProcessPoolExecutor(max_workers=len(jobs), mp_context=mp.get_context("fork")) as pool:
-            for part in pool.map(_score_chunk, jobs):
-                stat += part
-    else:
-        stat = _score_chunk((pairs, gt_folder, pred_folder, categories, progress))
-    return stat.results(categories)

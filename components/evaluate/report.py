@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from components.common.plots import figure_png, pyplot
-from components.evaluate.pq_files import present
+from components.evaluate.tables import present
 
 
 def png_data_uri(arr: np.ndarray | bytes) -> str:

@@ -26,66 +26,11 @@ import dataclasses
 import itertools
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-TRAIN_KEYS = ("config", "iterations")     # search names that are train settings, not config keys
-ALGORITHMS = ("random", "grid")
-BACKENDS = ("local", "katib")
-
-
-@dataclass(frozen=True)
-class SweepSettings:
-    """Args:
-        trials: how many (0: no sweep, the stage trains once).
-        space: name -> list of values, or {"min", "max", "log": false, "type": "double"|"int"}.
-        algorithm: random (seeded draws) or grid (the lists' product, in order; ranges need lists).
-        objective: the metric maximised (PQ, PQ_th, PQ_st, RQ ...).
-        seed: the random draws' seed.
-        backend: local (trials here, one by one) or katib (a Katib Experiment on the cluster).
-        parallel: trials at once (katib).
-        max_failed: failed trials Katib accepts before it fails the experiment.
-    """
-
-    trials: int = 0
-    space: dict = field(default_factory=dict)
-    algorithm: str = "random"
-    objective: str = "PQ"
-    seed: int = 0
-    backend: str = "local"
-    parallel: int = 2
-    max_failed: int = 1
-
-    def __post_init__(self):
-        # KFP hands a mapping over as a protobuf Struct, whose numbers are all floats (80 -> 80.0):
-        # a whole number in a list of values is an int again (an LR of 1.0 works as 1 too)
-        object.__setattr__(self, "space", {
-            name: [int(v) if isinstance(v, float) and v.is_integer() else v for v in spec]
-            if isinstance(spec, (list, tuple)) else spec for name, spec in dict(self.space).items()})
-        if self.trials < 0:
-            raise ValueError("sweep.trials must be >= 0")
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"sweep.algorithm must be one of {', '.join(ALGORITHMS)}, not {self.algorithm!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"sweep.backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
-        if self.trials and not self.space:
-            raise ValueError("sweep.space is empty: name at least one setting to search")
-        for name, spec in self.space.items():
-            if isinstance(spec, (list, tuple)):
-                if not spec:
-                    raise ValueError(f"sweep.space.{name}: an empty list")
-            elif isinstance(spec, dict):
-                if set(spec) - {"min", "max", "log", "type"} or "min" not in spec or "max" not in spec:
-                    raise ValueError(f"sweep.space.{name}: a range is {{min, max, log, type}}, got {spec}")
-                if not float(spec["min"]) < float(spec["max"]):
-                    raise ValueError(f"sweep.space.{name}: min must be below max")
-                if spec.get("log") and float(spec["min"]) <= 0:
-                    raise ValueError(f"sweep.space.{name}: a log range needs min > 0")
-                if self.algorithm == "grid":
-                    raise ValueError(f"sweep.space.{name}: grid search needs lists of values, not ranges")
-            else:
-                raise ValueError(f"sweep.space.{name}: a list of values or a range {{min, max}}, not {spec!r}")
+from components.train.settings import TRAIN_KEYS, SweepSettings
 
 
 def _draw(spec, rng: np.random.Generator):

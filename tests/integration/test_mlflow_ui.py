@@ -13,7 +13,7 @@ import pytest
 
 from components.common.datasets import digest_of
 from components.common.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, shard_hash
-from components.evaluate.pq_files import PER_CLASS_TABLE
+from components.evaluate.tables import PER_CLASS_TABLE
 from pipeline.steps import (
     step_decide,
     step_evaluate,

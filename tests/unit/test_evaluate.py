@@ -32,3 +32,14 @@ def test_threaded_postprocessing_gives_the_same_metrics_and_files(synth_root, tm
     ja = json.load(open(os.path.join(a, "predictions", "panoptic_val.json")))
     jb = json.load(open(os.path.join(b, "predictions", "panoptic_val.json")))
     assert ja == jb  # same annotations, in the same (sample) order
+
+
+def test_pairs_counted_on_the_inference_device_give_the_hosts_metrics(synth_root, tmp_path):
+    """On CUDA evaluate counts (gt, pred) pixel pairs where the prediction is (``device_pair_counts``);
+    here the same path on the CPU's tensors: the metrics are the host path's, exactly."""
+    shards = make_shards(synth_root, str(tmp_path / "train"))
+    val = make_shards(synth_root, str(tmp_path / "val"), split="val2017")
+    model = train(micro_config(solver={"max_iter": 2}), shards, str(tmp_path / "run"), progress=False).model_uri
+    host, device = (evaluate(model, val, str(tmp_path / where), EvaluateSettings(pair_counts=where, report_samples=0),
+                             progress=False).metrics for where in ("host", "device"))
+    assert host["results"] == device["results"] and host["counts"] == device["counts"] and host["images"] > 0

@@ -50,3 +50,18 @@ def test_shared_packages_import_no_stage():
                 path = os.path.join(folder, name)
                 bad = [m for m in _imported(path) if m.split(".")[:2][-1] in stages and m.startswith("components.")]
                 assert not bad, f"{path} imports stage modules {bad}"
+
+
+def test_no_two_modules_import_each_other():
+    """No import cycle among our modules (a function-level import counts too: a cycle is a knot
+    in what a module means, whenever it is tied)."""
+    modules = {}
+    for top in ("components", "pipeline"):
+        base = os.path.join(ROOT, "..", top)
+        for folder, _, files in os.walk(base):
+            for name in (f for f in files if f.endswith(".py")):
+                rel = os.path.relpath(os.path.join(folder, name), os.path.join(ROOT, ".."))[:-3].replace(os.sep, ".")
+                modules[rel.removesuffix(".__init__")] = os.path.join(folder, name)
+    graph = {m: {i for i in _imported(p) if i in modules and i != m} for m, p in modules.items()}
+    cycles = sorted({tuple(sorted((a, b))) for a, deps in graph.items() for b in deps if a in graph.get(b, ())})
+    assert not cycles, cycles

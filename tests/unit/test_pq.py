@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from components.common.coco_panoptic import encode_png
-from components.evaluate.pq import PQStat, pq_compute
-from components.evaluate.pq_files import PredictionError, pq_files
+from components.evaluate.pq import PQStat
+from components.evaluate.pq_files import pq_compute, pq_files
+from components.evaluate.prediction_files import PredictionError
 from tests.predictions import MODES, write_predictions
 
 ENGINES = ("numpy", "hotcoco")

@@ -7,8 +7,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from components.evaluate.pq_files import format_table
 from components.evaluate.report import CHART_DPI, CHART_WIDTH_IN, per_class_chart, render_report
+from components.evaluate.tables import format_table
 
 
 def coco_like(n_present: int, n_total: int = 133):

@@ -14,9 +14,8 @@ import sys
 import pytest
 
 from components.common.cluster import ClusterSettings
-from components.train.settings import TrainSettings
+from components.train.settings import SweepSettings, TrainSettings
 from components.train.sweep import (
-    SweepSettings,
     Trial,
     best_trial,
     katib_best,
