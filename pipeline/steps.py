@@ -13,9 +13,10 @@ import logging
 import os
 
 from components.common import storage
+from components.common.hashing import shard_hash
 from components.common.logs import setup_logging
 from components.common.settings import parse_settings, settings_dict
-from components.common.tracking import CHAMPION, get_alias, log_parent, shard_hash, stage_run, start_pipeline_run
+from components.common.tracking import CHAMPION, get_alias, log_parent, stage_run, start_pipeline_run
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def step_decide(*, train_manifest: str, train=None, register=None, force: bool =
     """"train", or "skip" when the champion was trained on this very data, config and code
     (and ``force`` is off). A registry failure fails the step: it never decides by default."""
     setup_logging()
-    from components.common.tracking import data_fingerprint
+    from components.common.hashing import data_fingerprint
     from components.register.core import RegisterSettings
     from components.train.settings import TrainSettings, resolve_config, settings_fingerprint
 
@@ -269,7 +270,8 @@ def step_score_champion(*, val_shards: str, out: str, settings=None, register=No
     was registered with when it was measured on the same validation manifest, else a fresh
     evaluation of its model here. Returns "none", "logged" or "re-scored"."""
     setup_logging()
-    from components.data.records import load_index, samples_digest, shard_image_ids
+    from components.common.hashing import samples_digest
+    from components.data.records import load_index, shard_image_ids
     from components.evaluate.core import EvaluateSettings
     from components.register.core import RegisterSettings, champion_metrics
 

@@ -82,7 +82,7 @@ def subset_dataset_of_index(index: dict) -> PanopticDataset:
 
 
 def shards_dataset(index: dict, shards_uri: str) -> PanopticDataset:
-    from components.common.tracking import shard_hash
+    from components.common.hashing import shard_hash
 
     profile = {"rows": int(index["rows_written"]), "shards": len(index["shards"]),
                "quarantined": int(index.get("quarantined", 0)), "source_manifest_hash": index["source_manifest_hash"]}

@@ -3,18 +3,8 @@ content hashes their lineage rests on."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 from components.common import storage
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def canonical_hash(obj) -> str:
-    return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+from components.common.hashing import canonical_hash
 
 
 def load_manifest(uri: str) -> dict:

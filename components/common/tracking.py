@@ -6,8 +6,6 @@ sqlite store in the working directory (the embedded default).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import subprocess
@@ -220,37 +218,6 @@ def download_model_file(uri: str, tracking: str | None = None) -> str:
     if not found:
         raise FileNotFoundError(f"{uri}: the MLflow model holds no model.pt (not a panoptic-fpn model?)")
     return found[0]
-
-
-def code_version() -> str:
-    """This code's version: the package version and a hash of its source (``components/``: the
-    stages, the model, the configs), so an edit shows even before it is committed."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        v = version("panoptic-pipeline")
-    except PackageNotFoundError:
-        v = "0"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # components/
-    h = hashlib.sha256()
-    for folder, _, files in sorted(os.walk(root)):
-        for name in sorted(files):
-            if name.endswith((".py", ".yaml")):
-                h.update(os.path.relpath(os.path.join(folder, name), root).encode())
-                with open(os.path.join(folder, name), "rb") as f:
-                    h.update(f.read())
-    return f"{v}+src.{h.hexdigest()[:12]}"
-
-
-def data_fingerprint(train_manifest_hash: str, config_fingerprint: str, code: str | None = None) -> str:
-    """What a trained model is a function of: the training data, the config, the code."""
-    doc = {"train_manifest": train_manifest_hash, "config": config_fingerprint, "code": code or code_version()}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-
-
-def shard_hash(index: dict) -> str:
-    """One hash over the shards' own hashes: the lineage of a training set."""
-    return hashlib.sha256(json.dumps([s["sha256"] for s in index["shards"]]).encode()).hexdigest()
 
 
 def metric_logger(prefix: str = ""):

@@ -79,11 +79,3 @@ def shard_image_ids(shards_uri: str) -> list[int]:
     return ids
 
 
-def samples_digest(source_manifest_hash: str, image_ids: list[int]) -> str:
-    """The identity of an evaluation's data: the subset it came from and exactly the images scored,
-    in order. Two evaluations compare only when theirs are equal."""
-    import hashlib
-    import json
-
-    doc = {"manifest": source_manifest_hash, "images": [int(i) for i in image_ids]}
-    return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()

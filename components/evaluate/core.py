@@ -23,11 +23,12 @@ from torch.utils.data import DataLoader
 from components.common import storage
 from components.common.coco_panoptic import decode_image, encode_png
 from components.common.devices import pick_device
+from components.common.hashing import samples_digest
 from components.common.logs import progress as progress_bar
 from components.common.metrics import summary_metrics
 from components.common.overlays import overlay
 from components.data.reader import ShardDataset, collate
-from components.data.records import load_index, samples_digest
+from components.data.records import load_index
 from components.evaluate.pq import PQStat, device_pair_counts
 from components.evaluate.report import render_report, thumbnail
 from components.evaluate.settings import PER_IMAGE_FILE, EvaluateSettings

@@ -206,6 +206,8 @@ def from_dict(doc: dict, source: str = "<dict>") -> Config:
                     raise ConfigError(f"{source}: unknown key `{key}.{k}`{close_to(k, names)}; known: "
                                       f"{', '.join(sorted(names))}")
             hints = typing.get_type_hints(cls)
+            if key == "solver" and value.get("amp") is False:   # YAML 1.1 reads a bare `off` as false
+                value = {**value, "amp": "off"}
             try:
                 conv = {k: typed(v, hints[k], f"{source}: {key}.{k}") for k, v in value.items()}
             except SettingsError as e:
@@ -239,8 +241,6 @@ def validate(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: model.input_format must be RGB or BGR")
     if len(m.pixel_mean) != 3 or len(m.pixel_std) != 3:
         raise ConfigError(f"{source}: model.pixel_mean and model.pixel_std need 3 values")
-    if s.amp is False:  # YAML 1.1 reads a bare `off` (`amp: off`, `--set solver.amp=off`) as false
-        s.amp = "off"
     if s.amp not in ("off", "bf16", "fp16"):
         raise ConfigError(f"{source}: solver.amp must be off, bf16 or fp16, not {s.amp!r}")
     if s.ims_per_batch < 1 or s.max_iter < 1:

@@ -41,8 +41,9 @@ from components.common.coco_panoptic import (
     png_uri,
     rgb2id,
 )
+from components.common.hashing import canonical_hash, sha256_bytes
 from components.common.logs import progress as progress_bar
-from components.common.manifests import canonical_hash, load_manifest, sha256_bytes, subset_profile
+from components.common.manifests import load_manifest, subset_profile
 from components.common.validation import check_sample, read_or_none, sample_folders
 from components.data.records import COMPRESSION, SCHEMA, SCHEMA_VERSION
 

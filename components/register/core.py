@@ -24,7 +24,6 @@ interleaving of two runs.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from components.common import faults, storage
+from components.common.hashing import file_digest
 from components.common.metrics import METRIC_KEYS
 from components.common.tracking import CHAMPION, RegistryError, get_alias, log_parent, setup, stage_run, tracking_uri
 
@@ -181,10 +181,6 @@ def champion_metrics(champion, uri: str | None = None) -> dict:
         raise RegistryError(f"cannot read the metrics of champion version {champion.version} (run "
                             f"{champion.run_id}): {type(e).__name__}: {str(e)[:300]}") from e
     return check_metrics(metrics, f"champion version {champion.version}'s {EVAL_ARTIFACT}/metrics.json")
-
-
-def file_digest(uri: str) -> str:
-    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
 
 
 LOCK_STALE_S = 900.0   # a lock older than this was left by a register that died: it is broken

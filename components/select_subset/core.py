@@ -18,7 +18,7 @@ import numpy as np
 
 from components.common import storage
 from components.common.coco_panoptic import CategoryMaps, annotation_json_uri, load_split
-from components.common.manifests import canonical_hash, sha256_bytes
+from components.common.hashing import canonical_hash, sha256_bytes
 from components.common.plots import figure_png, pyplot
 
 MANIFEST_SCHEMA = 1

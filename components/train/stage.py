@@ -19,14 +19,8 @@ from dataclasses import dataclass
 
 from components.common import storage
 from components.common.cluster import ClusterSettings, uri_for_pods
-from components.common.tracking import (
-    CHAMPION,
-    code_version,
-    data_fingerprint,
-    get_alias,
-    resolve_model_uri,
-    shard_hash,
-)
+from components.common.hashing import code_version, data_fingerprint, shard_hash
+from components.common.tracking import CHAMPION, get_alias, resolve_model_uri
 from components.data.records import load_index
 from components.model.config import Config
 from components.train.settings import TrainSettings, resolve_config, settings_fingerprint

@@ -12,7 +12,8 @@ import re
 import pytest
 
 from components.common.datasets import digest_of
-from components.common.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, shard_hash
+from components.common.hashing import shard_hash
+from components.common.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 from components.evaluate.tables import PER_CLASS_TABLE
 from pipeline.steps import (
     step_decide,
