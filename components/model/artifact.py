@@ -1,8 +1,8 @@
 """Our model artifact, ``model.pt``: weights + config + categories in one torch file.
 
 It holds tensors and plain data only (the config as a dict of numbers, strings and lists), so
-it loads with ``torch.load(weights_only=True)``. Format v2 has detectron2's head layout; a v1
-file (torchvision's head layout, written before) is converted on load.
+it loads with ``torch.load(weights_only=True)``. Format v2 has detectron2's head layout; no
+other format is read.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import torch
 from components.common import storage
 from components.common.coco_panoptic import CategoryMaps
 from components.model.config import Config, from_dict
-from components.model.weights import WeightsError, fetch, load_state_strict, read_checkpoint, to_our_names
+from components.model.weights import WeightsError, fetch, read_checkpoint
 
 log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "panoptic-fpn/v2"
-READABLE_FORMATS = ("panoptic-fpn/v1", MODEL_FORMAT)
+READABLE_FORMATS = (MODEL_FORMAT,)
 
 
 def _plain(value):
@@ -79,24 +79,15 @@ def load_model_and_digest(uri: str, device: str | torch.device = "cpu"):
     except (KeyError, TypeError, ValueError) as e:
         raise WeightsError(f"{uri}: its config or categories do not make a model ({type(e).__name__}: "
                            f"{str(e)[:300]})") from None
-    if blob["format"] == MODEL_FORMAT:
-        missing = sorted(set(model.state_dict()) - set(blob["state_dict"]))
-        extra = sorted(set(blob["state_dict"]) - set(model.state_dict()))
-        if missing or extra:
-            raise WeightsError(f"{uri}: its tensors do not fit its config: missing {', '.join(missing[:6]) or '-'}; "
-                               f"unexpected {', '.join(extra[:6]) or '-'}")
-        try:
-            model.load_state_dict(blob["state_dict"])
-        except RuntimeError as e:
-            raise WeightsError(f"{uri}: its tensors do not fit its config ({str(e).splitlines()[0][:300]} ...)") \
-                from None
-    else:
-        state, dropped = to_our_names(blob["format"], blob["state_dict"])
-        report = load_state_strict(model, state, uri, blob["format"], dropped)
-        if report.fresh or report.reinitialized:
-            raise WeightsError(f"{uri}: a {blob['format']} file that does not cover the model: "
-                               f"{', '.join((report.fresh + report.reinitialized)[:8])}")
-        log.info("%s: a %s model, converted to %s on load", uri, blob["format"], MODEL_FORMAT)
+    missing = sorted(set(model.state_dict()) - set(blob["state_dict"]))
+    extra = sorted(set(blob["state_dict"]) - set(model.state_dict()))
+    if missing or extra:
+        raise WeightsError(f"{uri}: its tensors do not fit its config: missing {', '.join(missing[:6]) or '-'}; "
+                           f"unexpected {', '.join(extra[:6]) or '-'}")
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:
+        raise WeightsError(f"{uri}: its tensors do not fit its config ({str(e).splitlines()[0][:300]} ...)") from None
     check_finite(model, uri)
     return model.to(device).eval(), cfg, categories, digest
 

@@ -123,11 +123,9 @@ _TV_HEADS = [
 ]
 
 
-def from_torchvision_heads(state: dict, *, semantic_head_v1: bool = False) -> tuple[dict, dict]:
-    """torchvision's Mask R-CNN names (and ours before format v2) -> ours. The class layers move
-    the background from first to last and drop its box regressor and mask channel. With
-    ``semantic_head_v1``, the semantic head's convs move from index k to 2k (format v1 kept them
-    in a plain list; detectron2's layout interleaves the upsampling modules)."""
+def from_torchvision_heads(state: dict) -> tuple[dict, dict]:
+    """torchvision's Mask R-CNN names -> ours. The class layers move the background from first to
+    last and drop its box regressor and mask channel."""
     out, dropped = {}, {}
     for key, value in state.items():
         t, new = as_tensor(value), key
@@ -143,8 +141,6 @@ def from_torchvision_heads(state: dict, *, semantic_head_v1: bool = False) -> tu
         elif new.startswith("roi_heads.mask_head.predictor."):
             dropped[f"{key}[:1]"] = "background mask channel (detectron2's layout has none)"
             t = t[1:]
-        elif semantic_head_v1 and (m := re.match(r"^sem_seg_head\.p([345])\.(\d)\.(.+)$", new)):
-            new = f"sem_seg_head.p{m.group(1)}.{2 * int(m.group(2))}.{m.group(3)}"
         out[new] = t
     return out, dropped
 

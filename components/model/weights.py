@@ -176,8 +176,6 @@ def identify(state: dict) -> tuple[str, dict]:
 
 
 def to_our_names(kind: str, state: dict) -> tuple[dict, dict]:
-    if kind == "panoptic-fpn/v1":
-        return convert.from_torchvision_heads(state, semantic_head_v1=True)
     if kind == "detectron2":
         return convert.from_detectron2(state)
     if kind == "caffe2-resnet":

@@ -173,3 +173,14 @@ def test_the_pipelines_role_covers_what_the_train_step_creates_and_watches():
     bound = {(b["subjects"][0]["name"]) for b in docs if b["kind"] == "RoleBinding"}
     assert bound == {d.service_account, "default-editor"}   # the pods' account, and KFP's default in a profile
     assert {d["metadata"]["namespace"] for d in docs} == {"team-vision"}
+
+
+def test_the_package_declares_what_requirements_txt_pins():
+    import re
+    import tomllib
+
+    declared = {re.split(r"[<>=!~ ]", d, maxsplit=1)[0].lower()
+                for d in tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]["dependencies"]}
+    pinned = {line.split("==")[0].strip().lower() for line in open(os.path.join(ROOT, "requirements.txt"))
+              if "==" in line and not line.startswith("#")}
+    assert declared == pinned

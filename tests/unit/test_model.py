@@ -151,37 +151,15 @@ def test_caffe2_imagenet_resnet_loads_into_the_backbone(tmp_path, d2_state):
     assert torch.all(sd["backbone.body.layer3.5.bn2.running_var"] == 1 - 1e-5)
 
 
-def test_v1_model_artifact_converts_on_load(tmp_path):
-    """A model.pt written before format v2 (torchvision's head layout: background class first,
-    a background box regressor and mask channel, the semantic head's convs in a plain list)."""
+def test_a_model_artifact_of_another_format_is_refused(tmp_path):
+    """Only this version's model.pt format loads (no old users: no converters for old layouts)."""
     cats = coco_like(3, 2)
     model = PanopticFPN.from_config(load_config("tiny"), cats).eval()
     save_model(model, load_config("tiny"), cats, str(tmp_path / "v2.pt"))
-    v1 = {}
-    for k, t in model.state_dict().items():
-        k1 = (k.replace("rpn.head.conv.", "rpn.head.conv.0.0.")
-              .replace("rpn.head.objectness_logits.", "rpn.head.cls_logits.")
-              .replace("rpn.head.anchor_deltas.", "rpn.head.bbox_pred.").replace("box_head.fc1.", "box_head.fc6.")
-              .replace("box_head.fc2.", "box_head.fc7.").replace("mask_head.deconv.", "mask_predictor.conv5_mask.")
-              .replace("mask_head.predictor.", "mask_predictor.mask_fcn_logits."))
-        if ".mask_fcn" in k1 and "logits" not in k1:
-            n = int(k1.split("mask_fcn")[1][0])
-            k1 = k1.replace(f"mask_head.mask_fcn{n}.", f"mask_head.{n - 1}.0.")
-        if k.startswith("sem_seg_head.p") and k.split(".")[1] in ("p3", "p4", "p5"):
-            parts = k1.split(".")
-            parts[2] = str(int(parts[2]) // 2)
-            k1 = ".".join(parts)
-        if "box_predictor.cls_score" in k:
-            t = torch.cat([t[-1:], t[:-1]])
-        elif "box_predictor.bbox_pred" in k:
-            t = torch.cat([torch.zeros_like(t[:4]), t])
-        elif "mask_predictor.mask_fcn_logits" in k1:
-            t = torch.cat([torch.zeros_like(t[:1]), t])
-        v1[k1] = t
     blob = torch.load(str(tmp_path / "v2.pt"), weights_only=True)
-    torch.save({**blob, "format": "panoptic-fpn/v1", "state_dict": v1}, str(tmp_path / "v1.pt"))
-    loaded, _, _ = load_model(str(tmp_path / "v1.pt"))
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    torch.save({**blob, "format": "panoptic-fpn/v1"}, str(tmp_path / "v1.pt"))
+    with pytest.raises(WeightsError, match="format 'panoptic-fpn/v1'.*reads panoptic-fpn/v2"):
+        load_model(str(tmp_path / "v1.pt"))
 
 
 def test_paste_masks_matches_grid_sample_pasting():
