@@ -14,6 +14,7 @@ export PYTHONUNBUFFERED := 1
 
 help:
 	@echo "make run    - the embedded default: the whole pipeline on a synthetic dataset, locally (kfp.local, MLflow sqlite)"
+	@echo "              RUN_ARGS=--force retrains on unchanged data; RUN_ARGS=\"--seed 1\" draws a new sample"
 	@echo "make sweep  - the same pipeline with a hyper-parameter search (pipeline/sweeps/tiny.yaml: 3 trials)"
 	@echo "make test   - the whole test suite (unit, integration with real servers, e2e)"
 	@echo "make lint   - ruff (the rules in pyproject.toml)"

@@ -254,7 +254,7 @@ def builtin_configs() -> list[str]:
 
 
 def load_config(name_or_path: str, overrides: dict | None = None) -> Config:
-    """A built-in config by name (``r50_1x``, ``r50_3x``, ``r101_3x``, ``tiny``) or a YAML (or JSON)
+    """A built-in config by name (``builtin_configs()``: ``r50_1x``, ``r101_3x``, ``tiny`` ...) or a YAML (or JSON)
     file path or URI, with ``overrides`` (nested, or dotted keys: ``{"solver.base_lr": 0.01}``).
 
     The run's length has one meaning: a ``solver.max_iter`` override scales the schedule with it

@@ -22,7 +22,8 @@ IMAGENET = {"resnet18": "torchvision:resnet18_imagenet", "resnet50": "torchvisio
 @dataclass(frozen=True)
 class TrainSettings:
     """Args:
-        config: a built-in config (``r50_1x``, ``r50_3x``, ``r101_3x``, ``tiny``) or a YAML path/URI.
+        config: a built-in config (``components/model/configs/``: ``r50_1x``, ``r101_3x``, ``tiny`` ...) or a
+            YAML path/URI.
         iterations: the run's length: this many iterations instead of the config's ``max_iter``, the
             LR steps, warmup and checkpoint period scaled with it (0: the config's schedule). The
             same as overriding ``solver.max_iter``: the run's length has that one meaning.
