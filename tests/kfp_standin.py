@@ -19,6 +19,10 @@ class KfpStandIn:
     def __init__(self, *, token: str | None = None, cookie: str | None = None, namespace: str | None = None):
         self.requests: list[dict] = []
         self.experiments: dict[str, dict] = {}
+        self.pipelines: dict[str, dict] = {}     # id -> pipeline
+        self.versions: dict[str, dict] = {}      # id -> version (with its "package" bytes)
+        self.recurring: dict[str, dict] = {}     # id -> recurring run
+        self.runs: dict[str, dict] = {}
         self.token, self.cookie, self.namespace = token, cookie, namespace
         standin = self
 
@@ -37,7 +41,10 @@ class KfpStandIn:
             def _record(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
-                body = json.loads(raw) if raw else None
+                if (self.headers.get("Content-Type") or "").startswith("multipart/form-data"):
+                    body = {"files": _multipart(self.headers["Content-Type"], raw)}
+                else:
+                    body = json.loads(raw) if raw else None
                 url = urlparse(self.path)
                 standin.requests.append({"method": self.command, "path": url.path, "query": parse_qs(url.query),
                                          "body": body, "authorization": self.headers.get("Authorization"),
@@ -83,13 +90,50 @@ class KfpStandIn:
                     return self._reply({"experiments": exps, "total_size": len(exps)})
                 if "/experiments/" in path:
                     return self._reply(standin.experiments.get(path.rsplit("/", 1)[1], {}))
+                if path.endswith("/pipelines"):
+                    name = _filter_value(query, "display_name")
+                    found = [p for p in standin.pipelines.values() if name is None or p["display_name"] == name]
+                    return self._reply({"pipelines": found, "total_size": len(found)} if found else {})
+                if path.endswith("/versions"):
+                    pid = path.split("/")[-2]
+                    found = [_public(v) for v in standin.versions.values() if v["pipeline_id"] == pid]
+                    return self._reply({"pipeline_versions": found, "total_size": len(found)} if found else {})
+                if path.endswith("/recurringruns"):
+                    exp = query.get("experiment_id", [None])[0]
+                    found = [r for r in standin.recurring.values() if exp is None or r["experiment_id"] == exp]
+                    return self._reply({"recurringRuns": found, "total_size": len(found)} if found else {})
+                return self._reply({})
+
+            def do_DELETE(self):
+                self._record()
+                if self._refuse():
+                    return
+                path = urlparse(self.path).path
+                parts = path.split("/")
+                if "/recurringruns/" in path:
+                    standin.recurring.pop(parts[-1], None)
+                elif "/versions/" in path:
+                    standin.versions.pop(parts[-1], None)
                 return self._reply({})
 
             def do_POST(self):
                 body = self._record() or {}
                 if self._refuse():
                     return
-                path = urlparse(self.path).path
+                url = urlparse(self.path)
+                path, query = url.path, parse_qs(url.query)
+                if path.endswith("/pipelines/upload"):
+                    pid = "p-" + uuid.uuid4().hex[:8]
+                    pipeline = {"pipeline_id": pid, "display_name": query["name"][0],
+                                "description": query.get("description", [""])[0],
+                                "namespace": query.get("namespace", [""])[0]}
+                    standin.pipelines[pid] = pipeline
+                    standin._version(pid, query["name"][0], "", body["files"]["uploadfile"])
+                    return self._reply(pipeline)
+                if path.endswith("/pipelines/upload_version"):
+                    v = standin._version(query["pipelineid"][0], query["name"][0], query.get("description", [""])[0],
+                                         body["files"]["uploadfile"])
+                    return self._reply(_public(v))
                 if path.endswith("/experiments"):
                     if self._wrong_namespace(body.get("namespace")):
                         return
@@ -102,13 +146,23 @@ class KfpStandIn:
                     if self._wrong_namespace(exp.get("namespace")):
                         return
                     if path.endswith("/runs"):
-                        return self._reply({**body, "run_id": "run-" + uuid.uuid4().hex[:8], "state": "PENDING"})
-                    return self._reply({**body, "recurring_run_id": "rr-" + uuid.uuid4().hex[:8], "status": "ENABLED"})
+                        run = {**body, "run_id": "run-" + uuid.uuid4().hex[:8], "state": "PENDING"}
+                        standin.runs[run["run_id"]] = run
+                        return self._reply(run)
+                    rr = {**body, "recurring_run_id": "rr-" + uuid.uuid4().hex[:8], "status": "ENABLED"}
+                    standin.recurring[rr["recurring_run_id"]] = rr
+                    return self._reply(rr)
                 return self._reply({})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _version(self, pipeline_id: str, name: str, description: str, package: bytes) -> dict:
+        vid = "v-" + uuid.uuid4().hex[:8]
+        self.versions[vid] = {"pipeline_id": pipeline_id, "pipeline_version_id": vid, "display_name": name,
+                              "description": description, "created_at": "2026-12-02T00:00:00Z", "package": package}
+        return self.versions[vid]
 
     def __enter__(self):
         self.thread.start()
@@ -117,3 +171,28 @@ class KfpStandIn:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+
+def _public(version: dict) -> dict:
+    return {k: v for k, v in version.items() if k != "package"}
+
+
+def _filter_value(query: dict, key: str):
+    """The value a KFP list call's JSON filter asks ``key`` to equal (None: no such filter)."""
+    raw = query.get("filter", [None])[0]
+    if not raw:
+        return None
+    for p in json.loads(raw).get("predicates", []):
+        if p.get("key") == key:
+            return p.get("stringValue", p.get("string_value"))
+    return None
+
+
+def _multipart(content_type: str, raw: bytes) -> dict[str, bytes]:
+    """The files of a multipart/form-data body, by field name."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
+    return {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+            for part in msg.iter_parts()}
