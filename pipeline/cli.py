@@ -122,6 +122,18 @@ def _package(package: str | None, cluster: ClusterSettings) -> str:
     return compile_pipeline(os.path.join(tempfile.mkdtemp(prefix="panoptic-pipeline-"), "pipeline.yaml"), cluster)
 
 
+def _publish(client, host: str, package: str | None, cluster: ClusterSettings, namespace: str):
+    """The pipeline version holding this package (uploaded once, found by its digest after)."""
+    from components.common.hashing import code_version
+    from pipeline.publish import ensure_version
+
+    version = ensure_version(client, _package(package, cluster), namespace=namespace or None,
+                             description=f"Panoptic FPN pipeline, code {code_version()}")
+    click.echo(f"pipeline {PIPELINE_NAME}, version {version.name} ({version.how}): "
+               f"{host.rstrip('/')}/#/pipelines/details/{version.pipeline_id}/version/{version.version_id}")
+    return version
+
+
 @pipeline.command("submit")
 @click.option("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline.")
 @click.option("--experiment", default="panoptic-fpn", show_default=True)
@@ -132,16 +144,72 @@ def _package(package: str | None, cluster: ClusterSettings) -> str:
 @_service_account_option
 @_cluster_options
 def submit(host, experiment, run_name, sets, package, namespace, token_file, cookie, service_account, **cluster):
-    """Create a run of the pipeline on a KFP host and print its URL."""
+    """Run the pipeline on a KFP host: its version (uploaded once per package digest) in the
+    experiment, the same run and experiment names in KFP and MLflow; prints both runs' addresses
+    (MLflow's when its server answers from here: the run is then created now, and linked)."""
     arguments = pipeline_arguments(sets)
-    package = _package(package, _cluster(**cluster, service_account=service_account))
     client = kfp_client(host, namespace, token_file, cookie)
+    name = run_name or f"{PIPELINE_NAME}-{time.strftime('%Y%m%d-%H%M%S')}"
+    arguments.setdefault("experiment", experiment)
+    arguments.setdefault("run_name", name)
     with api_errors(host):
-        run = client.create_run_from_pipeline_package(
-            package, arguments=arguments, run_name=run_name or f"{PIPELINE_NAME}-{time.strftime('%Y%m%d-%H%M%S')}",
-            experiment_id=experiment_id(client, experiment, namespace), namespace=namespace or None,
-            service_account=service_account or None)
+        version = _publish(client, host, package, _cluster(**cluster, service_account=service_account), namespace)
+        mlflow_run = _mlflow_run_now(arguments)
+        run = client.run_pipeline(experiment_id(client, experiment, namespace), name,
+                                  params=_with_ui(arguments, host, mlflow_run),
+                                  pipeline_id=version.pipeline_id, version_id=version.version_id,
+                                  service_account=service_account or None)
     click.echo(f"run {run.run_id}: {host.rstrip('/')}/#/runs/details/{run.run_id}")
+    if mlflow_run is None:
+        uri = arguments.get("mlflow_uri") or "the tasks' MLFLOW_TRACKING_URI"
+        click.echo(f"MLflow run: created by the first task in {uri} (not reachable from here); its address is the "
+                   f"select-subset task's `mlflow_run` artifact, and its tag kfp.run_id = {run.run_id}")
+        return
+    from components.common.tracking import run_address
+    from pipeline.steps import kfp_tags
+
+    mlflow_run_id, experiment_id_ = mlflow_run
+    try:
+        from mlflow.tracking import MlflowClient
+
+        mlflow = MlflowClient(arguments["mlflow_uri"])
+        for k, v in kfp_tags(run.run_id, "", _kfp_ui(arguments, host)).items():
+            mlflow.set_tag(mlflow_run_id, k, v)
+    except Exception as e:   # the first task tags it too
+        click.echo(f"(could not tag the MLflow run with the KFP run now: {type(e).__name__}; its first task will)")
+    click.echo(f"MLflow run: {run_address(mlflow_run_id, experiment_id_, arguments['mlflow_uri'])}")
+
+
+def _mlflow_run_now(arguments: dict):
+    """(run id, experiment id) of the MLflow pipeline run created now, when the run's MLflow
+    server answers from here; None when it does not (an in-cluster address): the first task
+    creates it then."""
+    uri = arguments.get("mlflow_uri", "")
+    if not uri.startswith(("http://", "https://")) or arguments.get("mlflow_run_id"):
+        return None
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except requests.RequestException:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    from components.common.tracking import start_pipeline_run
+
+    run_id = start_pipeline_run(uri, arguments.get("experiment"), arguments.get("run_name"))
+    return run_id, MlflowClient(uri).get_run(run_id).info.experiment_id
+
+
+def _kfp_ui(arguments: dict, host: str) -> str:
+    return arguments.get("kfp_ui") or host.rstrip("/")
+
+
+def _with_ui(arguments: dict, host: str, mlflow_run=None) -> dict:
+    """The run's arguments with the KFP UI's address (the MLflow run links back to the KFP run)
+    and the MLflow run created for it, if any."""
+    extra = {"mlflow_run_id": mlflow_run[0]} if mlflow_run else {}
+    return {"kfp_ui": _kfp_ui(arguments, host), **arguments, **extra}
 
 
 @pipeline.command("schedule")
@@ -157,19 +225,71 @@ def submit(host, experiment, run_name, sets, package, namespace, token_file, coo
 @_cluster_options
 def schedule(host, cron, experiment, name, max_concurrency, sets, package, namespace, token_file, cookie,
              service_account, **cluster):
-    """Create a recurring run: scheduled retraining. A run whose data, config and code equal the
-    champion's ends early with "nothing new" (--set force=true retrains anyway)."""
+    """Scheduled retraining: a recurring run of the pipeline's version. A recurring run of the same
+    name is replaced (KFP cannot update one), or left as it is when nothing changed. A run whose
+    data, config and code equal the champion's ends early with "nothing new" (--set force=true
+    retrains anyway)."""
+    from pipeline.publish import schedule as schedule_version
+
     cron = cron6(cron)
     arguments = pipeline_arguments(sets)
-    package = _package(package, _cluster(**cluster, service_account=service_account))
+    arguments.setdefault("experiment", experiment)   # the same experiment name in KFP and MLflow
     client = kfp_client(host, namespace, token_file, cookie)
     with api_errors(host):
-        job = client.create_recurring_run(experiment_id=experiment_id(client, experiment, namespace), job_name=name,
-                                          cron_expression=cron, max_concurrency=max_concurrency, params=arguments,
-                                          pipeline_package_path=package, no_catchup=True,
+        version = _publish(client, host, package, _cluster(**cluster, service_account=service_account), namespace)
+        job, what, old = schedule_version(client, experiment_id=experiment_id(client, experiment, namespace), name=name,
+                                          version=version, cron=cron, params=_with_ui(arguments, host),
+                                          max_concurrency=max_concurrency, namespace=namespace or None,
                                           service_account=service_account or None)
-    click.echo(f"recurring run {job.recurring_run_id} '{name}' on cron '{cron}' in experiment {experiment}"
-               + (f" (namespace {namespace})" if namespace else ""))
+    where = f" in experiment {experiment}" + (f" (namespace {namespace})" if namespace else "")
+    if what == "unchanged":
+        click.echo(f"recurring run {job.recurring_run_id} '{name}' already runs version {version.name} on cron "
+                   f"'{cron}'{where}: left as it is")
+    elif what == "replaced":
+        click.echo(f"recurring run '{name}' replaced: {old.recurring_run_id} (deleted) -> {job.recurring_run_id}, "
+                   f"version {version.name}, cron '{cron}'{where}")
+    else:
+        click.echo(f"recurring run {job.recurring_run_id} '{name}' on cron '{cron}', version {version.name}{where}")
+
+
+@pipeline.command("versions")
+@click.option("--host", required=True, help="KFP API endpoint.")
+@auth_options
+def versions_cmd(host, namespace, token_file, cookie):
+    """The pipeline's versions on a KFP host, newest first (name = the package's digest)."""
+    from pipeline.publish import list_all
+
+    client = kfp_client(host, namespace, token_file, cookie)
+    with api_errors(host):
+        pid = client.get_pipeline_id(PIPELINE_NAME)
+        if pid is None:
+            raise click.ClickException(f"no pipeline {PIPELINE_NAME} on {host} yet: `panoptic pipeline submit` "
+                                       f"uploads it")
+        found = list_all(client.list_pipeline_versions, "pipeline_versions", pipeline_id=pid)
+    for v in sorted(found, key=lambda v: str(v.created_at), reverse=True):
+        click.echo(f"{v.display_name}  {v.pipeline_version_id}  {v.created_at}  {v.description or ''}".rstrip())
+
+
+@pipeline.command("schedules")
+@click.option("--host", required=True, help="KFP API endpoint.")
+@click.option("--experiment", default="panoptic-fpn", show_default=True)
+@auth_options
+def schedules_cmd(host, experiment, namespace, token_file, cookie):
+    """The recurring runs in the experiment: name, id, cron, the pipeline version they run."""
+    from pipeline.publish import list_all
+
+    client = kfp_client(host, namespace, token_file, cookie)
+    with api_errors(host):
+        runs = list_all(client.list_recurring_runs, "recurring_runs", experiment_id=experiment_id(client, experiment,
+                                                                                             namespace),
+                    namespace=namespace or None)
+    if not runs:
+        click.echo(f"no recurring runs in experiment {experiment}")
+    for r in runs:
+        cron = r.trigger.cron_schedule.cron if r.trigger and r.trigger.cron_schedule else "-"
+        ref = r.pipeline_version_reference
+        click.echo(f"{r.display_name}  {r.recurring_run_id}  cron '{cron}'  version "
+                   f"{ref.pipeline_version_id if ref else '-'}  {r.status or ''}".rstrip())
 
 
 # run-local's shorthands: each is the --set item it stands for
@@ -223,6 +343,7 @@ def run_local_cmd(data, sets, sweep_file, force, runner, root, verbose, **shorth
     m, t = s["metrics"], s["tags"]
     click.echo("")
     click.echo(f"pipeline run finished in {s['seconds'] / 60:.1f} min (MLflow run {s['run_id']}, {s['mlflow_uri']})")
+    click.echo(f"MLflow run: {s['url']}" + _serve_hint(s["mlflow_uri"]))
     if s["skipped"]:
         click.echo(t.get("decision.reason", "nothing new"))
         click.echo(f"retrain anyway: {_again('--force')}")
@@ -240,6 +361,14 @@ def run_local_cmd(data, sets, sweep_file, force, runner, root, verbose, **shorth
     default_store = s["mlflow_uri"] == f"sqlite:///{os.path.abspath('mlflow.db')}"
     env = "" if default_store else f"MLFLOW_TRACKING_URI={s['mlflow_uri']} "
     click.echo(f"compare runs: {env}{shlex.quote(_program())} runs compare")
+
+
+def _serve_hint(uri: str) -> str:
+    """How to serve a local store's UI at the printed address (a server serves itself)."""
+    if uri.startswith(("http://", "https://")):
+        return ""
+    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    return f"  (serve it: {shlex.quote(mlflow if os.path.exists(mlflow) else 'mlflow')} ui --backend-store-uri {uri})"
 
 
 def _program() -> str:

@@ -6,20 +6,34 @@ settings arrive as one ``dict`` parameter, parsed by the stage's settings datacl
 """
 
 
+from typing import NamedTuple
+
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
 from pipeline.settings import CPU_IMAGE, GPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def select_subset(data_uri: str, settings: dict, train: dict, mlflow_uri: str, experiment: str, run_name: str,
-                  train_manifest: Output[Dataset], val_manifest: Output[Dataset]) -> str:
-    """Stage 1: reproducible train/val subsets; opens the pipeline's MLflow run (returns its id)."""
+                  kfp_run_id: str, kfp_run_name: str, kfp_ui: str, mlflow_run_id: str,
+                  train_manifest: Output[Dataset], val_manifest: Output[Dataset],
+                  mlflow_run: Output[Markdown]) -> NamedTuple("Outputs", [("run_id", str), ("train_manifest_hash", str),
+                                                                       ("val_manifest_hash", str)]):
+    """Stage 1: reproducible train/val subsets; opens the pipeline's MLflow run (one per KFP run:
+    a retry finds it by the KFP run's id) and links it (``mlflow_run``, Markdown)."""
+    from collections import namedtuple
+
+    from components.common.manifests import load_manifest
     from pipeline.steps import step_subset
 
-    return step_subset(data_uri=data_uri, train_out=train_manifest.path, val_out=val_manifest.path, settings=settings,
-                       train=train, mlflow_uri=mlflow_uri, experiment=experiment, run_name=run_name)
+    run_id = step_subset(data_uri=data_uri, train_out=train_manifest.path, val_out=val_manifest.path,
+                         settings=settings, train=train, mlflow_uri=mlflow_uri, experiment=experiment,
+                         run_name=run_name, kfp_run_id=kfp_run_id, kfp_run_name=kfp_run_name, kfp_ui=kfp_ui,
+                         mlflow_run_id=mlflow_run_id, link_out=mlflow_run.path)
+    out = namedtuple("Outputs", ["run_id", "train_manifest_hash", "val_manifest_hash"])
+    return out(run_id, load_manifest(train_manifest.path)["manifest_hash"],
+               load_manifest(val_manifest.path)["manifest_hash"])
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -33,13 +47,23 @@ def decide(train_manifest: Input[Dataset], train: dict, register: dict, force: b
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def preprocess(train_manifest: Input[Dataset], val_manifest: Input[Dataset], settings: dict, run_id: str,
-               mlflow_uri: str, train_shards: Output[Dataset], val_shards: Output[Dataset]):
-    """Stage 2: Parquet shards, data-quality gate, quarantine report."""
+def preprocess(data_uri: str, subset: dict, train_manifest_hash: str, val_manifest_hash: str, settings: dict,
+               train_shards: Output[Dataset], val_shards: Output[Dataset]):
+    """Stage 2: Parquet shards, data-quality gate, quarantine report. Its inputs are values only
+    (the subsets by their hashes, no run id), so KFP's cache reuses its shards when they repeat."""
     from pipeline.steps import step_preprocess
 
-    step_preprocess(train_manifest=train_manifest.path, val_manifest=val_manifest.path, train_out=train_shards.path,
-                    val_out=val_shards.path, settings=settings, run_id=run_id, mlflow_uri=mlflow_uri)
+    step_preprocess(data_uri=data_uri, subset=subset, train_manifest_hash=train_manifest_hash,
+                    val_manifest_hash=val_manifest_hash, train_out=train_shards.path, val_out=val_shards.path,
+                    settings=settings)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def log_shards(train_shards: Input[Dataset], val_shards: Input[Dataset], run_id: str, mlflow_uri: str):
+    """The preprocess stage in MLflow: counts, the shards as datasets, index and quarantine."""
+    from pipeline.steps import step_log_shards
+
+    step_log_shards(train_shards=train_shards.path, val_shards=val_shards.path, run_id=run_id, mlflow_uri=mlflow_uri)
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
@@ -107,3 +131,15 @@ def promote_champion(register: dict, version: str, run_id: str, mlflow_uri: str)
     from pipeline.steps import step_promote
 
     step_promote(register=register, version=version, run_id=run_id, mlflow_uri=mlflow_uri)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def finalize(status: dsl.PipelineTaskFinalStatus, kfp_run_id: str, mlflow_uri: str, experiment: str,
+             mlflow_run: Output[Markdown]) -> str:
+    """The exit handler: the MLflow runs' final status, however the pipeline ended (a failed or
+    killed task named on the pipeline run, its runs left RUNNING marked FAILED). Returns the
+    MLflow run's id; ``mlflow_run`` links it (Markdown)."""
+    from pipeline.steps import step_finalize
+
+    return step_finalize(state=status.state, error=status.error_message or "", kfp_run_id=kfp_run_id,
+                         mlflow_uri=mlflow_uri, experiment=experiment, link_out=mlflow_run.path)

@@ -4,6 +4,10 @@
                                                                   \\-> score champion ----+-> register
                                                                                              [-> promote]
 
+An exit handler (``finalize``) runs however the pipeline ends: it gives the MLflow runs their
+final status, naming a failed or killed task. Only ``preprocess`` is cached: its inputs are
+values (the data's address, settings, the subsets' hashes), so the same data reuses its shards.
+
 ``decide`` ends a scheduled run early ("nothing new") when the champion was trained on the same
 data, config and code. ``score champion`` puts the champion's metrics on the current
 validation shards beside the challenger's (re-scoring it when it was measured on others), so
@@ -64,28 +68,36 @@ def build_pipeline(cluster: ClusterSettings | None = None):
     job_cluster = settings_dict(cluster or ClusterSettings())
     job_cluster["gpu_image"] = job_cluster["gpu_image"] or GPU_IMAGE
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="Panoptic FPN: subset, preprocess, train, evaluate, register")
-    def panoptic_fpn(data_uri: str, subset: dict = {}, preprocess: dict = {}, train: dict = {}, evaluate: dict = {},
-                     register: dict = {}, force: bool = False, mlflow_uri: str = "",
-                     experiment: str = "panoptic-fpn", run_name: str = ""):
+    def _stages(data_uri, subset, preprocess, train, evaluate, register, force, mlflow_uri, experiment, run_name,
+                kfp_ui, mlflow_run_id):
         chosen = _apply(c.select_subset(data_uri=data_uri, settings=subset, train=train, mlflow_uri=mlflow_uri,
-                                        experiment=experiment, run_name=run_name), cluster)
-        chosen.set_caching_options(False)  # it opens the MLflow run of this pipeline run
+                                        experiment=experiment, run_name=run_name,
+                                        kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                                        kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, kfp_ui=kfp_ui,
+                                        mlflow_run_id=mlflow_run_id), cluster)
+        chosen.set_caching_options(False)  # it opens (or, retried, finds) the MLflow run of this KFP run
         chosen.set_retry(num_retries=2)
-        run_id = chosen.outputs["Output"]
+        run_id = chosen.outputs["run_id"]
         decision = _apply(c.decide(train_manifest=chosen.outputs["train_manifest"], train=train, register=register,
                                    force=force, run_id=run_id, mlflow_uri=mlflow_uri), cluster)
         decision.set_caching_options(False)
         with dsl.If(decision.output == "train", name="something-new"):
-            pre = _apply(c.preprocess(train_manifest=chosen.outputs["train_manifest"],
-                                      val_manifest=chosen.outputs["val_manifest"], settings=preprocess,
-                                      run_id=run_id, mlflow_uri=mlflow_uri), cluster)
+            # values in, no run id: KFP's cache reuses the shards of the same data and settings
+            pre = _apply(c.preprocess(data_uri=data_uri, subset=subset,
+                                      train_manifest_hash=chosen.outputs["train_manifest_hash"],
+                                      val_manifest_hash=chosen.outputs["val_manifest_hash"], settings=preprocess),
+                         cluster)
+            pre.set_caching_options(True)
             pre.set_retry(num_retries=2)
+            logged = _apply(c.log_shards(train_shards=pre.outputs["train_shards"], val_shards=pre.outputs["val_shards"],
+                                         run_id=run_id, mlflow_uri=mlflow_uri), cluster)
+            logged.set_caching_options(False)
             trained = _apply(c.train(train_shards=pre.outputs["train_shards"], val_shards=pre.outputs["val_shards"],
                                      settings=train, cluster=job_cluster,
                                      register=register, run_id=run_id, mlflow_uri=mlflow_uri), cluster, gpu=True,
                              launches=True)
             trained.set_caching_options(False)
+            trained.set_retry(num_retries=2)   # resumes from its checkpoints (an evicted node costs minutes)
             evaluated = _apply(c.evaluate(model=trained.outputs["model"], val_shards=pre.outputs["val_shards"],
                                           settings=evaluate, run_id=run_id, mlflow_uri=mlflow_uri), cluster, gpu=True)
             evaluated.set_caching_options(False)
@@ -97,9 +109,23 @@ def build_pipeline(cluster: ClusterSettings | None = None):
                                     champion=champion.outputs["champion"], settings=register, run_id=run_id,
                                     mlflow_uri=mlflow_uri), cluster)
             reg.set_caching_options(False)
+            reg.after(logged)
             with dsl.If(reg.output != "", name="gate-passed"):
                 prom = _apply(c.promote_champion(register=register, version=reg.output, run_id=run_id,
                                                  mlflow_uri=mlflow_uri), cluster)
                 prom.set_caching_options(False)
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Panoptic FPN: subset, preprocess, train, evaluate, register")
+    def panoptic_fpn(data_uri: str, subset: dict = {}, preprocess: dict = {}, train: dict = {}, evaluate: dict = {},
+                     register: dict = {}, force: bool = False, mlflow_uri: str = "",
+                     experiment: str = "panoptic-fpn", run_name: str = "", kfp_ui: str = "",
+                     mlflow_run_id: str = "") -> str:
+        final = _apply(c.finalize(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, mlflow_uri=mlflow_uri,
+                                  experiment=experiment), cluster)
+        final.set_caching_options(False)
+        with dsl.ExitHandler(final, name="mlflow-runs-closed"):
+            _stages(data_uri, subset, preprocess, train, evaluate, register, force, mlflow_uri, experiment, run_name,
+                    kfp_ui, mlflow_run_id)
+        return final.outputs["Output"]
 
     return panoptic_fpn

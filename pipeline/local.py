@@ -60,8 +60,9 @@ def run_local(data: str | None = None, *, runner: str = "subprocess", root: str 
     or ``docker`` (our images). ``settings``: {stage: {key: value}} over ``LOCAL_SETTINGS``.
     Returns a summary."""
     from kfp import local
+    from mlflow.tracking import MlflowClient
 
-    from components.common.tracking import DEFAULT_EXPERIMENT, PIPELINE_TAG, setup
+    from components.common.tracking import DEFAULT_EXPERIMENT, run_address, setup
     from pipeline.dag import build_pipeline
 
     if runner not in RUNNERS:
@@ -78,34 +79,58 @@ def run_local(data: str | None = None, *, runner: str = "subprocess", root: str 
     default_store = os.path.join(root if runner == "docker" else os.getcwd(), "mlflow.db")
     mlflow_uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{default_store}"
     log_path = os.path.join(root, "pipeline.log")
-    t0 = time.perf_counter()
+    t0, t_start = time.perf_counter(), time.time()
     with contextlib.ExitStack() as stack:
         if runner == "docker":
             kfp_runner, guard = docker_runner(root, data, mlflow_uri)
             stack.enter_context(guard)
         else:
             kfp_runner, guard = local.SubprocessRunner(use_venv=False), None
-        local.init(runner=kfp_runner, pipeline_root=root, raise_on_error=True)
+        # caching as on a cluster: only preprocess is cacheable (its inputs are values), so a forced
+        # retrain on the same data reuses its shards; a cache entry whose files are gone is a miss
+        local.init(runner=kfp_runner, pipeline_root=root, raise_on_error=True, enable_caching=True)
         stack.enter_context(_task_log(log_path, verbose))
         try:
-            build_pipeline(None)(data_uri=data, mlflow_uri=mlflow_uri, force=force, run_name=run_name,
-                                 **local_settings(settings))
+            done = build_pipeline(None)(data_uri=data, mlflow_uri=mlflow_uri, force=force, run_name=run_name,
+                                        **local_settings(settings))
         except RuntimeError as e:
             if guard is not None and guard.failure:
                 raise guard.failure from None
-            raise TaskFailed(f"{_first_line(e)} (its log: {log_path})") from None
+            raise TaskFailed(f"{_first_line(e)} (its log: {log_path}){_failed_run(mlflow_uri, t_start)}") from None
         if guard is not None:
             guard.check()
     elapsed = time.perf_counter() - t0
-    mlflow = setup(mlflow_uri, DEFAULT_EXPERIMENT)
-    run = mlflow.search_runs(experiment_names=[DEFAULT_EXPERIMENT], filter_string=f"tags.`{PIPELINE_TAG}` = 'pipeline'",
-                             order_by=["attributes.start_time DESC"], max_results=1, output_format="list")[0]
+    setup(mlflow_uri, DEFAULT_EXPERIMENT)
+    run = MlflowClient(mlflow_uri).get_run(done.output)   # finalize's output: this run's MLflow run
     reports = sorted((p for p in glob.glob(os.path.join(root, "**", "report.html"), recursive=True)
                       if not _inside(p, os.path.join(root, "mlruns"))), key=os.path.getmtime)
     skipped = run.data.tags.get("decision") == "skip"
-    return {"run_id": run.info.run_id, "metrics": run.data.metrics, "tags": run.data.tags, "skipped": skipped,
+    return {"run_id": run.info.run_id, "url": run_address(run.info.run_id, run.info.experiment_id, mlflow_uri),
+            "metrics": run.data.metrics, "tags": run.data.tags, "skipped": skipped,
             "report": None if skipped or not reports else reports[-1], "seconds": elapsed, "mlflow_uri": mlflow_uri,
             "log": None if verbose else log_path, "runner": runner}
+
+
+def _failed_run(mlflow_uri: str, since: float) -> str:
+    """"; MLflow run: <address> (failed task: ...)" for the pipeline run the exit handler closed."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        from components.common.tracking import DEFAULT_EXPERIMENT, PIPELINE_TAG, run_address
+
+        client = MlflowClient(mlflow_uri)
+        exp = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+        runs = client.search_runs([exp.experiment_id], f"tags.`{PIPELINE_TAG}` = 'pipeline' and "
+                                  f"attributes.start_time >= {int(since * 1000)}",
+                                  order_by=["attributes.start_time DESC"], max_results=1) if exp else []
+    except Exception:   # the store may be what failed; the error above says what did
+        return ""
+    if not runs:
+        return ""
+    r = runs[0]
+    failed = r.data.tags.get("pipeline.failed_task")
+    return (f"; MLflow run: {run_address(r.info.run_id, r.info.experiment_id, mlflow_uri)}"
+            + (f" (failed task: {failed}, marked FAILED)" if failed else ""))
 
 
 def _first_line(e: Exception) -> str:
@@ -298,8 +323,8 @@ def _task_log(path: str, verbose: bool):
     os.close(write_fd)
     # what the console shows of the tasks' logs: which task runs and how it ended, the training's
     # progress (iteration, loss, images/s, ETA), the sweep's trials, decide's verdict, errors
-    keep = re.compile(r"Executing task|finished with status|Pipeline .* finished|Error|Traceback|"
-                      r"train \S+: \d+(/\d+)? it|sweep trial \d+|sweep: best|decide: ")
+    keep = re.compile(r"Executing task|finished with status|cache hit|Pipeline .* finished|Error|Traceback|"
+                      r"train \S+: \d+(/\d+)? it|train: \S+, \d+ iterations|sweep trial \d+|sweep: best|decide: ")
 
     def pump():
         with open(path, "a", encoding="utf-8") as log_file, os.fdopen(read_fd, "rb") as pipe:

@@ -32,7 +32,8 @@ STAGES = {
     "evaluate": "components.evaluate.settings:EvaluateSettings",
     "register": "components.register.core:RegisterSettings",
 }
-RUN_PARAMETERS = {"data_uri": str, "mlflow_uri": str, "experiment": str, "run_name": str, "force": bool}
+RUN_PARAMETERS = {"data_uri": str, "mlflow_uri": str, "experiment": str, "run_name": str, "force": bool,
+                  "kfp_ui": str, "mlflow_run_id": str}
 CONFIG_SECTIONS = ("model", "input", "solver", "data")   # the training config's (components/model/config.py)
 # ``train.seed`` / ``train.log_period``: the config's own top-level keys, also overrides
 

@@ -22,6 +22,36 @@ log = logging.getLogger(__name__)
 
 
 
+def _mark(run_id: str | None, task: str, state: str, mlflow_uri: str) -> None:
+    """The task's state on the pipeline run (tag ``task.<name>``): a task still "running" when
+    the pipeline ends died there (killed, evicted, out of memory); ``step_finalize`` names it."""
+    log_parent(run_id or None, tags={f"task.{task}": state}, uri=mlflow_uri or None)
+
+
+def task(name: str):
+    """A step's state on the pipeline run: "running" as it starts, "succeeded" or "failed" as it
+    ends (a kill leaves "running")."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(**kwargs):
+            run_id, uri = kwargs.get("run_id") or None, kwargs.get("mlflow_uri") or ""
+            _mark(run_id, name, "running", uri)
+            try:
+                out = fn(**kwargs)
+            except BaseException:
+                try:
+                    _mark(run_id, name, "failed", uri)
+                except Exception:   # the store itself may be what failed: the error below says so
+                    pass
+                raise
+            _mark(run_id, name, "succeeded", uri)
+            return out
+        return run
+    return wrap
+
+
 def _flat(prefix: str, d: dict) -> dict:
     out = {}
     for k, v in d.items():
@@ -59,18 +89,37 @@ def _config_name(train) -> str:
 
 
 def step_subset(*, data_uri: str, train_out: str, val_out: str, settings=None, train=None, mlflow_uri: str = "",
-                experiment: str = "", run_name: str = "") -> str:
-    """Select the train and val subsets; create the pipeline's MLflow run (named
-    ``panoptic-fpn <config> <date time>`` unless ``run_name`` is given). Returns its id."""
+                experiment: str = "", run_name: str = "", kfp_run_id: str = "", kfp_run_name: str = "",
+                kfp_ui: str = "", mlflow_run_id: str = "", link_out: str = "") -> str:
+    """Select the train and val subsets; open the pipeline's MLflow run (named ``panoptic-fpn
+    <config> <date time>`` unless ``run_name`` is given): ``mlflow_run_id`` when ``submit``
+    created it, else the one tagged with ``kfp_run_id`` (a retry of this task), else a new one.
+    The run carries the KFP run's id, name and address; ``link_out`` gets the MLflow run's
+    address as Markdown (the task's artifact in KFP's UI). Returns the MLflow run's id."""
     setup_logging()
-    from components.common.datasets import TRAINING, VALIDATION, log_datasets, log_datasets_to, subset_dataset
     from components.common.tracking import pipeline_run_name
-    from components.select_subset.core import SubsetSettings, select_subset
+    from components.select_subset.core import SubsetSettings
 
     s = parse_settings(SubsetSettings, settings, "subset settings")
     params = {"data_uri": data_uri, **{f"subset.{k}": v for k, v in _flat("", settings_dict(s)).items()}}
     name = run_name or pipeline_run_name(_config_name(train))
-    run_id = start_pipeline_run(mlflow_uri or None, experiment or None, name)
+    kfp = kfp_tags(kfp_run_id, kfp_run_name, kfp_ui)
+    run_id = (_adopt(mlflow_run_id, mlflow_uri, kfp) if mlflow_run_id else
+              start_pipeline_run(mlflow_uri or None, experiment or None, name, tags=kfp, kfp_run_id=kfp_run_id))
+    if link_out:
+        write_link(link_out, run_id, mlflow_uri, kfp)
+    _subset(run_id=run_id, mlflow_uri=mlflow_uri, params=params, cfg=s, data_uri=data_uri, train_out=train_out,
+            val_out=val_out, experiment=experiment)
+    return run_id
+
+
+@task("select-subset")
+def _subset(*, run_id: str, mlflow_uri: str, params: dict, cfg, data_uri: str, train_out: str, val_out: str,
+            experiment: str) -> None:
+    from components.common.datasets import TRAINING, VALIDATION, log_datasets, log_datasets_to, subset_dataset
+    from components.select_subset.core import select_subset
+
+    s = cfg
     log_parent(run_id, params=params, uri=mlflow_uri or None)
     train_subset = select_subset(s.train_config(), data_uri, s.train_split, train_out)
     val = select_subset(s.val_config(), data_uri, s.val_split, val_out)
@@ -87,9 +136,53 @@ def step_subset(*, data_uri: str, train_out: str, val_out: str, settings=None, t
         log_datasets_to(ml.MlflowClient(), run_id, datasets)
     log_parent(run_id, tags={"lineage.manifest_hash": train_subset.manifest["manifest_hash"],
                              "lineage.val_manifest_hash": val.manifest["manifest_hash"]}, uri=mlflow_uri or None)
+
+
+def kfp_tags(kfp_run_id: str, kfp_run_name: str, kfp_ui: str) -> dict:
+    """The KFP run's identity as MLflow tags: ``kfp.run_id``, ``kfp.run_name``, ``kfp.run_url``."""
+    tags = {k: v for k, v in (("kfp.run_id", kfp_run_id), ("kfp.run_name", kfp_run_name)) if v}
+    if kfp_run_id and kfp_ui:
+        tags["kfp.run_url"] = f"{kfp_ui.rstrip('/')}/#/runs/details/{kfp_run_id}"
+    return tags
+
+
+def _adopt(run_id: str, mlflow_uri: str, tags: dict) -> str:
+    """The pipeline run ``submit`` created for this KFP run: it must exist and be one."""
+    from mlflow.tracking import MlflowClient
+
+    from components.common.tracking import PIPELINE_TAG, tracking_uri
+
+    client = MlflowClient(tracking_uri(mlflow_uri or None))
+    run = client.get_run(run_id)
+    if run.data.tags.get(PIPELINE_TAG) != "pipeline":
+        raise ValueError(f"mlflow_run_id {run_id} is not a pipeline run of {tracking_uri(mlflow_uri or None)}: "
+                         f"leave mlflow_run_id empty and the first task creates one")
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
     return run_id
 
 
+def write_link(path: str, run_id: str, mlflow_uri: str, kfp: dict | None = None, extra: str = "") -> str:
+    """The MLflow run's address as Markdown (a KFP Markdown artifact, shown in the task's pane)."""
+    from mlflow.tracking import MlflowClient
+
+    from components.common.tracking import run_address, tracking_uri
+
+    run = MlflowClient(tracking_uri(mlflow_uri or None)).get_run(run_id)
+    url = run_address(run_id, run.info.experiment_id, mlflow_uri or None)
+    lines = [f"# MLflow run: [{run.info.run_name}]({url})", "",
+             f"- tracking URI: `{tracking_uri(mlflow_uri or None)}`", f"- run id: `{run_id}`",
+             f"- status: {run.info.status}"]
+    if kfp and kfp.get("kfp.run_id"):
+        lines.append(f"- KFP run id (MLflow tag `kfp.run_id`): `{kfp['kfp.run_id']}`")
+    text = "\n".join(lines) + ("\n\n" + extra if extra else "") + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return url
+
+
+@task("decide")
 def step_decide(*, train_manifest: str, train=None, register=None, force: bool = False, run_id: str = "",
                 mlflow_uri: str = "") -> str:
     """"train", or "skip" when the champion was trained on this very data, config and code
@@ -133,33 +226,64 @@ def _log_data(ml, index: dict, shards_uri: str, context: str, parent_run_id: str
         log_datasets_to(ml.MlflowClient(), parent_run_id, [(shards_dataset(index, shards_uri), context)])
 
 
-def step_preprocess(*, train_manifest: str, val_manifest: str, train_out: str, val_out: str, settings=None,
-                    run_id: str = "", mlflow_uri: str = "") -> dict:
+def step_preprocess(*, data_uri: str, subset=None, train_manifest_hash: str, val_manifest_hash: str, train_out: str,
+                    val_out: str, settings=None) -> dict:
+    """Parquet shards of the subsets ``select_subset`` chose, without MLflow (``step_log_shards``
+    logs them): the task's inputs are the data's address, the subset and preprocess settings and
+    the manifests' hashes, all values, so KFP's cache (keyed on them) reuses the shards when they
+    repeat. The subsets are chosen again here (deterministic) and must hash as given."""
+    setup_logging()
+    import tempfile
+
+    from components.preprocess.core import PreprocessSettings, preprocess
+    from components.select_subset.core import SubsetSettings, select_subset
+
+    s = parse_settings(SubsetSettings, subset, "subset settings")
+    cfg = parse_settings(PreprocessSettings, settings, "preprocess settings")
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="panoptic-subset-") as tmp:
+        for name, split_cfg, split, expected, folder in (
+                ("train", s.train_config(), s.train_split, train_manifest_hash, train_out),
+                ("val", s.val_config(), s.val_split, val_manifest_hash, val_out)):
+            chosen = select_subset(split_cfg, data_uri, split, os.path.join(tmp, name))
+            if chosen.manifest["manifest_hash"] != expected:
+                raise RuntimeError(f"{data_uri} ({split}) changed since select_subset ran: its subset hashes "
+                                   f"{chosen.manifest['manifest_hash'][:12]}, not {expected[:12]}; run the "
+                                   f"pipeline again")
+            r = preprocess(cfg, os.path.join(tmp, name, "manifest.json"), folder, progress=False)
+            out[name] = {"rows": r.rows_written, "quarantined": r.quarantined}
+    return out
+
+
+@task("log-shards")
+def step_log_shards(*, train_shards: str, val_shards: str, run_id: str = "", mlflow_uri: str = "") -> dict:
+    """The preprocess stage's MLflow run (counts, shards as datasets, index and quarantine
+    files), from the shards it wrote: apart from ``step_preprocess``, so that one can be cached."""
     setup_logging()
     from components.common.datasets import TRAINING, VALIDATION
     from components.data.records import load_index
-    from components.preprocess.core import PreprocessSettings, preprocess
 
-    cfg = parse_settings(PreprocessSettings, settings, "preprocess settings")
     out = {}
     with stage_run("preprocess", run_id or None, mlflow_uri or None) as ml:
-        ml.log_params({k: v for k, v in settings_dict(cfg).items() if v is not None})
-        for name, manifest, folder in (("train", train_manifest, train_out), ("val", val_manifest, val_out)):
-            r = preprocess(cfg, manifest, folder, progress=False)
+        for name, folder in (("train", train_shards), ("val", val_shards)):
             index = load_index(folder)
+            if name == "train":
+                ml.log_params({k: v for k, v in index["params"].items() if v is not None})
             _log_data(ml, index, folder, TRAINING if name == "train" else VALIDATION, run_id)
-            ml.log_metrics({f"{name}_rows": r.rows_written, f"{name}_quarantined": r.quarantined,
-                            f"{name}_shards": len(r.shards)})
+            ml.log_metrics({f"{name}_rows": index["rows_written"], f"{name}_quarantined": index["quarantined"],
+                            f"{name}_shards": len(index["shards"])})
             ml.set_tag(f"lineage.{name}_shards_hash", shard_hash(index))
             _log_file(ml, storage.join(folder, "index.json"), f"preprocess/{name}")
             _log_file(ml, storage.join(folder, "quarantine.jsonl"), f"preprocess/{name}")
-            out[name] = {"rows": r.rows_written, "quarantined": r.quarantined, "shards_hash": shard_hash(index)}
+            out[name] = {"rows": index["rows_written"], "quarantined": index["quarantined"],
+                         "shards_hash": shard_hash(index)}
     log_parent(run_id or None, tags={"lineage.shards_hash": out["train"]["shards_hash"]},
                metrics={"train_rows": out["train"]["rows"], "quarantined": out["train"]["quarantined"]},
                uri=mlflow_uri or None)
     return out
 
 
+@task("train")
 def step_train(*, train_shards: str, model_out: str, settings=None, cluster=None, register=None,
                run_id: str = "", mlflow_uri: str = "", val_shards: str = "", train_shards_uri: str = "",
                val_shards_uri: str = "", model_uri: str = "") -> str:
@@ -241,6 +365,7 @@ def evaluate_trial(model_uri: str, val_shards: str, out: str) -> dict:
     return evaluate(model_uri, val_shards, out, EvaluateSettings(report_samples=0), progress=False).metrics
 
 
+@task("evaluate")
 def step_evaluate(*, model_uri: str, val_shards: str, out: str, settings=None, run_id: str = "",
                   mlflow_uri: str = "") -> dict:
     setup_logging()
@@ -264,6 +389,7 @@ def step_evaluate(*, model_uri: str, val_shards: str, out: str, settings=None, r
     return r.metrics
 
 
+@task("score-champion")
 def step_score_champion(*, val_shards: str, out: str, settings=None, register=None, run_id: str = "",
                         mlflow_uri: str = "") -> str:
     """The champion's metrics on *these* validation shards, in ``out/champion.json``: the ones it
@@ -311,6 +437,7 @@ def _evaluate_champion(name: str, version, val_shards: str, out: str, settings, 
     return evaluate(f"models:/{name}/{version}", val_shards, out, cfg, progress=False).metrics
 
 
+@task("register")
 def step_register(*, model_uri: str, eval_dir: str, champion_dir: str = "", settings=None, run_id: str = "",
                   mlflow_uri: str = "") -> tuple[str, bool]:
     """Register (alias challenger) and decide the gate against the champion's metrics on the same
@@ -334,6 +461,7 @@ def step_register(*, model_uri: str, eval_dir: str, champion_dir: str = "", sett
     return r.version, r.decision.promote
 
 
+@task("promote-champion")
 def step_promote(*, version: str, register=None, run_id: str = "", mlflow_uri: str = "") -> None:
     setup_logging()
     from components.register.core import RegisterSettings, promote_champion
@@ -344,3 +472,67 @@ def step_promote(*, version: str, register=None, run_id: str = "", mlflow_uri: s
     else:
         log_parent(run_id or None, tags={"gate.promote": "False", "gate.reason": "a better champion was promoted by "
                                          "another run meanwhile"}, uri=mlflow_uri or None)
+
+
+def step_finalize(*, state: str, error: str = "", kfp_run_id: str = "", mlflow_uri: str = "", experiment: str = "",
+                  link_out: str = "") -> str:
+    """The exit handler's step, run however the pipeline ended: the MLflow pipeline run of this
+    KFP run (found by its ``kfp.run_id`` tag) gets its final status. When the pipeline failed,
+    the tasks still "running" or "failed" (``task.<name>`` tags) are named on it
+    (``pipeline.failed_task``), and every run of it left RUNNING (a task killed by the cluster
+    never closes its own) is marked FAILED. Returns the MLflow run's id ("" when the first task
+    died before creating it)."""
+    setup_logging()
+    from mlflow.tracking import MlflowClient
+
+    from components.common.tracking import find_pipeline_run, tracking_uri
+
+    run = find_pipeline_run(kfp_run_id, mlflow_uri or None, experiment or None) if kfp_run_id else None
+    if run is None:
+        log.error("finalize: no MLflow pipeline run is tagged kfp.run_id=%s in %s: the first task failed before "
+                  "creating one (KFP state %s%s)", kfp_run_id, tracking_uri(mlflow_uri or None), state,
+                  f": {error}" if error else "")
+        if link_out:
+            with open(link_out, "w", encoding="utf-8") as f:
+                f.write(f"# No MLflow run\n\nThe pipeline ended {state} before its first task created one.\n")
+        return ""
+    client = MlflowClient(tracking_uri(mlflow_uri or None))
+    run_id = run.info.run_id
+    tasks = {k[len("task."):]: v for k, v in client.get_run(run_id).data.tags.items() if k.startswith("task.")}
+    ok = state in ("SUCCEEDED", "SUCCESS")
+    if ok:
+        client.set_tag(run_id, "pipeline.status", "SUCCEEDED")
+        client.set_terminated(run_id, "FINISHED")
+        extra = "The pipeline succeeded."
+    else:
+        failed = sorted(t for t, v in tasks.items() if v in ("running", "failed"))
+        named = ", ".join(failed) or "none of ours (see the KFP run's graph)"
+        left = _running_descendants(client, run.info.experiment_id, run_id)
+        for child in left:
+            client.set_tag(child.info.run_id, "panoptic.failed", f"its task died (pipeline {state})")
+            client.set_terminated(child.info.run_id, "FAILED")
+        for t in failed:
+            client.set_tag(run_id, f"task.{t}", "failed")
+        client.set_tag(run_id, "pipeline.status", "FAILED")
+        client.set_tag(run_id, "pipeline.failed_task", named)
+        if error:
+            client.set_tag(run_id, "pipeline.error", error[:5000])
+        client.set_terminated(run_id, "FAILED")
+        log.error("finalize: pipeline %s; failed task(s): %s; %d MLflow run(s) left RUNNING marked FAILED", state,
+                  named, len(left))
+        extra = f"The pipeline **failed** in: {named}."
+    if link_out:
+        write_link(link_out, run_id, mlflow_uri, {"kfp.run_id": kfp_run_id}, extra=extra)
+    return run_id
+
+
+def _running_descendants(client, experiment_id: str, run_id: str) -> list:
+    """The runs under ``run_id`` (stage runs, sweep trials under them) still RUNNING."""
+    out, frontier = [], [run_id]
+    while frontier:
+        children = []
+        for parent in frontier:
+            children += client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1000)
+        out += [c for c in children if c.info.status == "RUNNING"]
+        frontier = [c.info.run_id for c in children]
+    return out

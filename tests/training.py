@@ -68,3 +68,16 @@ def load_state(model_uri: str) -> dict:
 def max_abs_diff(a: dict, b: dict) -> float:
     assert set(a) == set(b)
     return max(float((a[k].float() - b[k].float()).abs().max()) if a[k].numel() else 0.0 for k in a)
+
+
+def preprocess_step(*, data_uri: str, subset: dict, train_manifest: str, val_manifest: str, train_out: str,
+                    val_out: str, settings: dict, run_id: str, mlflow_uri: str) -> None:
+    """The preprocess and log-shards tasks as the DAG calls them: the subsets by their hashes."""
+    from components.common.manifests import load_manifest
+    from pipeline.steps import step_log_shards, step_preprocess
+
+    step_preprocess(data_uri=data_uri, subset=subset,
+                    train_manifest_hash=load_manifest(train_manifest)["manifest_hash"],
+                    val_manifest_hash=load_manifest(val_manifest)["manifest_hash"], train_out=train_out,
+                    val_out=val_out, settings=settings)
+    step_log_shards(train_shards=train_out, val_shards=val_out, run_id=run_id, mlflow_uri=mlflow_uri)

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 DEFAULT_EXPERIMENT = "panoptic-fpn"
 PIPELINE_TAG = "panoptic.kind"
+KFP_RUN_ID_TAG = "kfp.run_id"
 CHAMPION = "champion"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"   # MLflow 3's "model training" experiments
@@ -44,7 +45,7 @@ def setup(uri: str | None = None, experiment: str | None = None):
 
     uri = tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
-    name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    name = experiment_name(experiment)
     location = artifact_location(uri, name)
     if location and mlflow.get_experiment_by_name(name) is None:
         try:
@@ -56,6 +57,10 @@ def setup(uri: str | None = None, experiment: str | None = None):
     if EXPERIMENT_KIND_TAG not in exp.tags:
         mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return mlflow
+
+
+def experiment_name(experiment: str | None = None) -> str:
+    return experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
@@ -93,15 +98,58 @@ def git_sha() -> str:
 
 
 def start_pipeline_run(uri: str | None = None, experiment: str | None = None, run_name: str | None = None,
-                       tags: dict | None = None) -> str:
-    """Create the MLflow run of one pipeline run; returns its id (stages log under it)."""
+                       tags: dict | None = None, kfp_run_id: str = "") -> str:
+    """The MLflow run of one pipeline run; returns its id (stages log under it). With
+    ``kfp_run_id``, the one already tagged with it when there is one (a retried first task, or
+    ``submit`` created it): one MLflow run per KFP run."""
     mlflow = setup(uri, experiment)
-    with mlflow.start_run(run_name=run_name) as run:
-        sha = git_sha()
-        source = {"mlflow.source.git.commit": sha} if sha != "unknown" else {}
-        mlflow.set_tags({PIPELINE_TAG: "pipeline", "git_sha": sha, **source,
-                         "image_tag": os.environ.get("IMAGE_TAG", "local"), **(tags or {})})
-        return run.info.run_id
+    if kfp_run_id:
+        found = find_pipeline_run(kfp_run_id, uri, experiment)
+        if found is not None:
+            client = mlflow.MlflowClient()
+            for k, v in (tags or {}).items():
+                client.set_tag(found.info.run_id, k, str(v))
+            return found.info.run_id
+    from mlflow.tracking.context.registry import resolve_tags
+
+    sha = git_sha()
+    source = {"mlflow.source.git.commit": sha} if sha != "unknown" else {}
+    all_tags = resolve_tags({PIPELINE_TAG: "pipeline", **source, "image_tag": os.environ.get("IMAGE_TAG", "local"),
+                             **(tags or {}), **({KFP_RUN_ID_TAG: kfp_run_id} if kfp_run_id else {})})
+    # created, not started: it stays RUNNING across the tasks until the exit handler closes it
+    client = mlflow.MlflowClient()
+    exp = mlflow.get_experiment_by_name(experiment_name(experiment))
+    return client.create_run(exp.experiment_id, run_name=run_name, tags=all_tags).info.run_id
+
+
+def find_pipeline_run(kfp_run_id: str, uri: str | None = None, experiment: str | None = None):
+    """The MLflow pipeline run tagged with this KFP run's id, or None."""
+    mlflow = setup(uri, experiment)
+    found = mlflow.search_runs(experiment_names=[experiment_name(experiment)],
+                               filter_string=f"tags.`{KFP_RUN_ID_TAG}` = '{_quoted(kfp_run_id)}' and "
+                                             f"tags.`{PIPELINE_TAG}` = 'pipeline'",
+                               order_by=["attributes.start_time ASC"], max_results=1, output_format="list")
+    return found[0] if found else None
+
+
+def _quoted(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._:/-]{1,200}", value):
+        raise ValueError(f"{value!r} is not a KFP run id (letters, digits and ._:/- only)")
+    return value
+
+
+def ui_address(uri: str | None = None) -> str:
+    """Where a browser opens MLflow for this tracking URI: the server itself for http(s); for a
+    local store, ``PANOPTIC_MLFLOW_UI`` or what ``mlflow ui`` serves by default."""
+    uri = tracking_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    return os.environ.get("PANOPTIC_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
+
+
+def run_address(run_id: str, experiment_id: str, uri: str | None = None) -> str:
+    """The MLflow UI's page of one run (a bare address opens MLflow 3 on its GenAI overview)."""
+    return f"{ui_address(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 @contextmanager
@@ -119,13 +167,18 @@ def stage_run(stage: str, parent_run_id: str | None, uri: str | None = None, exp
     if system_metrics and not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     if parent_run_id:
-        with mlflow.start_run(run_id=parent_run_id) as parent:
-            with mlflow.start_run(run_name=stage_run_name(stage, parent.info.run_name), nested=True,
-                                  experiment_id=parent.info.experiment_id, log_system_metrics=system_metrics) as run:
-                mlflow.set_tag("panoptic.stage", stage)
-                yield mlflow
-                if system_metrics:
-                    _last_system_sample(run.info.run_id)
+        # the stage run is created under the pipeline run, which is never made active here: it
+        # stays RUNNING until the exit handler gives it its final status
+        from mlflow.tracking.context.registry import resolve_tags
+
+        client = mlflow.MlflowClient()
+        parent = client.get_run(parent_run_id)
+        child = client.create_run(parent.info.experiment_id, run_name=stage_run_name(stage, parent.info.run_name),
+                                  tags=resolve_tags({"mlflow.parentRunId": parent_run_id, "panoptic.stage": stage}))
+        with mlflow.start_run(run_id=child.info.run_id, log_system_metrics=system_metrics) as run:
+            yield mlflow
+            if system_metrics:
+                _last_system_sample(run.info.run_id)
     else:
         with mlflow.start_run(run_name=stage, log_system_metrics=system_metrics) as run:
             mlflow.set_tag("panoptic.stage", stage)
@@ -135,11 +188,16 @@ def stage_run(stage: str, parent_run_id: str | None, uri: str | None = None, exp
 
 
 def _last_system_sample(run_id: str) -> None:
-    """One more system-metrics sample as the stage ends: MLflow's monitor drops the samples of
-    its last interval, so a stage shorter than the interval would otherwise have none."""
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    """One more system-metrics sample as the stage ends, from the run's own monitor (stopped
+    first): MLflow drops the samples of its last interval, so a stage shorter than the interval
+    would have none, and a fresh monitor would restart the cumulative counters (network
+    megabytes) at 0."""
+    from mlflow.tracking import fluent
 
-    monitor = SystemMetricsMonitor(run_id, resume_logging=True)
+    monitor = fluent.run_id_to_system_metrics_monitor.get(run_id)
+    if monitor is None:
+        return
+    monitor.finish()   # joins its thread; end_run's finish() then finds nothing left to do
     monitor.collect_metrics()
     monitor.publish_metrics(monitor.aggregate_metrics())
     monitor.mlflow_logger.flush()

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from components.common import storage
+from components.common import faults, storage
 from components.common.coco_panoptic import CategoryMaps
 from components.common.devices import pick_device
 from components.common.logs import progress as progress_bar
@@ -373,6 +373,7 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
             scheduler.step()
             done = it + 1
             bar.update(1)
+            faults.point("train.iteration")
 
             check = (done % cfg.log_period == 0 or done == end or done % s.checkpoint_period == 0
                      or (world == 1 and preemption.requested))

@@ -66,8 +66,7 @@ def test_the_dag_runs_in_our_images_to_a_champion_then_nothing_new(images, tmp_p
 
     labels = docker.from_env().images.get(images["cpu"]).labels
     assert run.data.tags["image_tag"] == "ci"
-    assert run.data.tags["git_sha"] == labels["org.opencontainers.image.revision"] != "unknown"
-    assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["git_sha"]
+    assert run.data.tags["mlflow.source.git.commit"] == labels["org.opencontainers.image.revision"] != "unknown"
     stages = {r.data.tags["panoptic.stage"] for r in client.search_runs(
         [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")}
     assert stages == {"subset", "decide", "preprocess", "train", "evaluate", "register"}

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from components.synthetic.generator import SynthSettings, generate
-from pipeline.local import run_local
+from pipeline.local import TaskFailed, run_local
 
 OVERRIDES = {"input.min_size_train": [128], "input.max_size_train": 192, "input.min_size_test": 128,
              "input.max_size_test": 192, "solver.ims_per_batch": 2, "data.num_workers": 0}
@@ -60,7 +60,17 @@ def test_local_pipeline_registers_a_champion_skips_nothing_new_and_gates_the_nex
     assert "train/loss_sem_seg" in stages["train"].data.metrics
     parent = client.get_run(first["run_id"])
     assert parent.data.tags["lineage.manifest_hash"] and parent.data.tags["lineage.shards_hash"]
-    assert parent.data.tags["git_sha"] and parent.data.params["config"] == "tiny"
+    assert parent.data.tags["mlflow.source.git.commit"] and parent.data.params["config"] == "tiny"
+    # one identity in both: the KFP run's id and name on the MLflow run, the MLflow run's address
+    # printed and in the Markdown artifacts of the first task and of the exit handler
+    assert parent.info.status == "FINISHED" and parent.data.tags["pipeline.status"] == "SUCCEEDED"
+    assert parent.data.tags["kfp.run_id"] and parent.data.tags["kfp.run_name"].startswith("panoptic-fpn-")
+    url = f"/#/experiments/{parent.info.experiment_id}/runs/{first['run_id']}"
+    assert f"MLflow run: http://127.0.0.1:5000{url}" in out.stdout
+    links = {os.path.basename(d): open(os.path.join(d, f)).read() for d, _, files in os.walk(kw["root"])
+             for f in files if f == "mlflow_run"}
+    assert {"select-subset", "finalize"} <= set(links) and all(url in t for t in links.values()), links
+    assert parent.data.tags["kfp.run_id"] in links["finalize"] and "succeeded" in links["finalize"]
 
     # the scheduled run on unchanged data: nothing new, nothing trained or registered
     second = run_local(str(tmp_path / "coco"), **kw)
@@ -81,6 +91,25 @@ def test_local_pipeline_registers_a_champion_skips_nothing_new_and_gates_the_nex
     reg = client.search_runs([parent.info.experiment_id], filter_string=
                              f"tags.mlflow.parentRunId = '{third['run_id']}' and tags.`panoptic.stage` = 'register'")[0]
     assert reg.data.tags["gate.promote"] == "False" and "margin" in reg.data.tags["gate.reason"]
+    # preprocess is cached on its inputs (values: same data, same settings): its shards are reused
+    made = [d for d, _, _ in os.walk(kw["root"]) if d.endswith(os.path.join("preprocess", "train_shards"))]
+    assert len(made) == 1, made   # written by the first run only: the forced one hit the cache
+
+    # a task killed the hard way (what an OOM kill or eviction does): its runs are closed FAILED
+    # by the exit handler, the failed task named, nothing left RUNNING
+    monkeypatch.setenv("PANOPTIC_KILL_AT", "train.iteration:2")
+    with pytest.raises(TaskFailed) as failed:
+        run_local(str(tmp_path / "coco"), force=True, **kw)
+    monkeypatch.delenv("PANOPTIC_KILL_AT")
+    assert "'train'" in str(failed.value) and "(failed task: train, marked FAILED)" in str(failed.value)
+    killed = client.get_run(_latest(uri)["run_id"])
+    assert killed.info.status == "FAILED" and killed.data.tags["pipeline.failed_task"] == "train"
+    assert killed.data.tags["task.train"] == "failed" and killed.data.tags["task.decide"] == "succeeded"
+    under = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{killed.info.run_id}'")
+    trains = [r for r in under if r.data.tags["panoptic.stage"] == "train"]
+    assert len(trains) == 3 and all(r.info.status == "FAILED" and r.data.tags["panoptic.failed"] for r in trains)
+    assert not [r for r in under if r.info.status == "RUNNING"]   # (3: the task's retries, each killed)
+    assert len(client.search_model_versions("name = 'panoptic-fpn'")) == 2
 
     # runs compare: all pipeline runs, current aliases from the registry
     import csv

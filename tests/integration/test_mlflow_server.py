@@ -75,3 +75,51 @@ def test_register_gate_alias_and_predict_on_a_real_server(trained, synth_root, t
         stem = sorted(os.listdir(src))[0].rsplit(".", 1)[0]
         assert {f"{stem}.png", f"{stem}_overlay.png", f"{stem}.json"} <= set(names)
         assert len(names) == 3 * len(os.listdir(src))
+
+
+def test_submit_links_the_kfp_run_and_the_mlflow_run_both_ways(synth_root, tmp_path):
+    """`submit` with a reachable MLflow server: the MLflow run is created at once (its direct
+    address printed), carries the KFP run's id and address, and is the one the first task adopts,
+    retried or not: one MLflow run per KFP run."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.cli import compile_pipeline, pipeline
+    from pipeline.steps import step_subset
+    from tests.kfp_standin import KfpStandIn
+
+    package = compile_pipeline(str(tmp_path / "p.yaml"))
+    with postgres_database() as db, mlflow_server(db, str(tmp_path / "artifacts")) as url, KfpStandIn() as kfp:
+        r = CliRunner().invoke(pipeline, ["submit", "--host", kfp.url, "--package", package, "--run-name", "nightly-7",
+                                          "--experiment", "team-nightly", "--set", f"data_uri={synth_root}",
+                                          "--set", f"mlflow_uri={url}"])
+        assert r.exit_code == 0, r.output
+        (kfp_run_id, run), = kfp.runs.items()
+        params = run["runtime_config"]["parameters"]
+        client = MlflowClient(url)
+        mlflow_run = client.get_run(params["mlflow_run_id"])
+        exp = client.get_experiment(mlflow_run.info.experiment_id)
+        # the same names in both UIs; each links to the other
+        assert exp.name == "team-nightly" and mlflow_run.info.run_name == "nightly-7" == run["display_name"]
+        assert mlflow_run.data.tags["kfp.run_id"] == kfp_run_id
+        assert mlflow_run.data.tags["kfp.run_url"] == f"{kfp.url}/#/runs/details/{kfp_run_id}"
+        assert f"MLflow run: {url}/#/experiments/{exp.experiment_id}/runs/{mlflow_run.info.run_id}" in r.output
+        assert mlflow_run.info.status == "RUNNING"   # until the exit handler closes it
+
+        # the first task, as the KFP run starts it (twice: a retry) adopts that very run
+        kw = dict(data_uri=synth_root, mlflow_uri=url, experiment="team-nightly", run_name="nightly-7",
+                  kfp_run_id=kfp_run_id, kfp_run_name="panoptic-fpn-x7k2p", kfp_ui=kfp.url)
+        for attempt in range(2):
+            got = step_subset(train_out=str(tmp_path / f"t{attempt}"), val_out=str(tmp_path / f"v{attempt}"),
+                              mlflow_run_id=params["mlflow_run_id"], link_out=str(tmp_path / "link.md"), **kw)
+            assert got == mlflow_run.info.run_id
+        # without submit's run (KFP's UI, a recurring run): created once, found again on retry
+        made = step_subset(train_out=str(tmp_path / "t2"), val_out=str(tmp_path / "v2"),
+                           **{**kw, "kfp_run_id": "run-scheduled-1"})
+        again = step_subset(train_out=str(tmp_path / "t3"), val_out=str(tmp_path / "v3"),
+                            **{**kw, "kfp_run_id": "run-scheduled-1"})
+        assert made == again != mlflow_run.info.run_id
+        runs = client.search_runs([exp.experiment_id], "tags.`panoptic.kind` = 'pipeline'")
+        assert len(runs) == 2
+        link = open(tmp_path / "link.md").read()
+        assert f"({url}/#/experiments/{exp.experiment_id}/runs/{mlflow_run.info.run_id})" in link
+        assert client.get_run(made).data.tags["kfp.run_name"] == "panoptic-fpn-x7k2p"

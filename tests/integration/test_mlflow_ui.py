@@ -18,7 +18,6 @@ from components.evaluate.tables import PER_CLASS_TABLE
 from pipeline.steps import (
     step_decide,
     step_evaluate,
-    step_preprocess,
     step_promote,
     step_register,
     step_score_champion,
@@ -27,7 +26,7 @@ from pipeline.steps import (
 )
 from tests.integration.test_retraining import EVAL
 from tests.servers import mlflow_server, moto_s3, postgres_database
-from tests.training import MICRO_OVERRIDES
+from tests.training import MICRO_OVERRIDES, preprocess_step
 
 pytestmark = pytest.mark.integration
 
@@ -47,9 +46,9 @@ def pipeline_run(synth_root, tmp_path_factory):
             run = step_subset(data_uri=synth_root, train_out=str(tmp / "st"), val_out=str(tmp / "sv"),
                               settings={"size": 8, "val_size": 4}, train=train, mlflow_uri=url, experiment=EXPERIMENT)
             assert step_decide(train_manifest=str(tmp / "st"), train=train, run_id=run, mlflow_uri=url) == "train"
-            step_preprocess(train_manifest=str(tmp / "st"), val_manifest=str(tmp / "sv"), train_out=str(tmp / "pt"),
-                            val_out=str(tmp / "pv"), settings={"shard_images": 4, "workers": 0}, run_id=run,
-                            mlflow_uri=url)
+            preprocess_step(data_uri=synth_root, subset={"size": 8, "val_size": 4}, train_manifest=str(tmp / "st"),
+                            val_manifest=str(tmp / "sv"), train_out=str(tmp / "pt"), val_out=str(tmp / "pv"),
+                            settings={"shard_images": 4, "workers": 0}, run_id=run, mlflow_uri=url)
             model = step_train(train_shards=str(tmp / "pt"), model_out=str(tmp / "m"), settings=train, run_id=run,
                                mlflow_uri=url)
             step_evaluate(model_uri=model, val_shards=str(tmp / "pv"), out=str(tmp / "e"), settings=EVAL, run_id=run,

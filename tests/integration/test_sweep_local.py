@@ -10,8 +10,8 @@ import os
 import pytest
 
 from components.register.compare import compare_runs, history
-from pipeline.steps import step_preprocess, step_subset, step_train
-from tests.training import MICRO_OVERRIDES
+from pipeline.steps import step_subset, step_train
+from tests.training import MICRO_OVERRIDES, preprocess_step
 
 pytestmark = pytest.mark.integration
 
@@ -26,8 +26,8 @@ def test_local_sweep_logs_trials_and_outputs_the_best_model(synth_root, tmp_path
     train = {"config": "tiny", "iterations": 3, "overrides": MICRO_OVERRIDES, "device": "cpu", "sweep": sweep}
     run = step_subset(data_uri=synth_root, train_out=str(tmp_path / "st"), val_out=str(tmp_path / "sv"),
                       settings={"size": 6, "val_size": 3}, train=train, mlflow_uri=uri)
-    step_preprocess(train_manifest=str(tmp_path / "st"), val_manifest=str(tmp_path / "sv"),
-                    train_out=str(tmp_path / "pt"), val_out=str(tmp_path / "pv"),
+    preprocess_step(data_uri=synth_root, subset={"size": 6, "val_size": 3}, train_manifest=str(tmp_path / "st"),
+                    val_manifest=str(tmp_path / "sv"), train_out=str(tmp_path / "pt"), val_out=str(tmp_path / "pv"),
                     settings={"shard_images": 4, "workers": 0}, run_id=run, mlflow_uri=uri)
     model = step_train(train_shards=str(tmp_path / "pt"), model_out=str(tmp_path / "m"), settings=train, run_id=run,
                        mlflow_uri=uri, val_shards=str(tmp_path / "pv"))

@@ -6,6 +6,7 @@ from click.testing import CliRunner
 
 from components.common.cluster import ClusterSettings
 from pipeline.cli import compile_pipeline, cron6, pipeline, pipeline_arguments
+from pipeline.publish import package_digest, version_name
 from tests.kfp_standin import KfpStandIn
 
 
@@ -18,23 +19,41 @@ def test_compiled_yaml_has_the_dag_gpus_condition_and_cluster_settings(tmp_path)
     compile_pipeline(out, ClusterSettings(gpus=2, node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
                                           data_pvc="coco-data", s3_endpoint="http://minio.panoptic:9000"))
     spec, platform = _docs(out)
-    top = spec["root"]["dag"]["tasks"]
-    assert set(top) == {"select-subset", "decide", "condition-1"}
+    # an exit handler around everything: finalize runs however the pipeline ends, with its status
+    assert set(spec["root"]["dag"]["tasks"]) == {"exit-handler-1", "finalize"}
+    final = spec["root"]["dag"]["tasks"]["finalize"]
+    assert final["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert final["inputs"]["parameters"]["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
+    assert final["inputs"]["parameters"]["kfp_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    top = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert set(top) == {"select-subset", "decide", "condition-2"}
+    subset_in = top["select-subset"]["inputs"]["parameters"]
+    assert subset_in["kfp_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    assert subset_in["kfp_run_name"]["runtimeValue"]["constant"] == "{{$.pipeline_job_name}}"
     # "nothing new" is a branch: preprocess .. register run only when decide says "train"
-    assert "decide-Output" in top["condition-1"]["triggerPolicy"]["condition"]
-    assert "'train'" in top["condition-1"]["triggerPolicy"]["condition"]
-    tasks = spec["components"]["comp-condition-1"]["dag"]["tasks"]
-    assert {"preprocess", "train", "evaluate", "score-champion", "register", "condition-2"} <= set(tasks)
+    assert "decide-Output" in top["condition-2"]["triggerPolicy"]["condition"]
+    assert "'train'" in top["condition-2"]["triggerPolicy"]["condition"]
+    tasks = spec["components"]["comp-condition-2"]["dag"]["tasks"]
+    assert {"preprocess", "log-shards", "train", "evaluate", "score-champion", "register", "condition-3"} <= set(tasks)
     assert set(tasks["train"]["dependentTasks"]) == {"preprocess"}
     # the gate sees the challenger's and the champion's metrics on the same validation shards
-    assert {"evaluate", "score-champion", "train"} <= set(tasks["register"]["dependentTasks"])
+    assert {"evaluate", "score-champion", "train", "log-shards"} <= set(tasks["register"]["dependentTasks"])
     val_shards = tasks["score-champion"]["inputs"]["artifacts"]["val_shards"]
     assert val_shards["taskOutputArtifact"]["producerTask"] == "preprocess"
-    assert "register-Output" in tasks["condition-2"]["triggerPolicy"]["condition"]
-    assert "promote-champion" in spec["components"]["comp-condition-2"]["dag"]["tasks"]
-    # retries on the data steps
+    assert "register-Output" in tasks["condition-3"]["triggerPolicy"]["condition"]
+    assert "promote-champion" in spec["components"]["comp-condition-3"]["dag"]["tasks"]
+    # caching where it is sound: preprocess only, and its inputs are values (no run id, no
+    # artifact of an uncached task), so its key repeats with the data and settings
+    cached = {name for comp in spec["components"].values() if "dag" in comp
+              for name, t in comp["dag"]["tasks"].items() if t.get("cachingOptions", {}).get("enableCache")}
+    assert cached == {"preprocess"}
+    pre = tasks["preprocess"]["inputs"]
+    assert "artifacts" not in pre and set(pre["parameters"]) == {"data_uri", "subset", "settings",
+                                                                  "train_manifest_hash", "val_manifest_hash"}
+    # retries on the data steps and on train (it resumes from its checkpoints)
     assert top["select-subset"]["retryPolicy"]["maxRetryCount"] == 2
     assert tasks["preprocess"]["retryPolicy"]["maxRetryCount"] == 2
+    assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 2
     # GPUs on train and evaluate only
     execs = spec["deploymentSpec"]["executors"]
     for name in ("exec-train", "exec-evaluate", "exec-score-champion"):
@@ -65,7 +84,7 @@ def test_compiled_yaml_has_the_dag_gpus_condition_and_cluster_settings(tmp_path)
     # one parameter per stage's settings, plus the run's own
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert set(params) == {"data_uri", "subset", "preprocess", "train", "evaluate", "register", "force", "mlflow_uri",
-                           "experiment", "run_name"}
+                           "experiment", "run_name", "kfp_ui", "mlflow_run_id"}
     stages = ("subset", "preprocess", "train", "evaluate", "register")
     assert all(params[p]["parameterType"] == "STRUCT" for p in stages)
     # the train task gets the cluster settings its job's pods must carry
@@ -76,7 +95,7 @@ def test_compiled_yaml_has_the_dag_gpus_condition_and_cluster_settings(tmp_path)
     assert "AKIA" not in text and "password" not in text.lower()
 
 
-def test_submit_and_schedule_send_the_spec_cron_and_experiment(tmp_path):
+def test_submit_and_schedule_run_a_pipeline_version_in_the_experiment(tmp_path):
     package = compile_pipeline(str(tmp_path / "p.yaml"))
     runner = CliRunner()
     with KfpStandIn() as kfp:
@@ -85,29 +104,99 @@ def test_submit_and_schedule_send_the_spec_cron_and_experiment(tmp_path):
                                      "--set", 'subset={"size": 20000}', "--set", "force=true", "--run-name", "r1",
                                      "--service-account", "panoptic-pipeline"])
         assert r.exit_code == 0, r.output
-        run = next(q for q in kfp.requests if q["method"] == "POST" and q["path"].endswith("/runs"))
-        assert run["body"]["service_account"] == "panoptic-pipeline"   # the tasks run as the bound account
+        # the package went up once, as pipeline panoptic-fpn with one version named by its digest
+        (pid, p), = kfp.pipelines.items()
+        (vid, v), = kfp.versions.items()
+        assert p["display_name"] == "panoptic-fpn" and v["pipeline_id"] == pid
+        assert v["display_name"] == version_name(package_digest(package)) and v["package"] == open(package, "rb").read()
+        assert f"version {v['display_name']} (new pipeline): {kfp.url}/#/pipelines/details/{pid}/version/{vid}" \
+            in r.output
+        run = next(q for q in kfp.requests if q["method"] == "POST" and q["path"].endswith("/runs"))["body"]
+        assert run["pipeline_version_reference"] == {"pipeline_id": pid, "pipeline_version_id": vid}
+        assert "pipeline_spec" not in run   # the run references the version, it does not carry the spec
+        assert run["service_account"] == "panoptic-pipeline"   # the tasks run as the bound account
         assert f"{kfp.url}/#/runs/details/run-" in r.output
-        assert run["body"]["display_name"] == "r1"
-        sent = run["body"]["pipeline_spec"]
-        assert sent["pipeline_spec"]["pipelineInfo"]["name"] == "panoptic-fpn"
-        assert "exec-train" in sent["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-        assert run["body"]["runtime_config"]["parameters"] == {"data_uri": "s3://coco/panoptic", "force": True,
-                                                               "train": {"iterations": 90000},
-                                                               "subset": {"size": 20000}}
+        # the same run and experiment names in both UIs; the MLflow run links back to this KFP UI
+        assert run["display_name"] == "r1"
+        assert run["runtime_config"]["parameters"] == {"data_uri": "s3://coco/panoptic", "force": True,
+                                                       "train": {"iterations": 90000}, "subset": {"size": 20000},
+                                                       "experiment": "nightly", "run_name": "r1",
+                                                       "kfp_ui": kfp.url}
         exp = next(q for q in kfp.requests if q["method"] == "POST" and q["path"].endswith("/experiments"))
-        assert exp["body"]["display_name"] == "nightly" and run["body"]["experiment_id"]
+        assert exp["body"]["display_name"] == "nightly" and run["experiment_id"]
+        assert "MLflow run: created by the first task" in r.output and "kfp.run_id" in r.output
+
+        # a second submit of the same package: no upload, the same version
+        r = runner.invoke(pipeline, ["submit", "--host", kfp.url, "--experiment", "nightly", "--package", package,
+                                     "--set", "data_uri=s3://coco/panoptic"])
+        assert r.exit_code == 0 and "(existing version)" in r.output, r.output
+        assert len(kfp.pipelines) == 1 and len(kfp.versions) == 1
+        assert sum(q["path"].endswith(("/upload", "/upload_version")) for q in kfp.requests) == 2
 
         r = runner.invoke(pipeline, ["schedule", "--host", kfp.url, "--cron", "0 3 * * 0", "--experiment", "nightly",
                                      "--package", package, "--set", "data_uri=s3://coco/panoptic",
                                      "--service-account", "panoptic-pipeline"])
         assert r.exit_code == 0, r.output
-        rec = next(q for q in kfp.requests if q["path"].endswith("/recurringruns"))["body"]
+        (rid, rec), = kfp.recurring.items()
         assert rec["service_account"] == "panoptic-pipeline"
         assert rec["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 0"
         assert rec["display_name"] == "panoptic-fpn-retrain" and str(rec["max_concurrency"]) == "1"
-        assert rec["pipeline_spec"]["pipeline_spec"]["root"]["dag"]["tasks"]["decide"]
-        assert rec["runtime_config"]["parameters"] == {"data_uri": "s3://coco/panoptic"}
+        assert rec["pipeline_version_reference"] == {"pipeline_id": pid, "pipeline_version_id": vid}
+        assert "pipeline_spec" not in rec and rec["no_catchup"] is True
+        assert rec["runtime_config"]["parameters"] == {"data_uri": "s3://coco/panoptic", "experiment": "nightly",
+                                                       "kfp_ui": kfp.url}
+
+
+def test_a_second_schedule_keeps_replaces_or_lists_never_duplicates(tmp_path):
+    package = compile_pipeline(str(tmp_path / "p.yaml"))
+    runner = CliRunner()
+    base = ["--experiment", "nightly", "--set", "data_uri=s3://coco/panoptic"]
+    with KfpStandIn() as kfp:
+        def schedule(*extra, package=package):
+            r = runner.invoke(pipeline, ["schedule", "--host", kfp.url, "--package", package, *base, *extra])
+            assert r.exit_code == 0, r.output
+            return r.output
+
+        out = schedule("--cron", "0 3 * * 0")
+        (first, _), = kfp.recurring.items()
+        assert f"recurring run {first} 'panoptic-fpn-retrain' on cron '0 0 3 * * 0'" in out
+        # the same again: left as it is (nothing created, nothing deleted)
+        out = schedule("--cron", "0 3 * * 0")
+        assert "left as it is" in out and list(kfp.recurring) == [first]
+        assert not [q for q in kfp.requests if q["method"] == "DELETE" and "/recurringruns/" in q["path"]]
+        # another cron: replaced (KFP cannot update a recurring run), said so, still one of that name
+        out = schedule("--cron", "0 4 * * 1")
+        (second, rec), = kfp.recurring.items()
+        assert second != first and rec["trigger"]["cron_schedule"]["cron"] == "0 0 4 * * 1"
+        assert f"replaced: {first} (deleted) -> {second}" in out
+        # a new package (other cluster settings): a second version of the same pipeline, the
+        # schedule moved to it
+        other = compile_pipeline(str(tmp_path / "q.yaml"), ClusterSettings(gpus=4))
+        out = schedule("--cron", "0 4 * * 1", package=other)
+        assert len(kfp.pipelines) == 1 and len(kfp.versions) == 2 and "(new version)" in out
+        (third, rec), = kfp.recurring.items()
+        newest = next(v for v in kfp.versions.values() if v["display_name"] == version_name(package_digest(other)))
+        assert rec["pipeline_version_reference"]["pipeline_version_id"] == newest["pipeline_version_id"]
+        # another name: a second recurring run beside the first
+        schedule("--cron", "0 5 * * *", "--name", "panoptic-fpn-daily")
+        assert sorted(r["display_name"] for r in kfp.recurring.values()) == ["panoptic-fpn-daily",
+                                                                              "panoptic-fpn-retrain"]
+
+        r = runner.invoke(pipeline, ["versions", "--host", kfp.url])
+        assert r.exit_code == 0 and r.output.count("panoptic-fpn-") == 2, r.output
+        assert version_name(package_digest(other)) in r.output and version_name(package_digest(package)) in r.output
+        r = runner.invoke(pipeline, ["schedules", "--host", kfp.url, "--experiment", "nightly"])
+        assert r.exit_code == 0, r.output
+        assert "panoptic-fpn-retrain" in r.output and "cron '0 0 4 * * 1'" in r.output
+        assert newest["pipeline_version_id"] in r.output and "panoptic-fpn-daily" in r.output
+
+
+def test_submit_writes_nothing_into_the_users_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with KfpStandIn() as kfp:
+        r = CliRunner().invoke(pipeline, ["submit", "--host", kfp.url, "--set", "data_uri=s3://coco/panoptic"])
+        assert r.exit_code == 0, r.output
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cron_fields():
