@@ -59,6 +59,8 @@ def load_model_and_digest(uri: str, device: str | torch.device = "cpu"):
     try:
         data = fetch(uri)
     except FileNotFoundError:
+        if uri.startswith(("models:/", "runs:/")):
+            raise   # the registry's message names the store it looked in
         raise FileNotFoundError(f"{uri}: model file not found (train one with `panoptic train`)") from None
     digest = hashlib.sha256(data).hexdigest()
     blob = read_checkpoint(data, uri)
