@@ -165,7 +165,7 @@ def submit(host, experiment, run_name, sets, package, namespace, token_file, coo
         click.echo(f"MLflow run: created by the first task in {uri} (not reachable from here); its address is the "
                    f"select-subset task's `mlflow_run` artifact, and its tag kfp.run_id = {run.run_id}")
         return
-    from components.common.tracking import run_address
+    from components.common.tracking import run_address, runs_address
     from pipeline.steps import kfp_tags
 
     mlflow_run_id, experiment_id_ = mlflow_run
@@ -178,6 +178,7 @@ def submit(host, experiment, run_name, sets, package, namespace, token_file, coo
     except Exception as e:   # the first task tags it too
         click.echo(f"(could not tag the MLflow run with the KFP run now: {type(e).__name__}; its first task will)")
     click.echo(f"MLflow run: {run_address(mlflow_run_id, experiment_id_, arguments['mlflow_uri'])}")
+    click.echo(f"runs table: {runs_address(experiment_id_, arguments['mlflow_uri'])}")
 
 
 def _mlflow_run_now(arguments: dict):
@@ -344,6 +345,7 @@ def run_local_cmd(data, sets, sweep_file, force, runner, root, verbose, **shorth
     click.echo("")
     click.echo(f"pipeline run finished in {s['seconds'] / 60:.1f} min (MLflow run {s['run_id']}, {s['mlflow_uri']})")
     click.echo(f"MLflow run: {s['url']}" + _serve_hint(s["mlflow_uri"]))
+    click.echo(f"runs table (PQ, SQ, RQ, the gate's decision): {s['runs_url']}")
     if s["skipped"]:
         click.echo(t.get("decision.reason", "nothing new"))
         click.echo(f"retrain anyway: {_again('--force')}")

@@ -62,7 +62,7 @@ def run_local(data: str | None = None, *, runner: str = "subprocess", root: str 
     from kfp import local
     from mlflow.tracking import MlflowClient
 
-    from components.common.tracking import DEFAULT_EXPERIMENT, run_address, setup
+    from components.common.tracking import DEFAULT_EXPERIMENT, run_address, runs_address, setup
     from pipeline.dag import build_pipeline
 
     if runner not in RUNNERS:
@@ -106,6 +106,7 @@ def run_local(data: str | None = None, *, runner: str = "subprocess", root: str 
                       if not _inside(p, os.path.join(root, "mlruns"))), key=os.path.getmtime)
     skipped = run.data.tags.get("decision") == "skip"
     return {"run_id": run.info.run_id, "url": run_address(run.info.run_id, run.info.experiment_id, mlflow_uri),
+            "runs_url": runs_address(run.info.experiment_id, mlflow_uri),
             "metrics": run.data.metrics, "tags": run.data.tags, "skipped": skipped,
             "report": None if skipped or not reports else reports[-1], "seconds": elapsed, "mlflow_uri": mlflow_uri,
             "log": None if verbose else log_path, "runner": runner}

@@ -6,6 +6,7 @@ sqlite store in the working directory (the embedded default).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -56,7 +57,27 @@ def setup(uri: str | None = None, experiment: str | None = None):
     exp = mlflow.set_experiment(name)
     if EXPERIMENT_KIND_TAG not in exp.tags:
         mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    if exp.tags.get(RUNS_VIEW_TAG) != RUNS_VIEW:
+        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, RUNS_VIEW_TAG, RUNS_VIEW)
     return mlflow
+
+
+# The runs table as our links open it: MLflow's UI shows Source, Models and Dataset until a user
+# picks columns; a shared view (an experiment tag the UI reads for ``?viewStateShareKey=KEY``,
+# what its own "Share" button writes) opens it on the figures and the gate's decision instead.
+RUNS_VIEW_KEY = "panoptic-runs"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
+RUNS_VIEW = json.dumps({
+    "selectedColumns": [*(f"metrics.`{k}`" for k in ("PQ", "SQ", "RQ")),
+                        *(f"tags.`{k}`" for k in ("gate.promote", "model.version", "model.aliases")),
+                        "attributes.`Dataset`", "attributes.`Duration`"],
+    "orderByKey": "attributes.start_time", "orderByAsc": False,
+}, separators=(",", ":"))
+
+
+def runs_address(experiment_id: str, uri: str | None = None) -> str:
+    """The experiment's runs table, opened on PQ/SQ/RQ and the decision (``RUNS_VIEW``)."""
+    return f"{ui_address(uri)}/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}"
 
 
 def experiment_name(experiment: str | None = None) -> str:
@@ -255,11 +276,26 @@ def resolve_model_uri(uri: str, tracking: str | None = None) -> tuple[str, str |
         name, alias = uri[len("models:/"):].split("@", 1)
         version = get_alias(name, alias, tracking)
         if version is None:
-            raise FileNotFoundError(f"{uri}: no version of {name} holds the alias {alias!r}")
+            raise FileNotFoundError(f"{uri}: no version of {name} holds the alias {alias!r} in the registry at "
+                                    f"{tracking_uri(tracking)} (is it in another store? set MLFLOW_TRACKING_URI "
+                                    f"to that one)")
         return f"models:/{name}/{version.version}", f"{name}/{version.version}"
     if uri.startswith("models:/"):
         return uri, uri[len("models:/"):]
     return uri, None
+
+
+def check_store_exists(store: str, wanted: str) -> None:
+    """A lookup in a file store that is not there fails naming it, and creates nothing (MLflow
+    would make an empty ``mlflow.db`` in the current folder)."""
+    for scheme in ("sqlite:///", "file://"):
+        if store.startswith(scheme):
+            path = store[len(scheme):] or "."
+            if not os.path.exists(path):
+                raise FileNotFoundError(
+                    f"{wanted}: there is no MLflow store at {store} (the tracking URI: {os.path.abspath(path)} does "
+                    f"not exist); set MLFLOW_TRACKING_URI to the store that holds the model (sqlite:////abs/path/"
+                    f"mlflow.db, or the server's http://HOST:5000)")
 
 
 def download_model_file(uri: str, tracking: str | None = None) -> str:
@@ -269,7 +305,9 @@ def download_model_file(uri: str, tracking: str | None = None) -> str:
 
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(tracking))
+    store = tracking_uri(tracking)
+    check_store_exists(store, uri)
+    mlflow.set_tracking_uri(store)
     uri, _ = resolve_model_uri(uri, tracking)
     local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="panoptic-model-"))
     found = sorted(glob.glob(os.path.join(local, "**", "model.pt"), recursive=True))
