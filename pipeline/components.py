@@ -108,9 +108,10 @@ def score_champion(val_shards: Input[Dataset], settings: dict, register: dict, r
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def register(model: Input[Model], evaluation: Input[Dataset], champion: Input[Dataset], settings: dict, run_id: str,
-             mlflow_uri: str) -> str:
-    """Stage 5: MLflow pyfunc + registered version (alias challenger) + the gate's decision.
+def register(model: Input[Model], evaluation: Input[Dataset], champion: Input[Dataset], val_shards: Input[Dataset],
+             settings: dict, run_id: str, mlflow_uri: str, gate_report: Output[HTML]) -> str:
+    """Stage 5: MLflow pyfunc + registered version (alias challenger) + the gate's decision, and
+    with a champion, ``gate_report`` (gate.html: the two side by side).
 
     Returns the version to promote to champion, or "" when the gate failed. (One output named
     Output: kfp.local 2.17 resolves a dsl.If condition only on such an output.)
@@ -121,7 +122,7 @@ def register(model: Input[Model], evaluation: Input[Dataset], champion: Input[Da
 
     version, promote = step_register(model_uri=os.path.join(model.path, "model.pt"), eval_dir=evaluation.path,
                                      champion_dir=champion.path, settings=settings, run_id=run_id,
-                                     mlflow_uri=mlflow_uri)
+                                     mlflow_uri=mlflow_uri, val_shards=val_shards.path, report_out=gate_report.path)
     return version if promote else ""
 
 

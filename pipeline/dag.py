@@ -106,12 +106,12 @@ def build_pipeline(cluster: ClusterSettings | None = None):
                               cluster, gpu=True)
             champion.set_caching_options(False)
             reg = _apply(c.register(model=trained.outputs["model"], evaluation=evaluated.outputs["evaluation"],
-                                    champion=champion.outputs["champion"], settings=register, run_id=run_id,
-                                    mlflow_uri=mlflow_uri), cluster)
+                                    champion=champion.outputs["champion"], val_shards=pre.outputs["val_shards"],
+                                    settings=register, run_id=run_id, mlflow_uri=mlflow_uri), cluster)
             reg.set_caching_options(False)
             reg.after(logged)
-            with dsl.If(reg.output != "", name="gate-passed"):
-                prom = _apply(c.promote_champion(register=register, version=reg.output, run_id=run_id,
+            with dsl.If(reg.outputs["Output"] != "", name="gate-passed"):
+                prom = _apply(c.promote_champion(register=register, version=reg.outputs["Output"], run_id=run_id,
                                                  mlflow_uri=mlflow_uri), cluster)
                 prom.set_caching_options(False)
 

@@ -439,9 +439,10 @@ def _evaluate_champion(name: str, version, val_shards: str, out: str, settings, 
 
 @task("register")
 def step_register(*, model_uri: str, eval_dir: str, champion_dir: str = "", settings=None, run_id: str = "",
-                  mlflow_uri: str = "") -> tuple[str, bool]:
+                  mlflow_uri: str = "", val_shards: str = "", report_out: str = "") -> tuple[str, bool]:
     """Register (alias challenger) and decide the gate against the champion's metrics on the same
-    validation data (``champion_dir/champion.json``); promotion is a separate step."""
+    validation data (``champion_dir/champion.json``); promotion is a separate step. With a
+    champion and ``val_shards``, gate.html compares the two (also written to ``report_out``)."""
     setup_logging()
     from components.register.core import RegisterSettings, register
 
@@ -457,7 +458,9 @@ def step_register(*, model_uri: str, eval_dir: str, champion_dir: str = "", sett
     if not isinstance(lineage, dict) or not all(isinstance(v, (str, int, float)) for v in lineage.values()):
         raise ValueError(f"{lineage_uri}: a lineage is a mapping of names to plain values; re-run the train step")
     r = register(model_uri, eval_dir, RegisterSettings(cfg.name, cfg.margin, cfg.tolerance, promote=False),
-                 champion_eval=champion_eval, parent_run_id=run_id or None, uri=mlflow_uri or None, lineage=lineage)
+                 champion_eval=champion_eval, parent_run_id=run_id or None, uri=mlflow_uri or None, lineage=lineage,
+                 val_shards=val_shards or None, champion_eval_dir=storage.join(champion_dir, "evaluation")
+                 if champion_dir else None, report_out=report_out or None)
     return r.version, r.decision.promote
 
 

@@ -38,6 +38,7 @@ from components.common import faults, storage
 from components.common.hashing import file_digest
 from components.common.metrics import METRIC_KEYS
 from components.common.tracking import CHAMPION, RegistryError, get_alias, log_parent, setup, stage_run, tracking_uri
+from components.evaluate.settings import PER_IMAGE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,8 @@ def _existing_version(client, name: str, pipeline_run: str, digest: str):
 
 def register(model_uri: str, eval_dir: str, cfg: RegisterSettings = RegisterSettings(), *,
              champion_eval: dict | None = None, parent_run_id: str | None = None, uri: str | None = None,
-             experiment: str | None = None, lineage: dict | None = None) -> RegisterResult:
+             experiment: str | None = None, lineage: dict | None = None, val_shards: str | None = None,
+             champion_eval_dir: str | None = None, report_out: str | None = None) -> RegisterResult:
     """Log ``model_uri`` (a model.pt) as an MLflow pyfunc, register a version (alias
     ``challenger``), decide the gate against the current ``champion`` and, with
     ``cfg.promote``, move ``champion`` when the gate passes (under the registry lock).
@@ -265,6 +267,11 @@ def register(model_uri: str, eval_dir: str, cfg: RegisterSettings = RegisterSett
         parent_run_id: the pipeline's MLflow run (the stage run nests under it; also the key
             that makes a re-run reuse its version).
         lineage: tags to record (manifest hashes, data fingerprint, parent model version ...).
+        val_shards: the validation shards both were scored on: with a champion, ``gate.html``
+            (champion vs challenger) is built from the two evaluations, logged on the register run,
+            named on the version and, with ``report_out``, written there too (KFP's HTML artifact).
+        champion_eval_dir: the champion's evaluation on these shards (re-scored); else the one
+            it was registered with.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -293,10 +300,11 @@ def register(model_uri: str, eval_dir: str, cfg: RegisterSettings = RegisterSett
     faults.point("register.gated")
     with tempfile.TemporaryDirectory() as tmp, stage_run("register", parent_run_id, uri, experiment) as run_ml:
         run_id = run_ml.active_run().info.run_id
-        run_ml.log_metrics({"PQ": metrics["PQ"], "SQ": metrics["SQ"], "RQ": metrics["RQ"],
-                            **{f"{PER_CLASS_PREFIX}{c}": v for c, v in per_class_pq(metrics).items()}})
         run_ml.set_tags({f"lineage.{k}": v for k, v in lineage.items()})
         run_ml.log_dict(metrics, f"{EVAL_ARTIFACT}/metrics.json")
+        if storage.exists(storage.join(eval_dir, PER_IMAGE_FILE)):   # a later gate report compares against it
+            run_ml.log_text(storage.read_text(storage.join(eval_dir, PER_IMAGE_FILE)),
+                            f"{EVAL_ARTIFACT}/{PER_IMAGE_FILE}")
         run_ml.log_dict({"decision": decision.to_json(), "challenger": summary(metrics),
                          "champion": {"version": champion.version if champion else None,
                                       "source": (champ or {}).get("source", "registered"), **summary(champ or {})}},
@@ -307,12 +315,16 @@ def register(model_uri: str, eval_dir: str, cfg: RegisterSettings = RegisterSett
             local_model = os.path.join(tmp, "model.pt")
             with open(local_model, "wb") as f:
                 f.write(storage.read_bytes(model_uri))
-            logged = log_pyfunc(local_model)
+            logged = log_pyfunc(local_model, **logged_model_fields(name, digest, metrics, lineage, cfg))
             faults.point("register.model_logged")
             return logged
 
         existing = _existing_version(client, name, parent_run_id, digest) if parent_run_id else None
         logged = upload() if existing is None else None   # outside the lock: an upload can take a while
+        # the figures go on the run and, when it was logged here, on the LoggedModel (its page lists them)
+        run_ml.log_metrics({"PQ": metrics["PQ"], "SQ": metrics["SQ"], "RQ": metrics["RQ"],
+                            **{f"{PER_CLASS_PREFIX}{c}": v for c, v in per_class_pq(metrics).items()}},
+                           model_id=logged.model_id if logged is not None else None)
         with registry_lock(client, name):   # one version per pipeline run and model file, runs overlapping or not
             existing = _existing_version(client, name, parent_run_id, digest) if parent_run_id else None
             if existing is None:
@@ -326,6 +338,8 @@ def register(model_uri: str, eval_dir: str, cfg: RegisterSettings = RegisterSett
                 version = str(existing.version)
                 log.info("%s version %s was registered for this pipeline run already: reused", name, version)
     faults.point("register.version_created")
+    if logged is not None:
+        mlflow.set_logged_model_tags(logged.model_id, {"registered_model": name, "registered_version": version})
     tags = {"PQ": f"{metrics['PQ']:.6f}", "gate": "pass" if decision.promote else "fail",
             "gate.reason": decision.reason[:4000], **lineage}
     for k, v in tags.items():
@@ -334,6 +348,14 @@ def register(model_uri: str, eval_dir: str, cfg: RegisterSettings = RegisterSett
     pipeline_run = client.get_run(parent_run_id) if parent_run_id else None
     client.update_model_version(name, version, description=version_description(
         metrics, decision, lineage, champ, cfg, pipeline_run.info if pipeline_run else None, tracking_uri(uri)))
+    if champion is not None and val_shards:
+        report = gate_report(client, name, champion, version, eval_dir, champion_eval_dir, val_shards, decision,
+                             run_id, model_uri, report_out, tracking_uri(uri))
+        client.set_model_version_tag(name, version, "gate.report", report)
+    elif report_out:   # KFP uploads the task's HTML output whatever happened: say why there is no comparison
+        from components.register.gate_report import no_champion_page
+
+        storage.write_text(report_out, no_champion_page(name, version, metrics, decision.reason))
     client.set_registered_model_alias(name, "challenger", version)
     aliases = ["challenger"]
     if cfg.promote and decision.promote:
@@ -345,6 +367,112 @@ def register(model_uri: str, eval_dir: str, cfg: RegisterSettings = RegisterSett
                                     "model.aliases": ",".join(aliases), "gate.promote": decision.promote,
                                     "gate.reason": decision.reason[:4000]}, uri=uri)
     return RegisterResult(name, version, run_id, aliases, decision, reused=existing is not None)
+
+
+def gate_report(client, name: str, champion, version: str, eval_dir: str, champion_eval_dir: str | None,
+                val_shards: str, decision: GateDecision, run_id: str, model_uri: str, report_out: str | None,
+                tracking: str) -> str:
+    """Build ``gate.html`` (components/register/gate_report.py) and log it on the register run;
+    returns its address (``runs:/<register run>/gate.html``) or why it is missing. The report
+    explains the decision; it never makes it: a report that cannot be built leaves the decision
+    as it is, and says so."""
+    from components.register import gate_report as gr
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            challenger = gr.Evaluation.read(eval_dir, f"v{version} (challenger)")
+            label = f"v{champion.version} (champion)"
+            if champion_eval_dir and storage.exists(storage.join(champion_eval_dir, PER_IMAGE_FILE)):
+                champ = gr.Evaluation.read(champion_eval_dir, label)
+            else:   # the evaluation it was registered with; its model draws the images shown
+                source = champion.tags.get("register_run_id") or champion.run_id
+                folder = os.path.join(tmp, "champion")
+                for f in ("metrics.json", PER_IMAGE_FILE):
+                    client.download_artifacts(source, f"{EVAL_ARTIFACT}/{f}", folder)
+                champ = gr.Evaluation.read(os.path.join(folder, EVAL_ARTIFACT), label,
+                                           model_uri=f"models:/{name}/{champion.version}", tracking=tracking)
+            verdict = (f"{'Promoted' if decision.promote else 'Not promoted'}: {decision.reason}")
+            path = os.path.join(tmp, gr.GATE_REPORT)
+            built = gr.build(champ, challenger, val_shards, path, verdict=verdict, facts={
+                "registered model": name, "challenger model": model_uri,
+                "champion model": f"models:/{name}/{champion.version}"})
+        except Exception as e:   # any failure: the report is missing, the decision stands
+            log.warning("gate.html for %s version %s not built: %s: %s", name, version, type(e).__name__, e)
+            return f"not built: {type(e).__name__}: {str(e)[:300]}"
+        client.log_artifact(run_id, path)
+        if report_out:
+            storage.write_bytes(report_out, open(path, "rb").read())
+        log.info("gate.html: %s version %s vs champion %s, %d categories, %d images, built in %.1f s", name, version,
+                 champion.version, len(built["categories"]), len(built["images"]), built["seconds"])
+    return f"runs:/{run_id}/{gr.GATE_REPORT}"
+
+
+def diff_versions(name: str, a: str, b: str, *, shards: str | None = None, out: str | None = None,
+                  rescore: bool = False, uri: str | None = None) -> dict:
+    """``gate.html`` for any two registered versions (``a`` the reference): from the evaluations
+    they were registered with when those scored the same samples (and ``shards`` holds them),
+    else both evaluated afresh on ``shards``. Returns what the report shows, with ``uri``."""
+    from mlflow.tracking import MlflowClient
+
+    from components.evaluate.core import EvaluateSettings, evaluate
+    from components.register import gate_report as gr
+
+    client = MlflowClient(tracking_uri(uri))
+    versions = []
+    for v in (a, b):
+        try:
+            mv = client.get_model_version(name, v) if v.isdigit() else client.get_model_version_by_alias(name, v)
+        except Exception as e:
+            raise FileNotFoundError(f"{name} version {v!r} not found in the registry at {tracking_uri(uri)} "
+                                    f"({type(e).__name__}); `panoptic runs compare` lists the versions") from None
+        versions.append(mv)
+    with tempfile.TemporaryDirectory() as tmp:
+        evals = []
+        for mv in versions:
+            folder = os.path.join(tmp, f"v{mv.version}")
+            source = mv.tags.get("register_run_id") or mv.run_id
+            for f in ("metrics.json", PER_IMAGE_FILE):
+                try:
+                    client.download_artifacts(source, f"{EVAL_ARTIFACT}/{f}", folder)
+                except Exception:
+                    pass   # a version registered without it: re-scored below
+            evals.append(os.path.join(folder, EVAL_ARTIFACT))
+        logged = [gr.Evaluation.read(e, f"v{mv.version}", model_uri=f"models:/{name}/{mv.version}",
+                                     tracking=tracking_uri(uri))
+                  if storage.exists(os.path.join(e, PER_IMAGE_FILE)) else None for e, mv in zip(evals, versions)]
+        same = (None not in logged and logged[0].metrics.get("val_samples_digest")
+                == logged[1].metrics.get("val_samples_digest"))
+        shards = shards or (logged[1] or logged[0]).metrics.get("shards") if any(logged) else shards
+        if not shards:
+            raise FileNotFoundError(f"no validation shards to compare {name} v{a} and v{b} on: pass --shards VAL")
+        if same and not rescore and storage.exists(storage.join(shards, "index.json")):
+            sides, how = logged, "their registered evaluations"
+        else:
+            sides, how = [], f"both re-scored on {shards}"
+            for mv in versions:
+                folder = os.path.join(tmp, f"rescored-v{mv.version}")
+                evaluate(f"models:/{name}/{mv.version}", shards, folder, EvaluateSettings(report_samples=0),
+                         progress=False)
+                sides.append(gr.Evaluation.read(folder, f"v{mv.version}"))
+        out = out or f"gate-v{versions[0].version}-v{versions[1].version}.html"
+        built = gr.build(sides[0], sides[1], shards, out, verdict=f"{name} v{versions[1].version} against "
+                         f"v{versions[0].version} ({how})", facts={"registered model": name})
+    return {**built, "a": str(versions[0].version), "b": str(versions[1].version), "how": how,
+            "images_scored": sides[1].metrics.get("images")}
+
+
+def logged_model_fields(name: str, digest: str, metrics: dict, lineage: dict, cfg: RegisterSettings) -> dict:
+    """The LoggedModel's name, params and tags: ``<config>-<model digest>`` (one name per
+    trained model, readable in MLflow's Models tab), what it was trained from and gated with."""
+    config = str(lineage.get("config") or name)
+    params = {k: str(v) for k, v in lineage.items()
+              if k in ("config", "code_version", "parent_model_version", "data_fingerprint") and v not in ("", None)}
+    params.update({"gate.margin": str(cfg.margin), "gate.tolerance": str(cfg.tolerance),
+                   "val_images": str(metrics.get("images", ""))})
+    tags = {"model_digest": digest, "mlflow.note.content":
+            f"Panoptic FPN `{config}` (model.pt sha256 {digest[:12]}), PQ {_pct(metrics.get('PQ'))} on "
+            f"{metrics.get('images', '?')} validation images; registered as {name}."}
+    return {"name": re.sub(r"[^A-Za-z0-9_.-]", "-", f"{config}-{digest[:8]}")[:200], "params": params, "tags": tags}
 
 
 def _champion_on_same_data(name: str, champion, champion_eval: dict | None, metrics: dict, uri: str | None):

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -83,6 +84,7 @@ def test_local_pipeline_registers_a_champion_skips_nothing_new_and_gates_the_nex
     assert second["seconds"] < 60
 
     # forced: it trains again, and must beat the champion by 0.5 PQ: the gate fails, the champion stays
+    third_started = time.time()
     third = run_local(str(tmp_path / "coco"), force=True,
                       **{**kw, "settings": {**settings, "register": {"margin": 0.5}}})
     assert not third["skipped"] and third["tags"]["decision.reason"] == "forced"
@@ -91,6 +93,28 @@ def test_local_pipeline_registers_a_champion_skips_nothing_new_and_gates_the_nex
     reg = client.search_runs([parent.info.experiment_id], filter_string=
                              f"tags.mlflow.parentRunId = '{third['run_id']}' and tags.`panoptic.stage` = 'register'")[0]
     assert reg.data.tags["gate.promote"] == "False" and "margin" in reg.data.tags["gate.reason"]
+    # the gate's report: on the register run, named on the version, the register task's HTML artifact,
+    # its figures those of the two evaluations (the champion's registered one: the same samples)
+    v2 = client.get_model_version("panoptic-fpn", "2")
+    assert v2.tags["gate.report"] == f"runs:/{reg.info.run_id}/gate.html"
+    page = open(client.download_artifacts(reg.info.run_id, "gate.html", str(tmp_path))).read()
+    [task_html] = [os.path.join(d, f) for d, _, fs in os.walk(kw["root"]) for f in fs if d.endswith("gate_report")
+                   and os.path.getmtime(os.path.join(d, f)) > third_started]
+    assert open(task_html).read() == page
+    from components.register.core import diff_versions, version_metrics
+
+    m1, m2 = version_metrics(client, "panoptic-fpn", "1"), version_metrics(client, "panoptic-fpn", "2")
+    for k in ("PQ", "SQ", "RQ"):
+        assert f"<td>{100 * m1[k]:.2f}</td><td>{100 * m2[k]:.2f}</td>" in page
+    assert "Not promoted" in page and f"{m2['images']} (the same samples for both" in page
+    diffed = diff_versions("panoptic-fpn", "1", "2", out=str(tmp_path / "diff.html"), uri=uri)
+    assert diffed["how"] == "their registered evaluations"
+    assert diffed["summary"]["PQ"] == (m1["PQ"], m2["PQ"]) and diffed["images_scored"] == m2["images"]
+    for d in diffed["categories"]:
+        assert d["delta"] == pytest.approx(m2["results"]["per_class"][str(d["category_id"])]["pq"]
+                                           - m1["results"]["per_class"][str(d["category_id"])]["pq"])
+    shown = [abs(r["delta"]) for r in diffed["images"]]
+    assert shown == sorted(shown, reverse=True) and len(shown) <= min(8, m2["images"]) and 0 not in shown
     # preprocess is cached on its inputs (values: same data, same settings): its shards are reused
     made = [d for d, _, _ in os.walk(kw["root"]) if d.endswith(os.path.join("preprocess", "train_shards"))]
     assert len(made) == 1, made   # written by the first run only: the forced one hit the cache
