@@ -19,7 +19,7 @@ COMMANDS = {
     "pq": ("components.evaluate.cli", "pq", "PQ/SQ/RQ of prediction files, panopticapi's numbers."),
     "predict": ("components.predict.cli", "predict_cmd", "Panoptic PNG, overlay and JSON for images."),
     "pipeline": ("pipeline.cli", "pipeline", "The KFP DAG: compile, run-local, submit, schedule."),
-    "runs": ("components.register.cli", "runs", "Compare pipeline runs tracked in MLflow."),
+    "runs": ("pipeline.runs", "runs", "Compare pipeline runs and registered versions tracked in MLflow."),
 }
 
 

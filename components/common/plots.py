@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import io
+
+import numpy as np
+from PIL import Image
 
 
 def pyplot():
@@ -24,3 +28,21 @@ def figure_png(fig, tight: bool = True) -> bytes:
     fig.savefig(buf, format="png", metadata={"Software": None})
     pyplot().close(fig)
     return buf.getvalue()
+
+
+def png_data_uri(arr: np.ndarray | bytes) -> str:
+    if isinstance(arr, (bytes, bytearray)):
+        data = bytes(arr)
+    else:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG", optimize=True)
+        data = buf.getvalue()
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def thumbnail(arr: np.ndarray, max_side: int = 360) -> np.ndarray:
+    h, w = arr.shape[:2]
+    s = min(1.0, max_side / max(h, w))
+    if s >= 1.0:
+        return arr
+    return np.asarray(Image.fromarray(arr).resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR))

@@ -2,26 +2,10 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 
-import numpy as np
-from PIL import Image
-
-from components.common.plots import figure_png, pyplot
+from components.common.plots import figure_png, png_data_uri, pyplot, thumbnail  # noqa: F401 (report API)
 from components.evaluate.tables import present
-
-
-def png_data_uri(arr: np.ndarray | bytes) -> str:
-    if isinstance(arr, (bytes, bytearray)):
-        data = bytes(arr)
-    else:
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="PNG", optimize=True)
-        data = buf.getvalue()
-    return "data:image/png;base64," + base64.b64encode(data).decode()
-
 
 CHART_WIDTH_IN, CHART_DPI, ROW_IN = 9.0, 100, 0.19  # 900 px wide whatever the number of categories
 
@@ -47,14 +31,6 @@ def per_class_chart(results: dict, categories: dict[int, dict]) -> bytes:
     ax.xaxis.tick_top()
     ax.set_title(f"PQ per category present ({len(rows)}; orange: things, green: stuff)", fontsize=10)
     return figure_png(fig)
-
-
-def thumbnail(arr: np.ndarray, max_side: int = 360) -> np.ndarray:
-    h, w = arr.shape[:2]
-    s = min(1.0, max_side / max(h, w))
-    if s >= 1.0:
-        return arr
-    return np.asarray(Image.fromarray(arr).resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR))
 
 
 def render_report(*, title: str, results: dict, categories: dict[int, dict], samples: list[dict],

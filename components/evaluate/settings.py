@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PER_IMAGE_FILE = "per_image.csv"   # each image's PQ, in the order scored
+from components.common.metrics import PER_IMAGE_FILE  # noqa: F401 (where evaluate writes it)
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-
-def present(r: dict) -> bool:
-    """Whether a category occurs in the ground truth or the predictions (a per_class entry)."""
-    return r.get("tp", 1) + r.get("fp", 0) + r.get("fn", 0) > 0
-
+from components.common.metrics import present  # noqa: F401 (evaluate's table rule)
 
 PER_CLASS_TABLE = "evaluate/per_class_table.json"   # an MLflow table artifact (the UI shows it as a table)
 

@@ -1,4 +1,4 @@
-"""`panoptic register`, `panoptic runs compare` and `panoptic runs diff`."""
+"""`panoptic register` and `panoptic runs compare` (the `runs` group: pipeline/runs.py)."""
 
 from __future__ import annotations
 
@@ -68,45 +68,3 @@ def compare(experiment, as_csv, max_runs, wide, chart):
     click.echo(compare_runs(experiment, as_csv=as_csv, max_runs=max_runs, wide=wide))
     if chart:
         click.echo(f"chart: {history_chart(chart, experiment, max_runs=max_runs)}")
-
-
-@click.command("diff")
-@click.argument("version_a")
-@click.argument("version_b")
-@click.option("--name", default=DEFAULTS.name, show_default=True, help="Registered model name.")
-@click.option("--shards", default=None,
-              help="Validation shards to compare on (default: those the versions were evaluated on). Both versions "
-                   "are re-scored here when their evaluations were on different samples.")
-@click.option("--out", default=None, metavar="FILE.html", help="Where to write the report [gate-vA-vB.html].")
-@click.option("--rescore", is_flag=True, help="Evaluate both versions on --shards even when their evaluations match.")
-def diff(version_a, version_b, name, shards, out, rescore):
-    """VERSION_A (the reference, e.g. the champion) against VERSION_B: the PQ/SQ/RQ table with
-    deltas, per-category PQ changes, and the validation images where the two disagree most, as a
-    self-contained HTML page (the gate's gate.html, for any two registered versions). A version
-    is a number or an alias (champion, challenger)."""
-    from components.register.core import diff_versions
-
-    try:
-        r = diff_versions(name, version_a, version_b, shards=shards, out=out, rescore=rescore)
-    except (FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-    s = r["summary"]
-    click.echo(f"{'':8s}{'v' + r['a']:>10s}{'v' + r['b']:>10s}{'change':>10s}")
-    for label, k in (("PQ", "PQ"), ("SQ", "SQ"), ("RQ", "RQ")):
-        click.echo(f"{label:8s}{100 * s[k][0]:10.2f}{100 * s[k][1]:10.2f}{100 * (s[k][1] - s[k][0]):+10.2f}")
-    cats = r["categories"]
-    if cats:
-        best, worst = cats[0], cats[-1]
-        click.echo(f"categories: {sum(c['delta'] > 0 for c in cats)} better, {sum(c['delta'] < 0 for c in cats)} "
-                   f"worse of {len(cats)}; most gained {best['name']} ({100 * best['delta']:+.2f}), most lost "
-                   f"{worst['name']} ({100 * worst['delta']:+.2f})")
-    click.echo(f"compared on {r['images_scored']} validation images ({r['how']}); report: {r['uri']}")
-
-
-@click.group("runs")
-def runs():
-    """Compare pipeline runs and registered versions tracked in MLflow."""
-
-
-runs.add_command(compare)
-runs.add_command(diff)

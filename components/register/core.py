@@ -25,7 +25,6 @@ interleaving of two runs.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import socket
@@ -36,9 +35,8 @@ from dataclasses import dataclass, field
 
 from components.common import faults, storage
 from components.common.hashing import file_digest
-from components.common.metrics import METRIC_KEYS
+from components.common.metrics import METRIC_KEYS, PER_IMAGE_FILE, InvalidMetrics, check_metrics, unit_number
 from components.common.tracking import CHAMPION, RegistryError, get_alias, log_parent, setup, stage_run, tracking_uri
-from components.evaluate.settings import PER_IMAGE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +66,7 @@ class RegisterSettings:
                              f"(at most 100), starting with a letter or digit")
         for key in ("margin", "tolerance"):
             value = getattr(self, key)
-            if not _unit_number(value):
+            if not unit_number(value):
                 raise ValueError(f"register: {key} must be a finite number in 0..1 (PQ points), not {value!r}")
 
 
@@ -99,37 +97,6 @@ class IncomparableMetrics(ValueError):
     """Challenger and champion were measured on different validation data."""
 
 
-class InvalidMetrics(ValueError):
-    """An evaluation that cannot be gated on: a metric that is no finite number in 0..1, or the
-    evaluation of another model file."""
-
-
-def _unit_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0.0 <= v <= 1.0
-
-
-def check_metrics(metrics, source: str) -> dict:
-    """``metrics`` (a metrics.json) when every number the gate reads is a finite value in 0..1 and
-    it says what it measured; else ``InvalidMetrics`` naming ``source`` and the values."""
-    if not isinstance(metrics, dict):
-        raise InvalidMetrics(f"{source}: not an evaluation (a {type(metrics).__name__}, not a mapping)")
-    bad = [f"{k}={metrics.get(k)!r}" for k in METRIC_KEYS if k in ("PQ", "SQ", "RQ") or k in metrics
-           if not _unit_number(metrics.get(k))]
-    per_class = (metrics.get("results") or {}).get("per_class") if isinstance(metrics.get("results"), dict) else None
-    if not isinstance(per_class, dict):
-        bad.append("results.per_class missing")
-    else:
-        bad += [f"per-class PQ of {c}={r.get('pq') if isinstance(r, dict) else r!r}" for c, r in per_class.items()
-                if not isinstance(r, dict) or not _unit_number(r.get("pq"))][:5]
-    images = metrics.get("images")
-    if not isinstance(images, int) or isinstance(images, bool) or images < 1:
-        bad.append(f"images={images!r}")
-    if bad:
-        raise InvalidMetrics(f"{source}: metrics the gate cannot use ({', '.join(bad[:8])}): every PQ, SQ and RQ "
-                             f"must be a finite number in 0..1; re-run `panoptic evaluate`. Nothing was promoted")
-    return metrics
-
-
 def gate(pq: float, per_class: dict[str, float], champion_pq: float | None, champion_per_class: dict[str, float],
          margin: float, tolerance: float, champion_version: str | None = None) -> GateDecision:
     """The promotion decision (pure function: numbers in, decision out). Every number must be
@@ -138,7 +105,7 @@ def gate(pq: float, per_class: dict[str, float], champion_pq: float | None, cham
                **{f"PQ of {c}": v for c, v in per_class.items()},
                **({} if champion_pq is None else {"champion PQ": champion_pq}),
                **{f"champion PQ of {c}": v for c, v in champion_per_class.items()}}
-    bad = [f"{k}={v!r}" for k, v in numbers.items() if not _unit_number(v)]
+    bad = [f"{k}={v!r}" for k, v in numbers.items() if not unit_number(v)]
     if bad:
         raise InvalidMetrics(f"the gate refuses {', '.join(bad[:6])}: every figure must be a finite number in 0..1")
     if champion_pq is None:
@@ -405,60 +372,6 @@ def gate_report(client, name: str, champion, version: str, eval_dir: str, champi
         log.info("gate.html: %s version %s vs champion %s, %d categories, %d images, built in %.1f s", name, version,
                  champion.version, len(built["categories"]), len(built["images"]), built["seconds"])
     return f"runs:/{run_id}/{gr.GATE_REPORT}"
-
-
-def diff_versions(name: str, a: str, b: str, *, shards: str | None = None, out: str | None = None,
-                  rescore: bool = False, uri: str | None = None) -> dict:
-    """``gate.html`` for any two registered versions (``a`` the reference): from the evaluations
-    they were registered with when those scored the same samples (and ``shards`` holds them),
-    else both evaluated afresh on ``shards``. Returns what the report shows, with ``uri``."""
-    from mlflow.tracking import MlflowClient
-
-    from components.evaluate.core import EvaluateSettings, evaluate
-    from components.register import gate_report as gr
-
-    client = MlflowClient(tracking_uri(uri))
-    versions = []
-    for v in (a, b):
-        try:
-            mv = client.get_model_version(name, v) if v.isdigit() else client.get_model_version_by_alias(name, v)
-        except Exception as e:
-            raise FileNotFoundError(f"{name} version {v!r} not found in the registry at {tracking_uri(uri)} "
-                                    f"({type(e).__name__}); `panoptic runs compare` lists the versions") from None
-        versions.append(mv)
-    with tempfile.TemporaryDirectory() as tmp:
-        evals = []
-        for mv in versions:
-            folder = os.path.join(tmp, f"v{mv.version}")
-            source = mv.tags.get("register_run_id") or mv.run_id
-            for f in ("metrics.json", PER_IMAGE_FILE):
-                try:
-                    client.download_artifacts(source, f"{EVAL_ARTIFACT}/{f}", folder)
-                except Exception:
-                    pass   # a version registered without it: re-scored below
-            evals.append(os.path.join(folder, EVAL_ARTIFACT))
-        logged = [gr.Evaluation.read(e, f"v{mv.version}", model_uri=f"models:/{name}/{mv.version}",
-                                     tracking=tracking_uri(uri))
-                  if storage.exists(os.path.join(e, PER_IMAGE_FILE)) else None for e, mv in zip(evals, versions)]
-        same = (None not in logged and logged[0].metrics.get("val_samples_digest")
-                == logged[1].metrics.get("val_samples_digest"))
-        shards = shards or (logged[1] or logged[0]).metrics.get("shards") if any(logged) else shards
-        if not shards:
-            raise FileNotFoundError(f"no validation shards to compare {name} v{a} and v{b} on: pass --shards VAL")
-        if same and not rescore and storage.exists(storage.join(shards, "index.json")):
-            sides, how = logged, "their registered evaluations"
-        else:
-            sides, how = [], f"both re-scored on {shards}"
-            for mv in versions:
-                folder = os.path.join(tmp, f"rescored-v{mv.version}")
-                evaluate(f"models:/{name}/{mv.version}", shards, folder, EvaluateSettings(report_samples=0),
-                         progress=False)
-                sides.append(gr.Evaluation.read(folder, f"v{mv.version}"))
-        out = out or f"gate-v{versions[0].version}-v{versions[1].version}.html"
-        built = gr.build(sides[0], sides[1], shards, out, verdict=f"{name} v{versions[1].version} against "
-                         f"v{versions[0].version} ({how})", facts={"registered model": name})
-    return {**built, "a": str(versions[0].version), "b": str(versions[1].version), "how": how,
-            "images_scored": sides[1].metrics.get("images")}
 
 
 def logged_model_fields(name: str, digest: str, metrics: dict, lineage: dict, cfg: RegisterSettings) -> dict:

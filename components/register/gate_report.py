@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from components.common import storage
-from components.evaluate.settings import PER_IMAGE_FILE
-from components.evaluate.tables import present
+from components.common.metrics import PER_IMAGE_FILE, check_metrics, present
 
 GATE_REPORT = "gate.html"
 SHOWN = 8   # images in the report (the largest per-image PQ differences)
@@ -43,8 +42,6 @@ class Evaluation:
 
     @staticmethod
     def read(folder: str, label: str, model_uri: str | None = None, tracking: str | None = None) -> "Evaluation":
-        from components.register.core import check_metrics
-
         uri = storage.join(folder, "metrics.json")
         metrics = check_metrics(storage.read_json(uri, "evaluation"), uri)
         return Evaluation(label, folder, metrics, read_per_image(storage.join(folder, PER_IMAGE_FILE)), model_uri,
@@ -171,8 +168,8 @@ def build(champion: Evaluation, challenger: Evaluation, val_shards: str, out_uri
     (``summary``, ``categories``, ``images``, ``seconds``) for callers and tests."""
     from components.common.coco_panoptic import decode_image, decode_png
     from components.common.overlays import overlay
+    from components.common.plots import thumbnail
     from components.data.records import load_index
-    from components.evaluate.report import thumbnail
 
     t0 = time.perf_counter()
     if champion.metrics.get("val_samples_digest") != challenger.metrics.get("val_samples_digest"):
@@ -245,7 +242,7 @@ def delta_chart(deltas: list[dict]) -> str:
 
 def render(champion: Evaluation, challenger: Evaluation, summary: dict, deltas: list[dict], images: list[dict],
            verdict: str, facts: dict) -> str:
-    from components.evaluate.report import png_data_uri
+    from components.common.plots import png_data_uri
 
     esc = html.escape
     def cells(k: str) -> str:

@@ -101,7 +101,8 @@ def test_local_pipeline_registers_a_champion_skips_nothing_new_and_gates_the_nex
     [task_html] = [os.path.join(d, f) for d, _, fs in os.walk(kw["root"]) for f in fs if d.endswith("gate_report")
                    and os.path.getmtime(os.path.join(d, f)) > third_started]
     assert open(task_html).read() == page
-    from components.register.core import diff_versions, version_metrics
+    from components.register.core import version_metrics
+    from pipeline.runs import diff_versions
 
     m1, m2 = version_metrics(client, "panoptic-fpn", "1"), version_metrics(client, "panoptic-fpn", "2")
     for k in ("PQ", "SQ", "RQ"):
