@@ -358,6 +358,8 @@ def run_local_cmd(data, sets, sweep_file, force, runner, root, verbose, **shorth
     if t.get("gate.reason"):
         click.echo(f"gate: {t['gate.reason']}")
     click.echo(f"report: {s['report']}")
+    if s.get("gate_report"):
+        click.echo(f"champion vs challenger (gate.html): {s['gate_report']}")
     if s["log"]:
         click.echo(f"full log: {s['log']}")
     default_store = s["mlflow_uri"] == f"sqlite:///{os.path.abspath('mlflow.db')}"

@@ -105,10 +105,13 @@ def run_local(data: str | None = None, *, runner: str = "subprocess", root: str 
     reports = sorted((p for p in glob.glob(os.path.join(root, "**", "report.html"), recursive=True)
                       if not _inside(p, os.path.join(root, "mlruns"))), key=os.path.getmtime)
     skipped = run.data.tags.get("decision") == "skip"
+    gates = sorted((p for p in glob.glob(os.path.join(root, "**", "gate_report"), recursive=True)
+                    if os.path.getmtime(p) >= t_start), key=os.path.getmtime)   # this run's, if any
     return {"run_id": run.info.run_id, "url": run_address(run.info.run_id, run.info.experiment_id, mlflow_uri),
             "runs_url": runs_address(run.info.experiment_id, mlflow_uri),
             "metrics": run.data.metrics, "tags": run.data.tags, "skipped": skipped,
-            "report": None if skipped or not reports else reports[-1], "seconds": elapsed, "mlflow_uri": mlflow_uri,
+            "report": None if skipped or not reports else reports[-1], "seconds": elapsed,
+            "gate_report": gates[-1] if gates else None, "mlflow_uri": mlflow_uri,
             "log": None if verbose else log_path, "runner": runner}
 
 

@@ -45,7 +45,7 @@ def diff_versions(name: str, a: str, b: str, *, shards: str | None = None, out: 
                     client.download_artifacts(source, f"{EVAL_ARTIFACT}/{f}", folder)
                 except Exception:
                     pass   # a version registered without it: re-scored below
-            evals.append(os.path.join(folder, EVAL_ARTIFACT))
+            evals.append(folder)   # a file downloads to folder/<its name>
         logged = [gr.Evaluation.read(e, f"v{mv.version}", model_uri=f"models:/{name}/{mv.version}",
                                      tracking=tracking_uri(uri))
                   if storage.exists(os.path.join(e, PER_IMAGE_FILE)) else None for e, mv in zip(evals, versions)]

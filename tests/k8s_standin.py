@@ -27,10 +27,10 @@ import re
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-from tests.servers import free_port
+from tests.servers import JsonHandler, free_port
 
 CUSTOM = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)"
                     r"(?:/(?P<name>[^/]+))?$")
@@ -52,17 +52,7 @@ class KubeStandIn:
         self.lock = threading.Lock()
         standin = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _reply(self, body: dict, code: int = 200):
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        class Handler(JsonHandler):
 
             def _status(self, code: int, reason: str, message: str):
                 self._reply({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message,

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
+
+from tests.servers import JsonHandler
 
 
 class KfpStandIn:
@@ -26,17 +28,7 @@ class KfpStandIn:
         self.token, self.cookie, self.namespace = token, cookie, namespace
         standin = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _reply(self, body: dict, code: int = 200):
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        class Handler(JsonHandler):
 
             def _record(self):
                 length = int(self.headers.get("Content-Length") or 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -9,8 +10,24 @@ import sys
 import time
 import urllib.request
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler
 
 BIN = os.path.dirname(sys.executable)
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """A stand-in server's request handler: quiet, and JSON replies."""
+
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, body: dict, code: int = 200):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
 
 def free_port() -> int:

@@ -356,7 +356,7 @@ def gate_report(client, name: str, champion, version: str, eval_dir: str, champi
                 folder = os.path.join(tmp, "champion")
                 for f in ("metrics.json", PER_IMAGE_FILE):
                     client.download_artifacts(source, f"{EVAL_ARTIFACT}/{f}", folder)
-                champ = gr.Evaluation.read(os.path.join(folder, EVAL_ARTIFACT), label,
+                champ = gr.Evaluation.read(folder, label,   # (a file downloads to folder/<its name>)
                                            model_uri=f"models:/{name}/{champion.version}", tracking=tracking)
             verdict = (f"{'Promoted' if decision.promote else 'Not promoted'}: {decision.reason}")
             path = os.path.join(tmp, gr.GATE_REPORT)
@@ -463,8 +463,11 @@ def version_description(metrics: dict, decision: GateDecision, lineage: dict, ch
     from components.common.datasets import digest_of
 
     rows = [("all", "PQ", "SQ", "RQ"), ("things", "PQ_th", "SQ_th", "RQ_th"), ("stuff", "PQ_st", "SQ_st", "RQ_st")]
-    table = "\n".join(f"| {label} | {_pct(metrics.get(a))} | {_pct(metrics.get(b))} | {_pct(metrics.get(c))} |"
-                      for label, a, b, c in rows)
+    # an aligned block, not a Markdown table: MLflow's UI draws tables without cell padding
+    # ("73.9087.3983.96"); a fenced block reads the same there, in the raw text and in an API
+    table = "\n".join([f"{'':8s}{'PQ':>8s}{'SQ':>8s}{'RQ':>8s}"] + [
+        f"{label:8s}{_pct(metrics.get(a)):>8s}{_pct(metrics.get(b)):>8s}{_pct(metrics.get(c)):>8s}"
+        for label, a, b, c in rows])
     verdict = "**promoted to champion**" if decision.promote else "**not promoted**"
     if decision.champion_version is None:
         compared = ""   # the reason says it: no champion yet
@@ -475,10 +478,11 @@ def version_description(metrics: dict, decision: GateDecision, lineage: dict, ch
         compared = (f"Compared with champion version {decision.champion_version} (PQ {_pct(decision.champion_pq)}; "
                     f"{how}).")
     lines = [
-        f"Panoptic FPN `{lineage.get('config', '?')}`: PQ **{_pct(metrics.get('PQ'))}** on "
-        f"{metrics.get('images', '?')} validation images.",
+        # plain words first: the versions list shows the description's start as raw text
+        f"Panoptic FPN {lineage.get('config', '?')}, PQ {_pct(metrics.get('PQ'))} on {metrics.get('images', '?')} "
+        f"validation images: {'promoted to champion' if decision.promote else 'not promoted'}.",
         "",
-        "| | PQ | SQ | RQ |", "|---|---|---|---|", table,
+        "```", table, "```",
         "",
         f"Gate: {verdict}: {decision.reason} (margin {cfg.margin}, per-category tolerance {cfg.tolerance}). "
         + compared,
@@ -492,6 +496,9 @@ def version_description(metrics: dict, decision: GateDecision, lineage: dict, ch
         lines.append(f"- initialised from `{lineage['parent_model_version']}`")
     if lineage.get("code_version"):
         lines.append(f"- code `{lineage['code_version']}`")
+    if decision.champion_version is not None:
+        lines += ["", f"Side by side with champion version {decision.champion_version}: `gate.html` among the "
+                      "register run's artifacts (per-category PQ change, the images where the two disagree most)."]
     if pipeline_run is not None:
         lines += ["", f"Pipeline run: {run_link(pipeline_run, tracking)} (its stages hold the report, the "
                       "per-class table and the training curves)."]

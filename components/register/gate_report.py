@@ -23,6 +23,7 @@ from components.common.metrics import PER_IMAGE_FILE, check_metrics, present
 
 GATE_REPORT = "gate.html"
 SHOWN = 8   # images in the report (the largest per-image PQ differences)
+THUMB = 300   # px, the longest side of each picture: four side by side fit a laptop's screen
 
 
 class IncomparableEvaluations(ValueError):
@@ -189,11 +190,12 @@ def build(champion: Evaluation, challenger: Evaluation, val_shards: str, out_uri
             raise IncomparableEvaluations(f"{val_shards}: image {r['image_id']} was scored but is not in these shards")
         image = decode_image(row["image"], row["file_name"])
         gt = decode_png(row["panoptic_png"], row["file_name"])
-        r["pictures"] = [("image", thumbnail(image)),
-                         ("ground truth", thumbnail(overlay(image, gt, row["segments_info"], categories)))]
+        r["pictures"] = [("image", thumbnail(image, THUMB)),
+                         ("ground truth", thumbnail(overlay(image, gt, row["segments_info"], categories), THUMB))]
         for ev, a in zip((champion, challenger), anns):
             pred = _predicted(ev, row["file_name"], a) or _predict(ev, image, models)
-            r["pictures"].append((ev.label, None if pred is None else thumbnail(overlay(image, *pred, categories))))
+            drawn = None if pred is None else thumbnail(overlay(image, *pred, categories), THUMB)
+            r["pictures"].append((ev.label, drawn))
     summary = {k: (champion.metrics.get(k), challenger.metrics.get(k))
                for k in ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")}
     page = render(champion, challenger, summary, deltas, images, verdict, facts or {})

@@ -85,8 +85,9 @@ def test_local_pipeline_registers_a_champion_skips_nothing_new_and_gates_the_nex
 
     # forced: it trains again, and must beat the champion by 0.5 PQ: the gate fails, the champion stays
     third_started = time.time()
-    third = run_local(str(tmp_path / "coco"), force=True,
-                      **{**kw, "settings": {**settings, "register": {"margin": 0.5}}})
+    third = run_local(str(tmp_path / "coco"), force=True,   # a longer training: another model
+                      **{**kw, "settings": {**settings, "train": {**settings["train"], "iterations": 6},
+                                            "register": {"margin": 0.5}}})
     assert not third["skipped"] and third["tags"]["decision.reason"] == "forced"
     assert third["tags"]["model.version"] == "2" and third["tags"]["model.aliases"] == "challenger"
     assert str(client.get_model_version_by_alias("panoptic-fpn", "champion").version) == "1"
@@ -98,9 +99,9 @@ def test_local_pipeline_registers_a_champion_skips_nothing_new_and_gates_the_nex
     v2 = client.get_model_version("panoptic-fpn", "2")
     assert v2.tags["gate.report"] == f"runs:/{reg.info.run_id}/gate.html"
     page = open(client.download_artifacts(reg.info.run_id, "gate.html", str(tmp_path))).read()
-    [task_html] = [os.path.join(d, f) for d, _, fs in os.walk(kw["root"]) for f in fs if d.endswith("gate_report")
+    [task_html] = [os.path.join(d, f) for d, _, fs in os.walk(kw["root"]) for f in fs if f == "gate_report"
                    and os.path.getmtime(os.path.join(d, f)) > third_started]
-    assert open(task_html).read() == page
+    assert open(task_html).read() == page and third["gate_report"] == task_html
     from components.register.core import version_metrics
     from pipeline.runs import diff_versions
 

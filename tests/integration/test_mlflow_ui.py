@@ -167,8 +167,11 @@ def test_registry_descriptions_tell_the_story(pipeline_run):
     v = client.get_model_version("panoptic-fpn", pipeline_run["version"])
     parent = client.get_run(pipeline_run["run"])
     d = v.description
-    assert f"PQ **{100 * metrics['PQ']:.2f}**" in d
-    assert f"| things | {100 * metrics['PQ_th']:.2f} |" in d and f"| stuff | {100 * metrics['PQ_st']:.2f} |" in d
+    assert d.startswith(f"Panoptic FPN tiny, PQ {100 * metrics['PQ']:.2f} on {metrics['images']} validation images: ")
+    assert "`" not in d.splitlines()[0] and "*" not in d.splitlines()[0]   # the versions list shows it raw
+    rows = {line.split()[0]: line.split()[1:] for line in d.split("```")[1].strip().splitlines()[1:]}
+    assert rows["things"] == [f"{100 * metrics[k]:.2f}" for k in ("PQ_th", "SQ_th", "RQ_th")]
+    assert rows["stuff"] == [f"{100 * metrics[k]:.2f}" for k in ("PQ_st", "SQ_st", "RQ_st")]
     assert v.tags["gate.reason"] in d and "promoted to champion" in d
     assert digest_of(metrics["val_manifest_hash"]) in d
     assert f"[{parent.info.run_name}]({pipeline_run['url']}/#/experiments/{parent.info.experiment_id}/runs/" \
