@@ -30,14 +30,14 @@ import uuid
 from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-from tests.servers import JsonHandler, free_port
+from tests.servers import JsonHandler, StandIn, free_port
 
 CUSTOM = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)"
                     r"(?:/(?P<name>[^/]+))?$")
 CORE = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/(?P<kind>pods|secrets)(?:/(?P<name>[^/]+))?(?:/(?P<sub>log))?$")
 
 
-class KubeStandIn:
+class KubeStandIn(StandIn):
     def __init__(self, controller=None, *, secrets: dict | None = None, pods: dict | None = None):
         """``secrets``: {(namespace, name): {key: value}}; ``pods``: {(namespace, name): labels}
         (pods that exist from the start, such as the pipeline task's own)."""
@@ -160,13 +160,8 @@ class KubeStandIn:
     def calls(self, method: str, fragment: str = "") -> list[dict]:
         return [r for r in self.requests if r["method"] == method and fragment in r["path"]]
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
     def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__exit__(*exc)
         self.controller.close()
 
 

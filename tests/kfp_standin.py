@@ -14,10 +14,10 @@ import uuid
 from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-from tests.servers import JsonHandler
+from tests.servers import JsonHandler, StandIn
 
 
-class KfpStandIn:
+class KfpStandIn(StandIn):
     def __init__(self, *, token: str | None = None, cookie: str | None = None, namespace: str | None = None):
         self.requests: list[dict] = []
         self.experiments: dict[str, dict] = {}
@@ -155,14 +155,6 @@ class KfpStandIn:
         self.versions[vid] = {"pipeline_id": pipeline_id, "pipeline_version_id": vid, "display_name": name,
                               "description": description, "created_at": "2026-12-02T00:00:00Z", "package": package}
         return self.versions[vid]
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def _public(version: dict) -> dict:
