@@ -211,6 +211,8 @@ def resume_point(output: str) -> tuple[str, dict] | None:
 # settings that change how a run is logged or fed, not what it learns: free to differ on resume
 RESUME_FREE = ("log_period", "data.num_workers", "solver.checkpoint_period", "model.weights",
                "solver.max_iter")   # running on (or stopping earlier) is what a resume is for
+# what a run's length decides (components/model/config.py: with_length): free when the length changed
+LENGTH_DERIVED = ("solver.steps", "solver.warmup_iters", "solver.checkpoint_period")
 
 
 def config_changes(saved: dict, cfg: Config) -> dict[str, tuple]:
@@ -225,8 +227,17 @@ def config_changes(saved: dict, cfg: Config) -> dict[str, tuple]:
         return out
 
     old, new = flat(saved), flat(json.loads(json.dumps(cfg.to_dict(), default=list)))
+    free = RESUME_FREE
+    if old.get("solver.max_iter") != new.get("solver.max_iter"):
+        # a run resumed longer (or shorter): its schedule follows the new length (with_length), as
+        # a fresh run of that length would have it
+        free += LENGTH_DERIVED
+        moved = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in LENGTH_DERIVED if old.get(k) != new.get(k)]
+        if moved:
+            log.info("resumed to %s iterations (from %s): the schedule follows the length (%s)",
+                     new.get("solver.max_iter"), old.get("solver.max_iter"), "; ".join(moved))
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and k not in RESUME_FREE}
+            if old.get(k) != new.get(k) and k not in free}
 
 
 # -- the loop --------------------------------------------------------------------------------
