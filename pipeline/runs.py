@@ -10,11 +10,10 @@ import tempfile
 import click
 
 from components.common import storage
-from components.common.metrics import PER_IMAGE_FILE
 from components.common.tracking import tracking_uri
 from components.register import gate_report as gr
 from components.register.cli import DEFAULTS, compare
-from components.register.core import EVAL_ARTIFACT
+from components.register.core import registered_evaluation
 
 
 def diff_versions(name: str, a: str, b: str, *, shards: str | None = None, out: str | None = None,
@@ -36,22 +35,12 @@ def diff_versions(name: str, a: str, b: str, *, shards: str | None = None, out: 
                                     f"({type(e).__name__}); `panoptic runs compare` lists the versions") from None
         versions.append(mv)
     with tempfile.TemporaryDirectory() as tmp:
-        evals = []
-        for mv in versions:
-            folder = os.path.join(tmp, f"v{mv.version}")
-            source = mv.tags.get("register_run_id") or mv.run_id
-            for f in ("metrics.json", PER_IMAGE_FILE):
-                try:
-                    client.download_artifacts(source, f"{EVAL_ARTIFACT}/{f}", folder)
-                except Exception:
-                    pass   # a version registered without it: re-scored below
-            evals.append(folder)   # a file downloads to folder/<its name>
-        logged = [gr.Evaluation.read(e, f"v{mv.version}", model_uri=f"models:/{name}/{mv.version}",
-                                     tracking=tracking_uri(uri))
-                  if storage.exists(os.path.join(e, PER_IMAGE_FILE)) else None for e, mv in zip(evals, versions)]
+        logged = [registered_evaluation(client, name, mv, os.path.join(tmp, f"v{mv.version}"), f"v{mv.version}",
+                                        tracking_uri(uri)) for mv in versions]
         same = (None not in logged and logged[0].metrics.get("val_samples_digest")
                 == logged[1].metrics.get("val_samples_digest"))
-        shards = shards or (logged[1] or logged[0]).metrics.get("shards") if any(logged) else shards
+        if not shards:   # those the evaluations were made on
+            shards = next((ev.metrics.get("shards") for ev in reversed(logged) if ev is not None), None)
         if not shards:
             raise FileNotFoundError(f"no validation shards to compare {name} v{a} and v{b} on: pass --shards VAL")
         if same and not rescore and storage.exists(storage.join(shards, "index.json")):

@@ -336,6 +336,21 @@ def register(model_uri: str, eval_dir: str, cfg: RegisterSettings = RegisterSett
     return RegisterResult(name, version, run_id, aliases, decision, reused=existing is not None)
 
 
+def registered_evaluation(client, name: str, mv, folder: str, label: str, tracking: str):
+    """The evaluation model version ``mv`` was gated on (its register run's metrics.json and
+    per_image.csv, downloaded into ``folder``), its model drawing any images shown; None when
+    the register run holds no per_image.csv. A registry failure raises."""
+    source = mv.tags.get("register_run_id") or mv.run_id
+    held = {a.path for a in client.list_artifacts(source, EVAL_ARTIFACT)}
+    if f"{EVAL_ARTIFACT}/{PER_IMAGE_FILE}" not in held:
+        return None
+    from components.register import gate_report as gr
+
+    for f in ("metrics.json", PER_IMAGE_FILE):
+        client.download_artifacts(source, f"{EVAL_ARTIFACT}/{f}", folder)   # lands as folder/<its name>
+    return gr.Evaluation.read(folder, label, model_uri=f"models:/{name}/{mv.version}", tracking=tracking)
+
+
 def gate_report(client, name: str, champion, version: str, eval_dir: str, champion_eval_dir: str | None,
                 val_shards: str, decision: GateDecision, run_id: str, model_uri: str, report_out: str | None,
                 tracking: str) -> str:
@@ -352,12 +367,11 @@ def gate_report(client, name: str, champion, version: str, eval_dir: str, champi
             if champion_eval_dir and storage.exists(storage.join(champion_eval_dir, PER_IMAGE_FILE)):
                 champ = gr.Evaluation.read(champion_eval_dir, label)
             else:   # the evaluation it was registered with; its model draws the images shown
-                source = champion.tags.get("register_run_id") or champion.run_id
-                folder = os.path.join(tmp, "champion")
-                for f in ("metrics.json", PER_IMAGE_FILE):
-                    client.download_artifacts(source, f"{EVAL_ARTIFACT}/{f}", folder)
-                champ = gr.Evaluation.read(folder, label,   # (a file downloads to folder/<its name>)
-                                           model_uri=f"models:/{name}/{champion.version}", tracking=tracking)
+                champ = registered_evaluation(client, name, champion, os.path.join(tmp, "champion"), label,
+                                              tracking)
+                if champ is None:
+                    raise FileNotFoundError(f"{name} version {champion.version} was registered without "
+                                            f"{EVAL_ARTIFACT}/{PER_IMAGE_FILE}")
             verdict = (f"{'Promoted' if decision.promote else 'Not promoted'}: {decision.reason}")
             path = os.path.join(tmp, gr.GATE_REPORT)
             built = gr.build(champ, challenger, val_shards, path, verdict=verdict, facts={
