@@ -258,13 +258,14 @@ def schedule(host, cron, experiment, name, max_concurrency, sets, package, names
 @auth_options
 def versions_cmd(host, namespace, token_file, cookie):
     """The pipeline's versions on a KFP host, newest first (name = the package's digest)."""
-    from pipeline.publish import list_all
+    from pipeline.publish import list_all, pipeline_id_in
 
     client = kfp_client(host, namespace, token_file, cookie)
     with api_errors(host):
-        pid = client.get_pipeline_id(PIPELINE_NAME)
+        pid = pipeline_id_in(client, PIPELINE_NAME, namespace or None)
         if pid is None:
-            raise click.ClickException(f"no pipeline {PIPELINE_NAME} on {host} yet: `panoptic pipeline submit` "
+            where = f" in namespace {namespace}" if namespace else ""
+            raise click.ClickException(f"no pipeline {PIPELINE_NAME} on {host}{where} yet: `panoptic pipeline submit` "
                                        f"uploads it")
         found = list_all(client.list_pipeline_versions, "pipeline_versions", pipeline_id=pid)
     for v in sorted(found, key=lambda v: str(v.created_at), reverse=True):

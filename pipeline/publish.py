@@ -40,13 +40,28 @@ def list_all(list_page, attr: str, **kwargs) -> list:
             return out
 
 
+def pipeline_id_in(client, name: str, namespace: str | None = None) -> str | None:
+    """The id of pipeline ``name`` in ``namespace``. KFP's own ``get_pipeline_id`` sends no
+    namespace, and a multi-user API server lists the shared pipelines then (kubeflow/pipelines
+    2.17.0 backend/src/apiserver/server/pipeline_server.go, ``listPipelines``), so it never finds
+    one in a profile, and the upload that follows is refused: (namespace, name) is unique
+    (backend/src/apiserver/model/pipeline.go) and the upload server answers 409."""
+    import json
+
+    flt = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
+    found = client.list_pipelines(filter=flt, page_size=2, namespace=namespace or None).pipelines or []
+    if len(found) > 1:
+        raise ValueError(f"KFP has {len(found)} pipelines named {name!r} in namespace {namespace or '(shared)'}")
+    return found[0].pipeline_id if found else None
+
+
 def ensure_version(client, package: str, namespace: str | None = None, description: str = "",
                    name: str = PIPELINE_NAME) -> PublishedVersion:
     """The version of pipeline ``name`` holding ``package``: found by its digest's name, else
     uploaded (and the pipeline too, the first time: its default version, named like the
     pipeline, is replaced by the digest-named one, so that every version says what it holds)."""
     wanted = version_name(package_digest(package), name)
-    pipeline_id = client.get_pipeline_id(name)
+    pipeline_id = pipeline_id_in(client, name, namespace)
     how = "new version"
     if pipeline_id is None:
         pipeline_id = client.upload_pipeline(package, pipeline_name=name, description=description,

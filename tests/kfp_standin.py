@@ -4,6 +4,18 @@ Configured as a multi-user Kubeflow (``token``/``cookie`` and ``namespace`` give
 as one behind Dex/oauth2-proxy does: 401 to a request without the bearer token or session
 cookie, 400 to experiment and run requests without the namespace, 403 to a run in an
 experiment of another namespace.
+
+What the real API server does, copied from kubeflow/pipelines at 2.17.0 (the SDK we pin):
+- Pipelines are namespaced in multi-user mode and shared ("") in single-user mode
+  (``backend/src/apiserver/resource/resource_manager.go``, ``ReplaceNamespace``); a list call
+  returns the pipelines of the namespace it names, so one without a namespace sees only the
+  shared ones (``backend/src/apiserver/server/pipeline_server.go``, ``listPipelines``).
+- (namespace, name) of a pipeline and (pipeline, name) of a version are unique indexes
+  (``backend/src/apiserver/model/pipeline.go``, ``pipeline_version.go``): an upload of a
+  duplicate is refused with 409 and the upload server's error body
+  (``backend/src/apiserver/server/pipeline_upload_server.go``, ``writeErrorToResponse``).
+- A list call's JSON filter (``display_name`` EQUALS) is applied to experiments, pipelines and
+  versions alike (``backend/src/apiserver/filter/filter.go``).
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ class KfpStandIn(StandIn):
         self.versions: dict[str, dict] = {}      # id -> version (with its "package" bytes)
         self.recurring: dict[str, dict] = {}     # id -> recurring run
         self.runs: dict[str, dict] = {}
+        self.conflicts: list[str] = []           # uploads refused as duplicates (409)
         self.token, self.cookie, self.namespace = token, cookie, namespace
         standin = self
 
@@ -66,6 +79,10 @@ class KfpStandIn(StandIn):
                     self._reply({"error": f"PermissionDenied: no access to namespace {ns}", "code": 7}, 403)
                 return True
 
+            def _upload_error(self, code: int, message: str):
+                standin.conflicts.append(message)
+                self._reply({"error_message": message, "error_details": f"{message}: AlreadyExistsError"}, code)
+
             def do_GET(self):
                 self._record()
                 if self._refuse():
@@ -78,17 +95,23 @@ class KfpStandIn(StandIn):
                     ns = query.get("namespace", [None])[0]
                     if self._wrong_namespace(ns):
                         return
-                    exps = [e for e in standin.experiments.values() if e["namespace"] == (ns or "")]
-                    return self._reply({"experiments": exps, "total_size": len(exps)})
+                    name = _filter_value(query, "display_name")
+                    exps = [e for e in standin.experiments.values() if e["namespace"] == (ns or "")
+                            and (name is None or e["display_name"] == name)]
+                    return self._reply({"experiments": exps, "total_size": len(exps)} if exps else {})
                 if "/experiments/" in path:
                     return self._reply(standin.experiments.get(path.rsplit("/", 1)[1], {}))
                 if path.endswith("/pipelines"):
                     name = _filter_value(query, "display_name")
-                    found = [p for p in standin.pipelines.values() if name is None or p["display_name"] == name]
+                    ns = standin._pipeline_namespace(query)
+                    found = [p for p in standin.pipelines.values() if (name is None or p["display_name"] == name)
+                             and p["namespace"] == ns]
                     return self._reply({"pipelines": found, "total_size": len(found)} if found else {})
                 if path.endswith("/versions"):
                     pid = path.split("/")[-2]
-                    found = [_public(v) for v in standin.versions.values() if v["pipeline_id"] == pid]
+                    name = _filter_value(query, "display_name")
+                    found = [_public(v) for v in standin.versions.values() if v["pipeline_id"] == pid
+                             and (name is None or v["display_name"] == name)]
                     return self._reply({"pipeline_versions": found, "total_size": len(found)} if found else {})
                 if path.endswith("/recurringruns"):
                     exp = query.get("experiment_id", [None])[0]
@@ -118,11 +141,17 @@ class KfpStandIn(StandIn):
                     pid = "p-" + uuid.uuid4().hex[:8]
                     pipeline = {"pipeline_id": pid, "display_name": query["name"][0],
                                 "description": query.get("description", [""])[0],
-                                "namespace": query.get("namespace", [""])[0]}
+                                "namespace": standin._pipeline_namespace(query)}
+                    if any((p["namespace"], p["display_name"]) == (pipeline["namespace"], pipeline["display_name"])
+                           for p in standin.pipelines.values()):
+                        return self._upload_error(409, "Failed to create a pipeline and a pipeline version")
                     standin.pipelines[pid] = pipeline
                     standin._version(pid, query["name"][0], "", body["files"]["uploadfile"])
                     return self._reply(pipeline)
                 if path.endswith("/pipelines/upload_version"):
+                    if any((v["pipeline_id"], v["display_name"]) == (query["pipelineid"][0], query["name"][0])
+                           for v in standin.versions.values()):
+                        return self._upload_error(409, "Failed to create a pipeline version")
                     v = standin._version(query["pipelineid"][0], query["name"][0], query.get("description", [""])[0],
                                          body["files"]["uploadfile"])
                     return self._reply(_public(v))
@@ -149,6 +178,10 @@ class KfpStandIn(StandIn):
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _pipeline_namespace(self, query: dict) -> str:
+        """ReplaceNamespace: the request's namespace in multi-user mode, "" (shared) otherwise."""
+        return query.get("namespace", [""])[0] if self.namespace is not None else ""
 
     def _version(self, pipeline_id: str, name: str, description: str, package: bytes) -> dict:
         vid = "v-" + uuid.uuid4().hex[:8]

@@ -253,6 +253,30 @@ def test_submit_to_multi_user_kubeflow_with_namespace_and_token(tmp_path):
         assert r.exit_code != 0 and "multi-user: pass --namespace" in r.output
 
 
+def test_two_submits_and_a_schedule_into_one_profile_reuse_one_pipeline(tmp_path):
+    """A multi-user API server lists pipelines by namespace and refuses a duplicate (namespace,
+    name) with 409 (tests/kfp_standin.py, copied from kubeflow/pipelines 2.17.0): the second
+    submit must find the pipeline in the profile, not upload it again."""
+    package = compile_pipeline(str(tmp_path / "p.yaml"))
+    token = tmp_path / "token"
+    token.write_text("t")
+    runner = CliRunner()
+    with KfpStandIn(token="t", namespace="team-a") as kfp:
+        for args in (["submit"], ["submit", "--run-name", "again"], ["schedule", "--cron", "0 3 * * 0"]):
+            r = runner.invoke(pipeline, [*args, "--host", kfp.url, "--package", package, "--namespace", "team-a",
+                                         "--token-file", str(token), "--set", "data_uri=s3://coco/panoptic"])
+            assert r.exit_code == 0, r.output
+        assert not kfp.conflicts
+        pipeline_, = kfp.pipelines.values()
+        assert pipeline_["namespace"] == "team-a"
+        assert len({v["pipeline_version_id"] for v in kfp.versions.values()}) == 1
+        lists = [q for q in kfp.requests if q["method"] == "GET" and q["path"].endswith("/pipelines")]
+        assert lists and all(q["query"]["namespace"] == ["team-a"] for q in lists)
+        r = runner.invoke(pipeline, ["versions", "--host", kfp.url, "--namespace", "team-a", "--token-file",
+                                     str(token)])
+        assert r.exit_code == 0 and "panoptic-fpn-" in r.output, r.output
+
+
 def test_submit_with_a_session_cookie_or_the_service_account_token(tmp_path, monkeypatch):
     package = compile_pipeline(str(tmp_path / "p.yaml"))
     runner = CliRunner()
