@@ -1,12 +1,19 @@
 """A local stand-in for the Kubernetes API, with controllers that play the training operators.
 
 We have no cluster. ``KubeStandIn`` answers the REST calls the train step makes through the real
-``kubernetes`` client (custom objects: create, get, delete; pods: list, get, delete, log;
-secrets: get), records every request, and deletes what a pod owns when the pod is deleted
-(Kubernetes' garbage collector, by ``ownerReferences`` uid). What a created job does is a
-controller's:
+``kubernetes`` client (custom objects: create, get, patch, delete; pods: list, get, delete, log;
+secrets and configmaps: get), records every request, and deletes what a pod owns when the pod is
+deleted (Kubernetes' garbage collector, by ``ownerReferences`` uid). Before anything is stored it
+does what a real cluster does (tests/kube_rules.py, each rule copied from the real source at a
+pinned tag): every request is authorized against the Role in infra/identity/rbac.yaml for the
+``panoptic-pipeline`` service account (403 with the API server's words otherwise); a custom
+resource is checked against its project's real CRD schema (strict field validation when the
+client asks for it, pruning of unknown fields when not) and its project's admission webhook
+(Trainer, Training Operator, Katib). What a created job does is a controller's:
 
 - ``ScriptedController``: the job's status follows a script of conditions (no pods).
+- ``tests.katib_standin.KatibController``: a Katib Experiment's trials, each through Katib's
+  own pod mutation (the ``sh -c`` join) and metrics collector filter.
 - ``DockerOperator``: the Training Operator (PyTorchJob) or Kubeflow Trainer's torch runtime
   (TrainJob) as Kubernetes would run the job: each replica a container of the job's image on
   this Docker engine, with the operator's environment (``MASTER_ADDR``, ``MASTER_PORT``,
@@ -30,18 +37,29 @@ import uuid
 from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
+from tests.kube_rules import ApiRules, Authorizer, Refused, role_rules, verb_of
 from tests.servers import JsonHandler, StandIn, free_port
 
 CUSTOM = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)"
                     r"(?:/(?P<name>[^/]+))?$")
-CORE = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/(?P<kind>pods|secrets)(?:/(?P<name>[^/]+))?(?:/(?P<sub>log))?$")
+CORE = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/(?P<kind>pods|secrets|configmaps)(?:/(?P<name>[^/]+))?"
+                  r"(?:/(?P<sub>log))?$")
 
 
 class KubeStandIn(StandIn):
-    def __init__(self, controller=None, *, secrets: dict | None = None, pods: dict | None = None):
-        """``secrets``: {(namespace, name): {key: value}}; ``pods``: {(namespace, name): labels}
-        (pods that exist from the start, such as the pipeline task's own)."""
+    def __init__(self, controller=None, *, secrets: dict | None = None, pods: dict | None = None,
+                 configmaps: dict | None = None, rules: ApiRules | None = None, role: list[dict] | None = None,
+                 authorize: bool = True):
+        """``secrets`` / ``configmaps``: {(namespace, name): {key: value}}; ``pods``: {(namespace, name):
+        labels} (pods that exist from the start, such as the pipeline task's own); ``rules``: the
+        cluster's CRDs, webhooks and namespaces (default: the newest versions we support);
+        ``role``: the rules the caller's service account is bound to (default: our Role);
+        ``authorize=False``: no RBAC (a cluster admin's kubeconfig)."""
         self.controller = controller or ScriptedController([])
+        self.rules = rules or ApiRules()
+        self.authorizer = Authorizer(role if role is not None else role_rules()) if authorize else None
+        self.configmaps = dict(configmaps or {})
+        self.refused: list[dict] = []
         self.requests: list[dict] = []
         self.objects: dict[tuple, dict] = {}
         self.deleted: list[dict] = []
@@ -65,26 +83,40 @@ class KubeStandIn(StandIn):
             def _handle(self):
                 url = urlparse(self.path)
                 body = self._body() if self.command in ("POST", "PUT", "PATCH", "DELETE") else None
+                query = parse_qs(url.query)
                 with standin.lock:
-                    standin.requests.append({"method": self.command, "path": url.path, "query": parse_qs(url.query),
+                    standin.requests.append({"method": self.command, "path": url.path, "query": query,
                                              "body": body})
-                m = CUSTOM.match(url.path)
-                if m:
-                    return self._custom(m, body)
-                m = CORE.match(url.path)
-                if m:
-                    return self._core(m, parse_qs(url.query))
-                self._status(404, "NotFound", f"no route {url.path}")
+                m = CUSTOM.match(url.path) or CORE.match(url.path)
+                if m is None:
+                    return self._status(404, "NotFound", f"no route {url.path}")
+                try:
+                    if standin.authorizer is not None:
+                        group = m.groupdict().get("group") or ""
+                        resource = m.groupdict().get("plural") or m["kind"]
+                        if m.groupdict().get("sub"):
+                            resource += "/" + m["sub"]
+                        standin.authorizer.check(verb_of(self.command, m["name"], query), group, resource, m["ns"],
+                                                 m["name"])
+                    if "group" in m.groupdict():
+                        return self._custom(m, body, query)
+                    return self._core(m, query)
+                except Refused as e:
+                    standin.refused.append({"method": self.command, "path": url.path, "code": e.code,
+                                            "message": e.message})
+                    return self._status(e.code, e.reason, e.message)
 
             do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _handle
 
-            def _custom(self, m, body):
+            def _custom(self, m, body, query):
                 key = (m["group"], m["version"], m["ns"], m["plural"])
                 if self.command == "POST" and not m["name"]:
                     name = body["metadata"]["name"]
                     if key + (name,) in standin.objects:
-                        return self._status(409, "AlreadyExists", f'{m["plural"]} "{name}" already exists')
-                    obj = json.loads(json.dumps(body))
+                        return self._status(409, "AlreadyExists", f'{m["plural"]}.{m["group"]} "{name}" already '
+                                                                  f"exists")
+                    obj = standin.rules.admit(m["group"], m["version"], m["plural"], m["ns"],
+                                              json.loads(json.dumps(body)), query)
                     obj["metadata"].update(namespace=m["ns"], uid=str(uuid.uuid4()),
                                            creationTimestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
                     standin.objects[key + (name,)] = obj
@@ -98,10 +130,19 @@ class KubeStandIn(StandIn):
                 if self.command == "DELETE":
                     standin.delete(key + (m["name"],))
                     return self._reply({"kind": "Status", "status": "Success"})
+                if self.command == "PATCH":   # a merge patch (Argo's executor patches its task result)
+                    _merge(obj, body or {})
+                    return self._reply(obj)
                 self._status(405, "MethodNotAllowed", self.command)
 
             def _core(self, m, query):
                 ns, kind, name, sub = m["ns"], m["kind"], m["name"], m["sub"]
+                if kind == "configmaps":
+                    data = standin.configmaps.get((ns, name))
+                    if data is None:
+                        return self._status(404, "NotFound", f'configmaps "{name}" not found')
+                    return self._reply({"kind": "ConfigMap", "apiVersion": "v1",
+                                        "metadata": {"name": name, "namespace": ns}, "data": data})
                 if kind == "secrets":
                     data = standin.secrets.get((ns, name))
                     if data is None:
@@ -163,6 +204,16 @@ class KubeStandIn(StandIn):
     def __exit__(self, *exc):
         super().__exit__(*exc)
         self.controller.close()
+
+
+def _merge(target: dict, patch: dict) -> None:
+    for k, v in patch.items():
+        if v is None:
+            target.pop(k, None)
+        elif isinstance(v, dict) and isinstance(target.get(k), dict):
+            _merge(target[k], v)
+        else:
+            target[k] = v
 
 
 def kubeconfig(path: str, url: str, namespace: str = "default") -> str:

@@ -26,6 +26,7 @@ import dataclasses
 import itertools
 import json
 import math
+import shlex
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,7 +142,12 @@ TRIAL_CONTAINER = "trial"
 def _katib_parameter(name: str, spec) -> dict:
     kname = _katib_name(name)
     if isinstance(spec, (list, tuple)):
-        return {"name": kname, "parameterType": "categorical", "feasibleSpace": {"list": [str(v) for v in spec]}}
+        values = [str(v) for v in spec]
+        for v in values:   # Katib pastes the text into the template's JSON, then into a shell word
+            if any(ch in v for ch in "'\"\\\n"):
+                raise ValueError(f"train.sweep: {name} value {v!r}: Katib cannot hand a value with quotes, backslashes "
+                                 f"or line breaks to a trial; rename it")
+        return {"name": kname, "parameterType": "categorical", "feasibleSpace": {"list": values}}
     space = {"min": str(spec["min"]), "max": str(spec["max"])}
     if spec.get("log"):
         space["distribution"] = "logUniform"
@@ -158,7 +164,12 @@ def render_katib_experiment(name: str, sweep: SweepSettings, train, *, image: st
                             gpus: int = 1, cluster=None) -> dict:
     """The Katib Experiment of a sweep: parameters from the space, the objective, the algorithm,
     and a trial template (a batch/v1 Job) running ``pipeline.sweep_trial`` with the
-    trial's assignment; the trial writes its model to ``output/trials/<trial name>/``."""
+    trial's assignment; the trial writes its model to ``output/trials/<trial name>/``.
+
+    The trial's command is ``sh -c '<the argv, shell-quoted>'``: Katib's StdOut metrics collector
+    rewrites the container as ``sh -c "<command and args joined by spaces>"`` without quoting
+    (kubeflow/katib pkg/webhook/v1beta1/pod/utils.go, ``wrapWorkerContainer``), which would split
+    the settings' JSON into words; an argv that already is ``sh -c STRING`` keeps its string whole."""
     from components.common.cluster import ClusterSettings
 
     c = cluster or ClusterSettings()
@@ -172,7 +183,8 @@ def render_katib_experiment(name: str, sweep: SweepSettings, train, *, image: st
         k = _katib_name(n)
         args += ["--assign", f"{n}=${{trialParameters.{k}}}"]
         trial_parameters.append({"name": k, "reference": k, "description": f"train setting {n}"})
-    container = {"name": TRIAL_CONTAINER, "image": image, "command": args, "env": c.pod_env(env or {}),
+    container = {"name": TRIAL_CONTAINER, "image": image, "command": ["sh", "-c", shlex.join(args)],
+                 "env": c.pod_env(env or {}),
                  "resources": c.pod_resources(gpus)}
     pod_spec = c.pod_spec([container], restartPolicy="Never")
     spec = {

@@ -74,11 +74,18 @@ def test_the_images_install_the_runtime_lock_only():
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: os.path.relpath(p, ROOT))
 def test_manifests_validate(path):
+    from tests import crd_schema
+    from tests.kube_rules import pytorchjob_admission, trainer_runtime, trainjob_admission
+
     for doc in yaml.safe_load_all(open(path)):
-        if doc["kind"] == "PyTorchJob":
+        if doc["kind"] == "PyTorchJob":   # the real CRD, strictly, and the operator's webhook
             check_pytorchjob(doc)
-        elif doc["kind"] == "TrainJob":  # a CRD: tests/unit/test_launcher.py checks its fields
-            assert doc["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and doc["spec"]["trainer"]["command"]
+            assert not crd_schema.errors(doc, crd_schema.schema_of(crd_schema.PYTORCHJOB_CRD))
+            pytorchjob_admission(doc)
+        elif doc["kind"] == "TrainJob":   # every Trainer version we claim
+            for tag, file in crd_schema.TRAINJOB_CRDS.items():
+                assert not crd_schema.errors(doc, crd_schema.schema_of(file)), tag
+                trainjob_admission(doc, {"torch-distributed": trainer_runtime(tag)})
         else:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
@@ -176,7 +183,8 @@ def test_the_pipelines_role_covers_what_the_train_step_creates_and_watches():
         assert ("", resource, "get") in allowed and ("", resource, "list") in allowed
     secrets = next(rule for rule in role["rules"] if rule["resources"] == ["secrets"])
     d = ClusterSettings()
-    assert set(secrets["resourceNames"]) == {d.s3_secret, "panoptic-mlflow"} and secrets["verbs"] == ["get"]
+    assert set(secrets["resourceNames"]) == {d.s3_secret, "panoptic-mlflow", "mlpipeline-minio-artifact"}
+    assert secrets["verbs"] == ["get"]
     bound = {(b["subjects"][0]["name"]) for b in docs if b["kind"] == "RoleBinding"}
     assert bound == {d.service_account, "default-editor"}   # the pods' account, and KFP's default in a profile
     assert {d["metadata"]["namespace"] for d in docs} == {"team-vision"}

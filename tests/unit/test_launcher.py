@@ -1,7 +1,9 @@
 """Multi-node training jobs: what the train step renders for a PyTorchJob and a TrainJob, and
 how it creates, owns, watches and deletes them. No cluster here: the real ``kubernetes`` client
 talks to a local stand-in of the Kubernetes API (tests/k8s_standin.py) whose controller follows
-a script of job states."""
+a script of job states, and which does to every request what a real cluster does: our Role's
+RBAC, the real CRD schemas with strict field validation, the Kubeflow projects' webhook rules
+(tests/kube_rules.py)."""
 
 import json
 import os
@@ -15,10 +17,22 @@ import pytest
 
 from components.common import storage
 from components.model.config import from_dict
-from components.train.launcher import JobTimedOut, TrainingJobFailed, run_job
+from components.train.launcher import (
+    MASTER_POD,
+    RUNTIME_PATCH_MANAGER,
+    JobSpec,
+    JobTimedOut,
+    MasterLog,
+    TrainingJobFailed,
+    render_pytorchjob,
+    render_trainjob,
+    run_job,
+)
 from components.train.settings import TrainSettings, resolve_config
 from pipeline.steps import step_train
+from tests import crd_schema
 from tests.k8s_standin import KubeStandIn, ScriptedController, kubeconfig
+from tests.kube_rules import ApiRules, Refused, pytorchjob_admission, trainer_runtime, trainjob_admission
 from tests.training import make_shards
 from tests.unit.test_infra import K8S_VERSION
 
@@ -151,13 +165,13 @@ def test_trainjob_follows_the_trainer_v1alpha1_api(shards, tmp_path, monkeypatch
                                  K8S_VERSION, strict=True)
 
 
-def _job(kind, name="j2"):
-    return {"kind": kind, "metadata": {"name": name, "namespace": "ns"},
-            "spec": {"trainer": {"command": ["torchrun"], "env": [
-                {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "panoptic-s3",
-                                                                             "key": "AWS_ACCESS_KEY_ID"}}}]}}
-            if kind == "TrainJob" else
-            {"pytorchReplicaSpecs": {"Master": {"template": {"spec": {"containers": [{"command": ["torchrun"]}]}}}}}}
+def _job(kind, name="j2", **cluster):
+    from components.common.cluster import ClusterSettings
+
+    spec = JobSpec(name=name, image="reg/panoptic-cuda:1", nodes=2, gpus_per_node=1, shards="s3://b/train",
+                   output="s3://b/out", config_uri="s3://b/out/train_config.json", namespace="ns",
+                   cluster=ClusterSettings(**cluster))
+    return render_pytorchjob(spec) if kind == "PyTorchJob" else render_trainjob(spec)
 
 
 @pytest.mark.parametrize("kind,done", [("PyTorchJob", "Succeeded"), ("TrainJob", "Complete")])
@@ -191,7 +205,7 @@ def test_the_job_is_owned_by_the_task_pod_and_goes_with_it(tmp_path, monkeypatch
         owner, = k.calls("POST")[0]["body"]["metadata"]["ownerReferences"]
         assert owner == {"apiVersion": "v1", "kind": "Pod", "name": "panoptic-fpn-abc-train",
                          "uid": k.pod_uid("ns", "panoptic-fpn-abc-train")}
-        core.delete_namespaced_pod("panoptic-fpn-abc-train", "ns")
+        k.delete_pod("ns", "panoptic-fpn-abc-train")   # KFP deletes it (the task's own account may not)
         assert [j["metadata"]["name"] for j in k.deleted] == ["j2"]
         # a job in another namespace cannot be owned by the pod: no reference, a warning
         monkeypatch.setenv("POD_NAMESPACE", "elsewhere")
@@ -242,3 +256,165 @@ def test_sigterm_to_the_step_deletes_the_job(tmp_path):
         assert proc.returncode != 0
         assert [d["path"] for d in k.calls("DELETE")] == ["/apis/kubeflow.org/v1/namespaces/ns/pytorchjobs/j2"]
         assert "deleted PyTorchJob ns/j2: the step got SIGTERM" in err
+
+
+@pytest.mark.parametrize("tag", sorted(crd_schema.TRAINJOB_CRDS))
+def test_a_trainjob_passes_the_webhook_and_strict_schema_of_each_supported_trainer(tag, tmp_path):
+    """Trainer v2.2+ validates runtimePatches[].manager as a domain-prefixed path and the patched
+    jobs and containers against the runtime (kubeflow/trainer jobset plugin); the CRD of each
+    supported tag knows every field we send, so strict field validation passes."""
+    job = _job("TrainJob")
+    assert not crd_schema.errors(job, crd_schema.schema_of(crd_schema.TRAINJOB_CRDS[tag]))
+    with KubeStandIn(ScriptedController([("Complete", "")]), secrets=SECRETS, rules=ApiRules(trainer=tag)) as k:
+        api, core = _apis(k, tmp_path)
+        run_job(job, poll_s=0, api=api, core=core)
+        post, = k.calls("POST")
+        assert post["query"]["fieldValidation"] == ["Strict"]
+        stored, = k.objects.values()
+        assert stored["spec"]["runtimePatches"][0]["manager"] == RUNTIME_PATCH_MANAGER
+        assert stored["spec"]["runtimePatches"] == job["spec"]["runtimePatches"]   # nothing pruned
+        assert not k.refused
+
+
+def test_an_older_trainer_is_refused_naming_the_version_needed(tmp_path):
+    """Trainer v2.0/v2.1 have no runtimePatches: without strict validation the API server would
+    drop it and the pods would lose their service account, security context, /dev/shm and GPU
+    tolerations; with it, the create fails, and we say which Trainer is needed."""
+    job = _job("TrainJob")
+    old = crd_schema.schema_of(crd_schema.TRAINJOB_CRD_UNSUPPORTED["v2.1.0"])
+    assert crd_schema.unknown_fields(job, old) == ["spec.runtimePatches"]
+    assert "runtimePatches" not in crd_schema.prune(job, old)["spec"]   # what a non-strict create stores
+    with KubeStandIn(ScriptedController([("Complete", "")]), secrets=SECRETS, rules=ApiRules(trainer="v2.1.0")) as k:
+        api, core = _apis(k, tmp_path)
+        with pytest.raises(TrainingJobFailed, match=r"cannot create TrainJob ns/j2: .*unknown field "
+                                                     r"\"spec.runtimePatches\".*needs Kubeflow Trainer v2.2 or newer"):
+            run_job(job, poll_s=0, api=api, core=core)
+        assert not k.objects
+
+
+def test_the_trainer_webhook_rules_refuse_what_trainer_refuses():
+    runtime = {"torch-distributed": trainer_runtime("v2.3.0")}
+    trainjob_admission(_job("TrainJob"), runtime)
+    for change, message in (
+            (lambda j: j["spec"]["runtimePatches"][0].update(manager="panoptic-pipeline"),
+             r'"panoptic-pipeline": must be a domain-prefixed path \(such as "acme.io/foo"\)'),
+            (lambda j: _patched_job(j).update(name="worker"), "replicated job that doesn't exist"),
+            (lambda j: _patched_pod(j)["containers"][0].update(env=[{"name": "A", "value": "1"}]),
+             "must not have envs for the"),
+            (lambda j: _patched_pod(j)["containers"].append({"name": "sidecar"}), "container that doesn't exist"),
+            (lambda j: j["spec"]["trainer"]["env"].append({"name": "PET_NNODES", "value": "3"}), "reserved envs"),
+            (lambda j: j["spec"]["runtimeRef"].update(name="torch-elsewhere"), "unsupported runtime")):
+        job = _job("TrainJob")
+        change(job)
+        with pytest.raises(Refused, match=message):
+            trainjob_admission(job, runtime)
+
+
+def _patched_job(job):
+    return job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+
+
+def _patched_pod(job):
+    return _patched_job(job)["template"]["spec"]["template"]["spec"]
+
+
+def test_a_pytorchjob_passes_the_training_operators_webhook_and_strict_schema(tmp_path):
+    job = _job("PyTorchJob")
+    assert not crd_schema.errors(job, crd_schema.schema_of(crd_schema.PYTORCHJOB_CRD))
+    pytorchjob_admission(job)
+    bad = _job("PyTorchJob", name="2-nodes")
+    bad["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = 2
+    bad["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["name"] = "main"
+    with pytest.raises(Refused) as e:
+        pytorchjob_admission(bad)
+    assert all(m in e.value.message for m in ("DNS-1035", "Master].replicas: Forbidden: must be 1",
+                                               "container with name pytorch"))
+    typo = _job("PyTorchJob")
+    typo["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["gpus"] = 1
+    assert crd_schema.unknown_fields(typo, crd_schema.schema_of(crd_schema.PYTORCHJOB_CRD)) == [
+        "spec.pytorchReplicaSpecs.Master.template.spec.containers[0].gpus"]
+    with KubeStandIn(ScriptedController([("Succeeded", "")]), secrets=SECRETS) as k:
+        api, core = _apis(k, tmp_path)
+        with pytest.raises(TrainingJobFailed, match=r'strict decoding error: unknown field "spec.pytorchReplicaSpecs'):
+            run_job(typo, poll_s=0, api=api, core=core)
+
+
+def test_the_master_log_follows_node_zero_only(tmp_path):
+    """Every TrainJob node pod is in job 0 of the replicated job "node"; the completion index tells
+    them apart (node 0 is rank 0)."""
+    labels = {"jobset.sigs.k8s.io/jobset-name": "j2", "jobset.sigs.k8s.io/replicatedjob-name": "node",
+              "jobset.sigs.k8s.io/job-index": "0"}
+    pods = {("ns", f"j2-node-0-{i}"): {**labels, "batch.kubernetes.io/job-completion-index": str(i)} for i in (0, 1)}
+    with KubeStandIn(secrets=SECRETS, pods=pods) as k:
+        _, core = _apis(k, tmp_path)
+        selector = MasterLog(core, "ns", "TrainJob", "j2").selector
+        found = core.list_namespaced_pod("ns", label_selector=selector).items
+        assert [p.metadata.name for p in found] == ["j2-node-0-0"] and MASTER_POD["TrainJob"][1] == "node"
+
+
+# What a KFP task pod asks of the Kubernetes API, besides what our train step does, read from
+# kubeflow/pipelines 2.17.0 (the launcher and driver) and Argo's executor (workflowtaskresults,
+# as KFP's pipeline-runner Role grants them).
+TASK_POD_CALLS = [
+    ("launcher: kfp-launcher ConfigMap (backend/src/v2/config/env.go)",
+     lambda core, api: core.read_namespaced_config_map("kfp-launcher", "ns")),
+    ("launcher: the object store's Secret (backend/src/v2/objectstore/object_store.go)",
+     lambda core, api: core.read_namespaced_secret("mlpipeline-minio-artifact", "ns")),
+    ("launcher/driver: its own pod (backend/src/v2/component/launcher_v2.go)",
+     lambda core, api: core.read_namespaced_pod("run-1-train", "ns")),
+    ("Argo executor: create the task result",
+     lambda core, api: api.create_namespaced_custom_object("argoproj.io", "v1alpha1", "ns", "workflowtaskresults",
+                                                           {"apiVersion": "argoproj.io/v1alpha1",
+                                                            "kind": "WorkflowTaskResult",
+                                                            "metadata": {"name": "run-1-123"}})),
+    ("Argo executor: patch the task result",
+     lambda core, api: api.patch_namespaced_custom_object("argoproj.io", "v1alpha1", "ns", "workflowtaskresults",
+                                                          "run-1-123", {"outputs": {"parameters": []}})),
+]
+# infra/identity/rbac.yaml's Role before it was derived from KFP's pipeline-runner
+OLD_ROLE = [{"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs", "experiments"],
+             "verbs": ["create", "get", "list", "watch", "delete"]},
+            {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],
+             "verbs": ["create", "get", "list", "watch", "delete"]},
+            {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["panoptic-s3", "panoptic-mlflow"],
+             "verbs": ["get"]}]
+
+
+def test_every_call_a_task_pod_makes_is_allowed_by_our_role(tmp_path):
+    secrets = {**SECRETS, ("ns", "mlpipeline-minio-artifact"): {"accesskey": "a", "secretkey": "s"}}
+    with KubeStandIn(secrets=secrets, pods={("ns", "run-1-train"): {}},
+                     configmaps={("ns", "kfp-launcher"): {"defaultPipelineRoot": "minio://mlpipeline/v2"}}) as k:
+        api, core = _apis(k, tmp_path)
+        for what, call in TASK_POD_CALLS:
+            call(core, api)
+        assert not k.refused, k.refused
+    from kubernetes.client.exceptions import ApiException
+
+    with KubeStandIn(secrets=secrets, pods={("ns", "run-1-train"): {}}, role=OLD_ROLE) as k:   # the Role before
+        api, core = _apis(k, tmp_path)
+        refused = []
+        for what, call in TASK_POD_CALLS:
+            try:
+                call(core, api)
+            except ApiException as e:
+                assert e.status == 403
+                refused.append(what)
+        assert len(refused) == 4, refused
+        assert any('workflowtaskresults.argoproj.io is forbidden: User "system:serviceaccount:ns:panoptic-pipeline" '
+                   'cannot create resource "workflowtaskresults" in API group "argoproj.io"' in r["message"]
+                   for r in k.refused)
+
+
+def test_a_katib_sweep_in_an_unlabelled_namespace_is_refused_with_the_label_to_set(tmp_path):
+    from components.train.settings import SweepSettings, TrainSettings
+    from components.train.sweep import render_katib_experiment
+
+    sweep = SweepSettings(trials=2, space={"iterations": [2, 3]}, backend="katib")
+    exp = render_katib_experiment("panoptic-sweep-1", sweep, TrainSettings(config="tiny"), image="x",
+                                  train_shards="s3://b/t", val_shards="s3://b/v", output="s3://b/o", namespace="plain")
+    with KubeStandIn(ScriptedController([("Succeeded", "")]), rules=ApiRules(namespaces={"plain": {}})) as k:
+        api, _ = _apis(k, tmp_path)
+        with pytest.raises(TrainingJobFailed, match="kubectl label namespace plain katib.kubeflow.org/metrics-"
+                                                    "collector-injection=enabled"):
+            run_job(exp, poll_s=0, api=api)

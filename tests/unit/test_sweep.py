@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -26,6 +27,7 @@ from components.train.sweep import (
 from tests.training import MICRO_OVERRIDES, make_shards
 from tests.unit.test_infra import K8S_VERSION
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KATIB = json.load(open(os.path.join(os.path.dirname(__file__), "..", "fixtures", "katib", "experiment_v1beta1.json")))
 
 SPACE = {"config": ["tiny", "convnext_t_tiny"], "iterations": [80, 120],
@@ -115,7 +117,12 @@ def _check_fields(node, type_name: str, path: str):
 
 
 def test_the_katib_experiment_uses_katibs_fields_and_passes_its_webhook_rules():
+    from tests import crd_schema
+    from tests.kube_rules import KATIB_NAMESPACE_LABEL, experiment_admission
+
     exp = _render()
+    experiment_admission(exp, "team-a", dict([KATIB_NAMESPACE_LABEL]))   # Katib v0.19.0's webhook, copied
+    assert not crd_schema.errors(exp, crd_schema.schema_of(crd_schema.KATIB_EXPERIMENT_CRD))
     assert exp["apiVersion"] == "kubeflow.org/v1beta1" and exp["kind"] == "Experiment"
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", exp["metadata"]["name"])
     spec = exp["spec"]
@@ -177,8 +184,13 @@ def test_katib_best_reads_the_optimal_trial():
 
 
 def test_the_trial_command_runs_as_katib_would_run_it(synth_root, tmp_path):
-    """Katib substitutes the trial parameters into the template's command and reads NAME=VALUE
-    lines from stdout: do the same with local shards, and train + evaluate for real."""
+    """Katib renders the trial's Job by pasting the trial parameters into the template, and its
+    StdOut metrics collector rewrites the primary container as ``sh -c "<argv joined by spaces>
+    1>metrics.log 2>&1 && ..."`` (tests/katib_standin.py, copied from kubeflow/katib v0.19.0):
+    the settings' JSON must reach ``sweep_trial`` whole. Run the wrapped container for real and
+    read its metrics with Katib's own filter."""
+    from tests.katib_standin import expand, parse_metrics, trial_job, wrap_worker_container
+
     train_shards = make_shards(synth_root, str(tmp_path / "train"), size=4)
     val_shards = make_shards(synth_root, str(tmp_path / "val"), split="val2017", size=2)
     sweep = SweepSettings(trials=2, space={"iterations": [2, 3], "solver.base_lr": {"min": 0.001, "max": 0.01}},
@@ -186,15 +198,43 @@ def test_the_trial_command_runs_as_katib_would_run_it(synth_root, tmp_path):
     exp = render_katib_experiment("s", sweep, TrainSettings(config="tiny", overrides=MICRO_OVERRIDES, device="cpu"),
                                   image="x", train_shards=train_shards, val_shards=val_shards,
                                   output=str(tmp_path / "model"))
-    command = exp["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]["containers"][0]["command"]
-    values = {"trialName": "s-trial-1", "iterations": "3", "solver-base-lr": "0.005"}
-    command = [re.sub(r"\$\{trialParameters\.([\w-]+)\}", lambda m: values[m.group(1)], part) for part in command]
-    assert command[:3] == ["python", "-m", "pipeline.sweep_trial"]
-    out = subprocess.run([sys.executable] + command[1:], capture_output=True, text=True, timeout=600,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    assert out.returncode == 0, out.stderr[-2000:]
-    metrics = dict(line.split("=") for line in out.stdout.split() if re.fullmatch(r"\w+=[\d.]+", line))
-    assert set(metrics) >= {"PQ", "SQ", "RQ"} and out.stdout.startswith("PQ=")
+    job = trial_job(exp, "s-trial-1", "ns", {"iterations": "3", "solver-base-lr": "0.005"})
+    pod = wrap_worker_container(job["spec"]["template"]["spec"], "trial", str(tmp_path / "katib" / "metrics.log"))
+    os.makedirs(tmp_path / "katib")
+    container = pod["containers"][0]
+    assert container["command"] == ["sh", "-c"] and len(container["args"]) == 1
+    wrapped = container["args"][0]
+    argv = shlex.split(wrapped.split(" 1>", 1)[0])   # what sh hands sweep_trial
+    assert argv[:3] == ["python", "-m", "pipeline.sweep_trial"]
+    settings = json.loads(argv[argv.index("--settings") + 1])
+    assert settings["config"] == "tiny" and settings["overrides"] == MICRO_OVERRIDES
+    assert "iterations=3" in argv and "solver.base_lr=0.005" in argv
+    env = {"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    out = subprocess.run([expand(a, env) for a in container["command"] + container["args"]], capture_output=True,
+                         text=True, timeout=600, env={**os.environ, **env}, cwd=ROOT)
+    log = (tmp_path / "katib" / "metrics.log").read_text()
+    assert out.returncode == 0, (out.stderr + log)[-3000:]
+    assert [f.endswith(".pid") for f in os.listdir(tmp_path / "katib")].count(True) == 1   # marked completed
+    metrics = {k: v[-1] for k, v in parse_metrics(log, ["PQ", "SQ", "RQ"]).items()}
+    assert set(metrics) == {"PQ", "SQ", "RQ"}
     trial = tmp_path / "model" / "trials" / "s-trial-1"
     assert (trial / "model.pt").exists() and json.load(open(trial / "evaluation" / "metrics.json"))["PQ"] == \
-        pytest.approx(float(metrics["PQ"]), abs=1e-6)
+        pytest.approx(metrics["PQ"], abs=1e-6)
+
+
+def test_the_old_plain_argv_breaks_under_katibs_wrapping():
+    """Why the trial's command is ``sh -c STRING``: a plain argv is joined unquoted, and sh splits
+    the settings' JSON into words."""
+    from tests.katib_standin import wrap_worker_container
+
+    argv = ["python", "-m", "pipeline.sweep_trial", "--settings", json.dumps({"config": "tiny", "overrides": {}})]
+    pod = wrap_worker_container({"containers": [{"name": "trial", "command": argv}]}, "trial", "/tmp/m.log")
+    split = shlex.split(pod["containers"][0]["args"][0].split(" 1>", 1)[0])
+    assert split[split.index("--settings") + 1] == "{config:"
+
+
+def test_a_sweep_value_katib_cannot_carry_is_refused():
+    sweep = SweepSettings(trials=2, space={"config": ["tiny", "it's"]}, backend="katib")
+    with pytest.raises(ValueError, match="Katib cannot hand a value with quotes"):
+        render_katib_experiment("s", sweep, TrainSettings(config="tiny"), image="x", train_shards="a", val_shards="b",
+                                output="c")
