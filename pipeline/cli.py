@@ -44,6 +44,49 @@ def pipeline_arguments(items, base: dict | None = None) -> dict:
     return {**run, **{stage: values for stage, values in settings.items() if values}}
 
 
+MLFLOW_HINT = ("--set mlflow_uri=http://mlflow.panoptic:5000 (the tracking server infra/base deploys; from a laptop: "
+               "kubectl -n panoptic port-forward svc/mlflow 5000)")
+
+
+def cluster_problems(arguments: dict, cluster: ClusterSettings, *, required: bool) -> list[str]:
+    """What a run on a cluster cannot do without, said before anything starts: an MLflow server
+    every task shares (a task's own sqlite file vanishes with its pod, and the registry and the
+    champion with it) and data the task pods can read. ``required``: absent values are problems
+    too (submit, schedule); compile checks only what is given."""
+    problems = []
+    mlflow = arguments.get("mlflow_uri", "")
+    if not mlflow and required:
+        problems.append(f"mlflow_uri is required on a cluster: {MLFLOW_HINT}")
+    elif mlflow and not mlflow.startswith(("http://", "https://")):
+        problems.append(f"mlflow_uri={mlflow}: a store of one pod's disk, which every task would have its own of and "
+                        f"lose with it; give the tracking server's address: {MLFLOW_HINT}")
+    data = arguments.get("data_uri", "")
+    on_pvc = cluster.data_pvc and data.startswith(cluster.data_mount.rstrip("/") + "/")
+    if not data and required:
+        problems.append("data_uri is required: --set data_uri=s3://BUCKET/PREFIX (a COCO panoptic root: "
+                        "PREFIX/annotations/panoptic_train2017.json ...; README: \"Your own COCO data\")")
+    elif data and "://" not in data and not on_pvc:
+        problems.append(f"data_uri={data}: a path on this machine, which no task pod has; give an s3:// URI, or a path "
+                        f"under {cluster.data_mount}/ with --data-pvc CLAIM (a PVC every task mounts)")
+    return problems
+
+
+def _check_cluster(arguments: dict, cluster: ClusterSettings, *, required: bool = True) -> None:
+    problems = cluster_problems(arguments, cluster, required=required)
+    if problems:
+        raise click.UsageError("\n".join(problems))
+    _say_images()
+
+
+def _say_images() -> None:
+    """Which images the compiled tasks run, out loud when they are the defaults."""
+    from pipeline.settings import CPU_IMAGE, GPU_IMAGE
+
+    if "IMAGE_REGISTRY" not in os.environ or "IMAGE_TAG" not in os.environ:
+        click.echo(f"images: {CPU_IMAGE}, {GPU_IMAGE} (defaults: set IMAGE_REGISTRY and IMAGE_TAG to the ones you "
+                   f"pushed with `make images`)", err=True)
+
+
 def _sets_option(f):
     return click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help=SET_HELP)(f)
 
@@ -98,7 +141,9 @@ def compile_cmd(out, sets, **cluster):
     """Compile the DAG (with GPU and cluster settings) to a KFP YAML package; --set items become
     the parameters' defaults."""
     defaults = pipeline_arguments(sets)
-    compile_pipeline(out, _cluster(**cluster), defaults)
+    cs = _cluster(**cluster)
+    _check_cluster(defaults, cs, required=False)
+    compile_pipeline(out, cs, defaults)
     click.echo(f"wrote {out}")
 
 
@@ -148,6 +193,7 @@ def submit(host, experiment, run_name, sets, package, namespace, token_file, coo
     experiment, the same run and experiment names in KFP and MLflow; prints both runs' addresses
     (MLflow's when its server answers from here: the run is then created now, and linked)."""
     arguments = pipeline_arguments(sets)
+    _check_cluster(arguments, _cluster(**cluster))   # before any network call
     client = kfp_client(host, namespace, token_file, cookie)
     name = run_name or f"{PIPELINE_NAME}-{time.strftime('%Y%m%d-%H%M%S')}"
     arguments.setdefault("experiment", experiment)
@@ -234,6 +280,7 @@ def schedule(host, cron, experiment, name, max_concurrency, sets, package, names
 
     cron = cron6(cron)
     arguments = pipeline_arguments(sets)
+    _check_cluster(arguments, _cluster(**cluster))   # before any network call
     arguments.setdefault("experiment", experiment)   # the same experiment name in KFP and MLflow
     client = kfp_client(host, namespace, token_file, cookie)
     with api_errors(host):
@@ -332,6 +379,7 @@ def run_local_cmd(data, sets, sweep_file, force, runner, root, verbose, **shorth
             items.append(f"train.sweep={yaml.safe_dump(yaml.safe_load(f) or {}, default_flow_style=True).strip()}")
     arguments = pipeline_arguments(items, base=LOCAL_SETTINGS)   # checked now: before any task starts
     run = {k: arguments.pop(k) for k in list(arguments) if k not in STAGES}
+    _check_local_data(run.get("data_uri", data), arguments.get("subset", {}))
     root = root or f"runs/{'docker' if runner == 'docker' else 'local'}"
     if not verbose:
         click.echo(f"the tasks' full log: {os.path.join(root, 'pipeline.log')} (here: which task runs, training "
@@ -366,6 +414,24 @@ def run_local_cmd(data, sets, sweep_file, force, runner, root, verbose, **shorth
     default_store = s["mlflow_uri"] == f"sqlite:///{os.path.abspath('mlflow.db')}"
     env = "" if default_store else f"MLFLOW_TRACKING_URI={s['mlflow_uri']} "
     click.echo(f"compare runs: {env}{shlex.quote(_program())} runs compare")
+
+
+def _check_local_data(data: str | None, subset: dict) -> None:
+    """A local --data folder has the COCO panoptic layout, before any task starts (the remote
+    store is read by the first task, which names what is missing)."""
+    from components.common.coco_panoptic import LAYOUT, layout_problems
+
+    if not data or "://" in data:
+        return
+    splits = (subset.get("train_split", "train2017"), subset.get("val_split", "val2017"))
+    missing = layout_problems(data, splits)
+    if missing:
+        layout = "; ".join(LAYOUT.format(split=s) for s in splits)
+        what = ("no such folder" if not os.path.isdir(data) else
+                f"not a COCO panoptic folder: missing {', '.join(missing)}")
+        raise click.BadParameter(f"{data}: {what}. Expected {layout} "
+                                 f"(README: \"Your own COCO data\"; `panoptic data synth --out DIR` makes one)",
+                                 param_hint="--data")
 
 
 def _serve_hint(uri: str) -> str:

@@ -399,6 +399,27 @@ def annotation_json_uri(root: str, split: str) -> str:
     return storage.join(root, "annotations", f"panoptic_{split}.json")
 
 
+LAYOUT = ("ROOT/{split}/ (the images), ROOT/annotations/panoptic_{split}.json and "
+          "ROOT/annotations/panoptic_{split}/ (the panoptic PNGs)")
+
+
+def layout_problems(root: str, splits: tuple[str, ...] = ("train2017", "val2017")) -> list[str]:
+    """What a local COCO panoptic folder lacks of the layout the pipeline reads (nothing opened
+    but the folder listing): [] when every split has its images, annotation JSON and PNG folder."""
+    import os
+
+    if not os.path.isdir(root):
+        return [f"{root} is not a folder"]
+    missing = []
+    for split in splits:
+        for rel, want_dir in ((split, True), (os.path.join("annotations", f"panoptic_{split}.json"), False),
+                              (os.path.join("annotations", f"panoptic_{split}"), True)):
+            path = os.path.join(root, rel)
+            if not (os.path.isdir(path) if want_dir else os.path.isfile(path)):
+                missing.append(rel + ("/" if want_dir else ""))
+    return missing
+
+
 def load_split(root: str, split: str) -> PanopticSplit:
     """Load ``{root}/annotations/panoptic_{split}.json``. ``root`` may be local or ``s3://``."""
     uri = annotation_json_uri(root, split)

@@ -90,7 +90,7 @@ def test_submit_links_the_kfp_run_and_the_mlflow_run_both_ways(synth_root, tmp_p
     package = compile_pipeline(str(tmp_path / "p.yaml"))
     with postgres_database() as db, mlflow_server(db, str(tmp_path / "artifacts")) as url, KfpStandIn() as kfp:
         r = CliRunner().invoke(pipeline, ["submit", "--host", kfp.url, "--package", package, "--run-name", "nightly-7",
-                                          "--experiment", "team-nightly", "--set", f"data_uri={synth_root}",
+                                          "--experiment", "team-nightly", "--set", "data_uri=s3://coco/panoptic",
                                           "--set", f"mlflow_uri={url}"])
         assert r.exit_code == 0, r.output
         (kfp_run_id, run), = kfp.runs.items()

@@ -9,6 +9,10 @@ from pipeline.cli import compile_pipeline, cron6, pipeline, pipeline_arguments
 from pipeline.publish import package_digest, version_name
 from tests.kfp_standin import KfpStandIn
 
+# what every submit and schedule must name (an MLflow server that refuses at once: nothing listens on port 9)
+MLFLOW = "http://127.0.0.1:9"
+RUN = ["--set", "data_uri=s3://coco/panoptic", "--set", f"mlflow_uri={MLFLOW}"]
+
 
 def _docs(path):
     return list(yaml.safe_load_all(open(path)))
@@ -100,7 +104,7 @@ def test_submit_and_schedule_run_a_pipeline_version_in_the_experiment(tmp_path):
     runner = CliRunner()
     with KfpStandIn() as kfp:
         r = runner.invoke(pipeline, ["submit", "--host", kfp.url, "--experiment", "nightly", "--package", package,
-                                     "--set", "data_uri=s3://coco/panoptic", "--set", "train.iterations=90000",
+                                     *RUN, "--set", "train.iterations=90000",
                                      "--set", 'subset={"size": 20000}', "--set", "force=true", "--run-name", "r1",
                                      "--service-account", "panoptic-pipeline"])
         assert r.exit_code == 0, r.output
@@ -119,6 +123,7 @@ def test_submit_and_schedule_run_a_pipeline_version_in_the_experiment(tmp_path):
         # the same run and experiment names in both UIs; the MLflow run links back to this KFP UI
         assert run["display_name"] == "r1"
         assert run["runtime_config"]["parameters"] == {"data_uri": "s3://coco/panoptic", "force": True,
+                                                       "mlflow_uri": MLFLOW,
                                                        "train": {"iterations": 90000}, "subset": {"size": 20000},
                                                        "experiment": "nightly", "run_name": "r1",
                                                        "kfp_ui": kfp.url}
@@ -128,13 +133,13 @@ def test_submit_and_schedule_run_a_pipeline_version_in_the_experiment(tmp_path):
 
         # a second submit of the same package: no upload, the same version
         r = runner.invoke(pipeline, ["submit", "--host", kfp.url, "--experiment", "nightly", "--package", package,
-                                     "--set", "data_uri=s3://coco/panoptic"])
+                                     *RUN])
         assert r.exit_code == 0 and "(existing version)" in r.output, r.output
         assert len(kfp.pipelines) == 1 and len(kfp.versions) == 1
         assert sum(q["path"].endswith(("/upload", "/upload_version")) for q in kfp.requests) == 2
 
         r = runner.invoke(pipeline, ["schedule", "--host", kfp.url, "--cron", "0 3 * * 0", "--experiment", "nightly",
-                                     "--package", package, "--set", "data_uri=s3://coco/panoptic",
+                                     "--package", package, *RUN,
                                      "--service-account", "panoptic-pipeline"])
         assert r.exit_code == 0, r.output
         (rid, rec), = kfp.recurring.items()
@@ -144,13 +149,14 @@ def test_submit_and_schedule_run_a_pipeline_version_in_the_experiment(tmp_path):
         assert rec["pipeline_version_reference"] == {"pipeline_id": pid, "pipeline_version_id": vid}
         assert "pipeline_spec" not in rec and rec["no_catchup"] is True
         assert rec["runtime_config"]["parameters"] == {"data_uri": "s3://coco/panoptic", "experiment": "nightly",
+                                                       "mlflow_uri": MLFLOW,
                                                        "kfp_ui": kfp.url}
 
 
 def test_a_second_schedule_keeps_replaces_or_lists_never_duplicates(tmp_path):
     package = compile_pipeline(str(tmp_path / "p.yaml"))
     runner = CliRunner()
-    base = ["--experiment", "nightly", "--set", "data_uri=s3://coco/panoptic"]
+    base = ["--experiment", "nightly", *RUN]
     with KfpStandIn() as kfp:
         def schedule(*extra, package=package):
             r = runner.invoke(pipeline, ["schedule", "--host", kfp.url, "--package", package, *base, *extra])
@@ -194,14 +200,53 @@ def test_a_second_schedule_keeps_replaces_or_lists_never_duplicates(tmp_path):
 def test_submit_writes_nothing_into_the_users_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with KfpStandIn() as kfp:
-        r = CliRunner().invoke(pipeline, ["submit", "--host", kfp.url, "--set", "data_uri=s3://coco/panoptic"])
+        r = CliRunner().invoke(pipeline, ["submit", "--host", kfp.url, *RUN])
         assert r.exit_code == 0, r.output
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", [["submit"], ["schedule", "--cron", "0 3 * * 0"]])
+def test_a_cluster_run_without_its_server_or_data_is_refused_before_any_network_call(command, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    cases = [([], "mlflow_uri is required on a cluster"), ([], "data_uri is required"),
+             (["--set", "mlflow_uri=sqlite:///mlflow.db", "--set", "data_uri=s3://coco/p"],
+              "mlflow_uri=sqlite:///mlflow.db: a store of one pod's disk"),
+             (["--set", f"mlflow_uri={MLFLOW}", "--set", "data_uri=/home/me/coco"],
+              "data_uri=/home/me/coco: a path on this machine")]
+    with KfpStandIn() as kfp:
+        for extra, message in cases:
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, "-m", "components", "pipeline", *command, "--host", kfp.url, *extra],
+                               capture_output=True, text=True, timeout=120, cwd=tmp_path)
+            seconds = time.perf_counter() - t0
+            assert r.returncode == 2 and message in r.stderr, r.stderr
+            assert "kubectl -n panoptic port-forward svc/mlflow 5000" in r.stderr or "data_uri" in message
+            assert seconds < 5, seconds   # the whole command, as a user runs it
+        assert kfp.requests == []   # refused before any network call
+    # a PVC every task mounts makes a path under its mount a cluster path
+    with KfpStandIn() as kfp:
+        r = CliRunner().invoke(pipeline, [*command, "--host", kfp.url, "--set", f"mlflow_uri={MLFLOW}", "--set",
+                                          "data_uri=/data/coco", "--data-pvc", "coco"])
+        assert r.exit_code == 0, r.output
+
+
+def test_run_local_refuses_a_data_folder_without_the_coco_layout_before_any_task(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(pipeline, ["run-local", "--data", "/nonexistent"])
+    assert r.exit_code == 2 and "/nonexistent: no such folder" in r.output, r.output
+    assert "ROOT/annotations/panoptic_train2017.json" in r.output
+    (tmp_path / "coco" / "train2017").mkdir(parents=True)
+    r = CliRunner().invoke(pipeline, ["run-local", "--data", str(tmp_path / "coco")])
+    assert r.exit_code == 2 and "missing annotations/panoptic_train2017.json" in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coco"]   # no task ran: no runs/, no mlflow.db
+
+
 def test_cron_fields():
     assert cron6("0 3 * * 0") == "0 0 3 * * 0" and cron6("0 0 3 * * 0") == "0 0 3 * * 0"
-    r = CliRunner().invoke(pipeline, ["schedule", "--host", "http://127.0.0.1:9", "--cron", "every sunday"])
+    r = CliRunner().invoke(pipeline, ["schedule", "--host", "http://127.0.0.1:9", "--cron", "every sunday", *RUN])
     assert r.exit_code != 0 and "cron expression has 5 fields" in r.output
 
 
@@ -232,7 +277,7 @@ def test_submit_to_multi_user_kubeflow_with_namespace_and_token(tmp_path):
     runner = CliRunner()
     with KfpStandIn(token="s3cr3t-token", namespace="team-a") as kfp:
         r = runner.invoke(pipeline, ["submit", "--host", kfp.url, "--package", package, "--namespace", "team-a",
-                                     "--token-file", str(token), "--set", "data_uri=s3://coco/panoptic"])
+                                     "--token-file", str(token), *RUN])
         assert r.exit_code == 0, r.output
         assert all(q["authorization"] == "Bearer s3cr3t-token" for q in kfp.requests)
         exp = next(q for q in kfp.requests if q["method"] == "POST" and q["path"].endswith("/experiments"))
@@ -240,16 +285,16 @@ def test_submit_to_multi_user_kubeflow_with_namespace_and_token(tmp_path):
         run = next(q for q in kfp.requests if q["method"] == "POST" and q["path"].endswith("/runs"))
         assert kfp.experiments[run["body"]["experiment_id"]]["namespace"] == "team-a"
         r = runner.invoke(pipeline, ["schedule", "--host", kfp.url, "--package", package, "--namespace", "team-a",
-                                     "--cron", "0 3 * * 0", "--token-file", str(token)])
+                                     "--cron", "0 3 * * 0", "--token-file", str(token), *RUN])
         assert r.exit_code == 0 and "namespace team-a" in r.output, r.output
 
         # without a token: refused, and said so with what to do
-        r = runner.invoke(pipeline, ["submit", "--host", kfp.url, "--package", package, "--namespace", "team-a"],
-                          env={"KFP_TOKEN": "", "KF_PIPELINES_SA_TOKEN_PATH": str(tmp_path / "none")})
+        r = runner.invoke(pipeline, ["submit", "--host", kfp.url, "--package", package, "--namespace", "team-a",
+                                     *RUN], env={"KFP_TOKEN": "", "KF_PIPELINES_SA_TOKEN_PATH": str(tmp_path / "none")})
         assert r.exit_code != 0 and "refused the request (401" in r.output and "--token-file" in r.output
         # without a namespace: said so
-        r = runner.invoke(pipeline, ["submit", "--host", kfp.url, "--package", package, "--token-file", str(token)],
-                          env={"KFP_NAMESPACE": ""})
+        r = runner.invoke(pipeline, ["submit", "--host", kfp.url, "--package", package, "--token-file", str(token),
+                                     *RUN], env={"KFP_NAMESPACE": ""})
         assert r.exit_code != 0 and "multi-user: pass --namespace" in r.output
 
 
@@ -264,7 +309,7 @@ def test_two_submits_and_a_schedule_into_one_profile_reuse_one_pipeline(tmp_path
     with KfpStandIn(token="t", namespace="team-a") as kfp:
         for args in (["submit"], ["submit", "--run-name", "again"], ["schedule", "--cron", "0 3 * * 0"]):
             r = runner.invoke(pipeline, [*args, "--host", kfp.url, "--package", package, "--namespace", "team-a",
-                                         "--token-file", str(token), "--set", "data_uri=s3://coco/panoptic"])
+                                         "--token-file", str(token), *RUN])
             assert r.exit_code == 0, r.output
         assert not kfp.conflicts
         pipeline_, = kfp.pipelines.values()
@@ -282,13 +327,13 @@ def test_submit_with_a_session_cookie_or_the_service_account_token(tmp_path, mon
     runner = CliRunner()
     with KfpStandIn(cookie="authservice_session=abc123", namespace="team-b") as kfp:
         r = runner.invoke(pipeline, ["submit", "--host", kfp.url, "--package", package, "--namespace", "team-b",
-                                     "--cookie", "authservice_session=abc123"], env={"KFP_TOKEN": ""})
+                                     "--cookie", "authservice_session=abc123", *RUN], env={"KFP_TOKEN": ""})
         assert r.exit_code == 0, r.output
         assert all("authservice_session=abc123" in (q["cookie"] or "") for q in kfp.requests)
     sa = tmp_path / "sa-token"
     sa.write_text("projected-sa-token")
     with KfpStandIn(token="projected-sa-token", namespace="team-c") as kfp:
-        r = runner.invoke(pipeline, ["submit", "--host", kfp.url, "--package", package, "--namespace", "team-c"],
-                          env={"KFP_TOKEN": "", "KF_PIPELINES_SA_TOKEN_PATH": str(sa)})
+        r = runner.invoke(pipeline, ["submit", "--host", kfp.url, "--package", package, "--namespace", "team-c",
+                                     *RUN], env={"KFP_TOKEN": "", "KF_PIPELINES_SA_TOKEN_PATH": str(sa)})
         assert r.exit_code == 0, r.output
         assert kfp.requests[-1]["authorization"] == "Bearer projected-sa-token"

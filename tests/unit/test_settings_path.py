@@ -40,7 +40,8 @@ def test_one_knob_lands_in_the_trainer_from_every_command(tmp_path, monkeypatch)
     package = compile_pipeline(str(tmp_path / "q.yaml"))
     with KfpStandIn() as kfp:
         for command in (["submit"], ["schedule", "--cron", "0 3 * * 0"]):
-            r = runner.invoke(pipeline, [*command, "--host", kfp.url, "--package", package, *KNOBS])
+            r = runner.invoke(pipeline, [*command, "--host", kfp.url, "--package", package, *KNOBS, "--set",
+                                         "data_uri=s3://coco/panoptic", "--set", "mlflow_uri=http://127.0.0.1:9"])
             assert r.exit_code == 0, r.output
         runs = [q["body"] for q in kfp.requests if q["method"] == "POST" and q["path"].endswith(("/runs",
                                                                                                 "/recurringruns"))]
