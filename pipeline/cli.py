@@ -354,7 +354,7 @@ SHORTHANDS = {"config": "train.config", "iterations": "train.iterations", "init"
 @click.option("--iterations", type=int, default=None,
               help=f"Training iterations (= --set train.iterations=..., default "
                    f"{LOCAL_SETTINGS['train']['iterations']}).")
-@click.option("--init", default=None, help="Initial weights: config, scratch, imagenet, champion or a URI.")
+@click.option("--init", default=None, help="Initial weights: config, scratch, imagenet, coco, champion or a URI.")
 @click.option("--subset-size", default=None, help="Train subset: count, fraction or 'all'.")
 @click.option("--val-size", default=None, help="Val subset: count, fraction or 'all'.")
 @click.option("--seed", type=int, default=None, help="Train subset seed (the val subset keeps its own).")

@@ -2,6 +2,9 @@
 
 ``load_weights(model, spec)`` takes:
 
+* ``detectron2://PATH``: a file of detectron2's model zoo by its own address
+  (``detectron2://ImageNetPretrained/MSRA/R-50.pkl`` is
+  ``https://dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/MSRA/R-50.pkl``), cached;
 * ``torchvision:NAME``: a torchvision checkpoint by name (``resnet50_imagenet``,
   ``resnet18_imagenet``, ``resnet101_imagenet``, ``swin_t_imagenet``, ``convnext_t_imagenet``,
   ``maskrcnn_resnet50_fpn_coco``), downloaded
@@ -21,8 +24,10 @@ Loading is strict. Every tensor of the checkpoint lands in the model, or the loa
 naming each one that did not. The one exception is a category set of another size (fine-tuning
 to a custom dataset): the class-dependent layers (box classifier and regressor, mask
 predictor, semantic predictor) keep their fresh initialisation, and the log says which and
-why. Parts of the model the checkpoint does not cover (the heads, for an ImageNet backbone)
-start fresh, and the log lists them.
+why; except that a checkpoint trained on COCO panoptic's 133 categories (the model zoo's) gives
+a dataset whose categories are COCO's (by id) the rows of those categories
+(``remap_coco_heads``). Parts of the model the checkpoint does not cover (the heads, for an
+ImageNet backbone) start fresh, and the log lists them.
 """
 
 from __future__ import annotations
@@ -54,6 +59,16 @@ TORCHVISION_URLS = {
     "maskrcnn_resnet50_fpn_coco": "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth",
 }
 
+DETECTRON2_PREFIX = "https://dl.fbaipublicfiles.com/detectron2/"   # detectron2/utils/file_io.py
+# COCO panoptic's categories (ids), in the contiguous order detectron2's model zoo was trained with
+COCO_THING_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31,
+                  32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57,
+                  58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87,
+                  88, 89, 90)
+COCO_STUFF_IDS = (92, 93, 95, 100, 107, 109, 112, 118, 119, 122, 125, 128, 130, 133, 138, 141, 144, 145, 147, 148,
+                  149, 151, 154, 155, 156, 159, 161, 166, 168, 171, 175, 176, 177, 178, 180, 181, 184, 185, 186, 187,
+                  188, 189, 190, 191, 192, 193, 194, 195, 196, 197, 198, 199, 200)
+
 # Layers whose shape follows the number of categories: re-initialised, never loaded, when the
 # checkpoint was trained on another category set.
 CLASS_DEPENDENT = ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred.",
@@ -80,6 +95,8 @@ def fetch(spec: str) -> bytes:
         from components.common.tracking import download_model_file
 
         spec = download_model_file(spec)
+    if spec.startswith("detectron2://"):
+        spec = DETECTRON2_PREFIX + spec[len("detectron2://"):]
     if spec.startswith("torchvision:"):
         name = spec.split(":", 1)[1]
         if name not in TORCHVISION_URLS:
@@ -93,8 +110,9 @@ def fetch(spec: str) -> bytes:
                 with urllib.request.urlopen(spec, timeout=60) as r:
                     data = r.read()
             except OSError as e:
-                raise OSError(f"cannot download {spec} ({e}); download it elsewhere and pass its local path "
-                              f"or s3:// URI instead, or put it at {path}") from e
+                raise OSError(f"cannot download {spec} ({e}); download it where you can and give its path or s3:// "
+                              f"URI (--set train.init=PATH, or model.weights=PATH in a config), or put the file at "
+                              f"{path}") from e
             storage.write_bytes(path, data)
         spec = path
     try:
@@ -233,15 +251,53 @@ def _groups(keys: list[str]) -> str:
     return ", ".join(f"{g} ({n})" for g, n in counts.items())
 
 
-def load_weights(model: torch.nn.Module, spec: str) -> LoadReport:
+def remap_coco_heads(state: dict[str, torch.Tensor], categories) -> tuple[dict[str, torch.Tensor], str]:
+    """A state trained on COCO panoptic's 133 categories with its class-dependent rows picked for
+    ``categories`` (a ``CategoryMaps``), when every one of them is a COCO category of the same kind
+    (by id): the box classifier (and its background row), the class-specific box regressor and
+    mask predictor, the semantic predictor (its "things" channel, then the stuff). Returns (state,
+    what was done); the state is unchanged when the checkpoint is not COCO's or a category is not."""
+    cls = state.get("roi_heads.box_predictor.cls_score.weight")
+    sem = state.get("sem_seg_head.predictor.weight")
+    if cls is None or sem is None or cls.shape[0] != len(COCO_THING_IDS) + 1 or \
+            sem.shape[0] != len(COCO_STUFF_IDS) + 1:
+        return state, ""
+    foreign = [c for c in categories.thing_ids if c not in COCO_THING_IDS] + \
+        [c for c in categories.stuff_ids if c not in COCO_STUFF_IDS]
+    if foreign:
+        return state, f"not COCO categories (ids {foreign[:8]}): the class-dependent layers start fresh"
+    things = torch.tensor([COCO_THING_IDS.index(c) for c in categories.thing_ids], dtype=torch.long)
+    stuff = torch.tensor([0] + [1 + COCO_STUFF_IDS.index(c) for c in categories.stuff_ids], dtype=torch.long)
+    background = torch.tensor([len(COCO_THING_IDS)], dtype=torch.long)
+    boxes = (things[:, None] * 4 + torch.arange(4)).flatten()
+    rows = {"roi_heads.box_predictor.cls_score.": torch.cat([things, background]),
+            "roi_heads.box_predictor.bbox_pred.": boxes, "roi_heads.mask_head.predictor.": things,
+            "sem_seg_head.predictor.": stuff}
+    out = dict(state)
+    for key, value in state.items():
+        for prefix, index in rows.items():
+            if key.startswith(prefix):
+                out[key] = value.index_select(0, index).clone()
+    return out, (f"COCO's class-dependent rows picked for this data's {categories.num_things} thing and "
+                 f"{categories.num_stuff} stuff categories (by COCO id)")
+
+
+def load_weights(model: torch.nn.Module, spec: str, categories=None) -> LoadReport:
     """Initialise ``model`` from a weights spec (see module docstring); returns the report and
-    logs what was loaded, re-initialised, dropped and left fresh."""
+    logs what was loaded, re-initialised, dropped and left fresh. ``categories``: the data's
+    ``CategoryMaps``, for a COCO checkpoint's heads (``remap_coco_heads``)."""
     kind, raw = identify(read_checkpoint(fetch(spec), spec))
     try:
         state, dropped = to_our_names(kind, raw)
     except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:   # entries of the wrong kind
         raise WeightsError(f"{spec} ({kind}): entries that are not tensors of the expected layout "
                            f"({type(e).__name__}: {str(e)[:200]})") from None
+    own = model.state_dict()
+    if categories is not None and kind == "detectron2" and any(
+            k in own and own[k].shape != v.shape for k, v in state.items() if k.startswith(CLASS_DEPENDENT)):
+        state, remapped = remap_coco_heads(state, categories)
+        if remapped:
+            log.info("weights %s: %s", spec, remapped)
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise WeightsError(f"{spec} ({kind}): entries that are not arrays: {', '.join(map(str, bad[:6]))}")

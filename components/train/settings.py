@@ -12,11 +12,21 @@ from dataclasses import dataclass, field
 
 from components.model.config import Config, load_config, nested
 
-INITS = ("config", "scratch", "imagenet", "champion")
+INITS = ("config", "scratch", "imagenet", "coco", "champion")
 LAUNCHERS = ("pytorchjob", "trainjob")
 IMAGENET = {"resnet18": "torchvision:resnet18_imagenet", "resnet50": "torchvision:resnet50_imagenet",
             "resnet101": "torchvision:resnet101_imagenet", "swin_t": "torchvision:swin_t_imagenet",
             "convnext_t": "torchvision:convnext_t_imagenet"}
+# detectron2's model zoo (detectron2/model_zoo/model_zoo.py): Panoptic FPN trained on COCO panoptic,
+# the 3x schedule of each backbone it has; the notebook this project grew from fine-tuned from these
+COCO_PANOPTIC = {
+    "resnet50": "detectron2://COCO-PanopticSegmentation/panoptic_fpn_R_50_3x/139514569/model_final_c10459.pkl",
+    "resnet101": "detectron2://COCO-PanopticSegmentation/panoptic_fpn_R_101_3x/139514519/model_final_cafdb1.pkl",
+}
+# the input a checkpoint's family was trained on: (format, pixel mean, pixel std) in 0-255 units
+PIXELS = {"detectron2://": ("BGR", (103.53, 116.28, 123.675), (1.0, 1.0, 1.0)),        # MSRA and the model zoo
+          "torchvision:": ("RGB", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))}  # ImageNet statistics
+PIXEL_KEYS = ("model.input_format", "model.pixel_mean", "model.pixel_std")
 
 
 @dataclass(frozen=True)
@@ -29,10 +39,14 @@ class TrainSettings:
             same as overriding ``solver.max_iter``: the run's length has that one meaning.
         overrides: config keys and values applied to the config, ``{"solver.base_lr": 0.01}``
             (``--set train.solver.base_lr=0.01`` on the command line).
-        init: initial weights: ``config`` (the config's ``model.weights``), ``scratch`` (none),
-            ``imagenet`` (torchvision's ImageNet backbone), ``champion`` (the registered
-            champion, when there is one: fine-tuning), or a weights URI (``models:/...``,
-            ``runs:/...``, a path, s3://, a URL).
+        init: initial weights: ``config`` (the config's ``model.weights``: detectron2's ImageNet
+            ResNets for r50/r101), ``scratch`` (none: only for configs that freeze nothing and
+            normalise with GN/BN), ``imagenet`` (torchvision's ImageNet backbone), ``coco``
+            (detectron2's model-zoo Panoptic FPN of the config's backbone, trained on COCO
+            panoptic; its heads' rows picked for the data's categories when they are COCO's),
+            ``champion`` (the registered champion, when there is one: fine-tuning), or a weights
+            URI (``models:/...``, ``runs:/...``, a path, s3://, a URL). The pixel format and
+            statistics follow the weights (``PIXELS``) unless overrides set them.
         nodes / gpus_per_node: more than one node runs a ``launcher`` job on the cluster; more
             than one GPU on one node runs torchrun here.
         launcher: ``pytorchjob`` (Training Operator v1) or ``trainjob`` (Kubeflow Trainer v2).
@@ -90,20 +104,56 @@ def init_weights(settings: TrainSettings, cfg: Config, champion_uri: str | None)
         if cfg.model.backbone not in IMAGENET:
             raise ValueError(f"no ImageNet weights known for backbone {cfg.model.backbone!r}")
         return IMAGENET[cfg.model.backbone]
+    if settings.init == "coco":
+        if cfg.model.backbone not in COCO_PANOPTIC:
+            raise ValueError(f"train.init=coco: detectron2's model zoo has Panoptic FPN for "
+                             f"{', '.join(COCO_PANOPTIC)}, not {cfg.model.backbone}; use init=imagenet")
+        return COCO_PANOPTIC[cfg.model.backbone]
     if settings.init == "champion":
         return champion_uri or cfg.model.weights
     return settings.init  # a URI
 
 
+def pixels_of(weights: str) -> tuple | None:
+    """(input format, pixel mean, pixel std) the weights were trained with, when known by address."""
+    return next((v for prefix, v in PIXELS.items() if weights.startswith(prefix)), None)
+
+
+def check_initial_weights(cfg: Config) -> None:
+    """Frozen layers never stay random: FrozenBN or ``freeze_at`` > 0 need weights to freeze."""
+    m = cfg.model
+    frozen_bn = m.backbone_norm == "FrozenBN" and m.backbone.startswith("resnet")   # the others use LayerNorm
+    if m.weights or (m.freeze_at == 0 and not frozen_bn):
+        return
+    frozen = ([f"freeze_at={m.freeze_at} (the stem{' and res2' if m.freeze_at > 1 else ''} never train)"]
+              if m.freeze_at else []) + (["backbone_norm=FrozenBN (its statistics never learn)"] if frozen_bn else [])
+    raise ValueError(f"{cfg.name}: no initial weights, but model.{' and model.'.join(frozen)}: those layers would "
+                     f"stay random. Start from weights (train.init=imagenet, train.init=coco, or a weights file: "
+                     f"train.init=PATH), or train from scratch with a config that freezes nothing and learns its "
+                     f"norms (r50_scratch_gn_3x, or --set train.model.freeze_at=0 --set train.model.backbone_norm=GN)")
+
+
 def resolve_config(settings: TrainSettings, champion_uri: str | None = None) -> Config:
     """The training config that every launcher runs: config + overrides, the schedule scaled to
-    ``iterations``, ``model.weights`` from ``init``."""
+    ``iterations``, ``model.weights`` from ``init`` and the pixel format and statistics those
+    weights were trained with (unless overrides set them). Refuses frozen random layers."""
+    import logging
+
     overrides = dict(settings.overrides)
     if settings.iterations:
         overrides["solver.max_iter"] = settings.iterations   # load_config scales the schedule with it
     cfg = load_config(settings.config, overrides)
     model = dataclasses.replace(cfg.model, weights=init_weights(settings, cfg, champion_uri))
-    return dataclasses.replace(cfg, model=model)
+    pixels = pixels_of(model.weights)
+    if pixels and not any(k in overrides for k in PIXEL_KEYS):
+        fmt, mean, std = pixels
+        if (model.input_format, tuple(model.pixel_mean), tuple(model.pixel_std)) != (fmt, mean, std):
+            logging.getLogger(__name__).info("%s: %s input, pixel mean %s, std %s, as %s was trained", cfg.name, fmt,
+                                             list(mean), list(std), model.weights)
+        model = dataclasses.replace(model, input_format=fmt, pixel_mean=mean, pixel_std=std)
+    cfg = dataclasses.replace(cfg, model=model)
+    check_initial_weights(cfg)
+    return cfg
 
 
 def settings_fingerprint(settings: TrainSettings, cfg: Config) -> str:

@@ -336,7 +336,7 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
                                   f"into another --output") from None
         start = int(ckpt["iteration"])
     elif cfg.model.weights:
-        load_weights(model, cfg.model.weights)
+        load_weights(model, cfg.model.weights, categories)
 
     ddp_model = model
     if world > 1:
