@@ -22,15 +22,62 @@ SET_HELP = ("A setting, repeatable: STAGE.KEY=VALUE (train.iterations=300, subse
             f"parameter (data_uri=..., force=true). Stages: {', '.join(STAGES)}.")
 
 
-def compile_pipeline(out: str, cluster: ClusterSettings | None = None, defaults: dict | None = None) -> str:
-    """Write the DAG as a KFP package; ``defaults``: parameter defaults baked in (from ``--set``)."""
+def compile_pipeline(out: str, cluster: ClusterSettings | None = None, defaults: dict | None = None,
+                     train: dict | None = None) -> str:
+    """Write the DAG as a KFP package; ``defaults``: parameter defaults baked in (from ``--set``);
+    ``train``: the train settings the run trains with (else the defaults'), which decide the
+    train task's GPUs (``dag.train_task_gpus``)."""
     from kfp import compiler
 
-    from pipeline.dag import build_pipeline
+    from pipeline.dag import build_pipeline, train_task_gpus
 
-    compiler.Compiler().compile(build_pipeline(cluster or ClusterSettings()), out,
+    gpus = train_task_gpus(_train_settings(train if train is not None else (defaults or {}).get("train", {})))
+    compiler.Compiler().compile(build_pipeline(cluster or ClusterSettings(), train_gpus=gpus), out,
                                 pipeline_parameters=defaults or None)
     return out
+
+
+def _train_settings(train: dict):
+    from components.common.settings import parse_settings
+    from components.train.settings import TrainSettings
+
+    return parse_settings(TrainSettings, train or {}, "train settings")
+
+
+def package_train_gpus(package: str) -> tuple[int | None, dict]:
+    """(the GPUs a compiled package's train task holds, None for a CPU task; its train default)."""
+    import yaml
+
+    with open(package) as f:
+        spec = next(yaml.safe_load_all(f))
+    container = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
+    accelerator = container.get("resources", {}).get("accelerator")
+    default = spec["root"]["inputDefinitions"]["parameters"]["train"].get("defaultValue") or {}
+    if accelerator:
+        return int(accelerator.get("resourceCount", accelerator.get("count", 0))), default
+    with open(package) as f:   # no accelerator: a device task still has its /dev/shm
+        docs = list(yaml.safe_load_all(f))
+    k8s = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(docs) > 1 else {}
+    return (0 if k8s.get("exec-train", {}).get("emptyDirMounts") else None), default
+
+
+def check_package_gpus(package: str, arguments: dict, cluster: ClusterSettings) -> None:
+    """A package compiled for another training shape reserves GPUs that nothing uses, or none for a
+    task that trains: refuse it, saying how to make one that fits."""
+    from pipeline.dag import train_task_gpus
+
+    held, default = package_train_gpus(package)
+    train = _train_settings(arguments["train"] if "train" in arguments else default)
+    wanted = train_task_gpus(train)
+    if not cluster.accelerator:
+        wanted = None if wanted is None else 0
+    if held != wanted:
+        how = (f"launches a {train.nodes}x{train.gpus_per_node}-GPU job" if wanted is None and train.nodes > 1 else
+               "launches a Katib sweep" if wanted is None else f"trains on {wanted} GPU(s) in the train task")
+        raise click.UsageError(f"{package} reserves {held if held is not None else 'no'} GPU(s) for the train task, "
+                               f"but this run {how}: compile it with the same train settings (panoptic pipeline "
+                               f"compile --set train.nodes=... --set train.gpus_per_node=...), or leave out --package "
+                               f"(submit and schedule compile with them)")
 
 
 def pipeline_arguments(items, base: dict | None = None) -> dict:
@@ -87,14 +134,44 @@ def _say_images() -> None:
                    f"pushed with `make images`)", err=True)
 
 
+PRESETS = os.path.join(os.path.dirname(__file__), "presets")
+
+
+def preset_items(preset: str | None) -> list[str]:
+    """A preset (pipeline/presets/NAME.yaml, or a YAML file: a mapping of stages and run
+    parameters, ``_base_:`` a preset it extends) as ``--set`` items, which the command's own
+    ``--set`` items follow (and so override)."""
+    import json
+
+    import yaml
+
+    if not preset:
+        return []
+    path = preset if os.path.isfile(preset) else os.path.join(PRESETS, f"{preset}.yaml")
+    if not os.path.isfile(path):
+        known = sorted(f[:-5] for f in os.listdir(PRESETS) if f.endswith(".yaml"))
+        raise click.BadParameter(f"{preset!r}: no such file or preset; presets: {', '.join(known)}",
+                                 param_hint="--preset")
+    with open(path) as f:
+        doc = yaml.safe_load(f) or {}
+    if not isinstance(doc, dict):
+        raise click.BadParameter(f"{path}: a preset is a mapping of stages and run parameters", param_hint="--preset")
+    base = doc.pop("_base_", None)
+    items = preset_items(os.path.join(os.path.dirname(path), base)) if base else []
+    return items + [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in doc.items()]
+
+
 def _sets_option(f):
-    return click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help=SET_HELP)(f)
+    f = click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help=SET_HELP)(f)
+    return click.option("--preset", default=None, metavar="NAME|FILE", expose_value=True,
+                        help="Run settings from pipeline/presets/NAME.yaml (notebook, cluster-2x8) or a YAML file, "
+                             "before the --set items; the same preset on submit and schedule keeps them alike.")(f)
 
 
 def _cluster_options(f):
     d = ClusterSettings()
     f = click.option("--accelerator", default=d.accelerator, show_default=True, help="GPU resource; '' = CPU.")(f)
-    f = click.option("--gpus", default=d.gpus, show_default=True, help="GPUs for the train and evaluate tasks.")(f)
+    f = click.option("--gpus", default=None, hidden=True, callback=_gpus_gone)(f)
     f = click.option("--cpu", default=d.cpu, show_default=True, help="CPU of GPU tasks and training pods.")(f)
     f = click.option("--memory", default=d.memory, show_default=True, help="Memory of GPU tasks and training pods.")(f)
     f = click.option("--node-selector", multiple=True, metavar="KEY=VALUE", help="Node labels for GPU tasks.")(f)
@@ -109,12 +186,19 @@ def _cluster_options(f):
     return f
 
 
+def _gpus_gone(ctx, param, value):
+    if value is not None:
+        raise click.BadParameter("GPUs follow one setting now: --set train.gpus_per_node=N (the train task, or each "
+                                 "node of a job with train.nodes=N; the task that launches a job holds none); "
+                                 "evaluate and score champion take 1", param_hint="--gpus")
+
+
 def _cluster(accelerator, gpus, cpu, memory, node_selector, data_pvc, s3_secret, s3_endpoint, mlflow_secret,
              shm_size, image_pull_secrets, service_account=None):
     for kv in node_selector:
         if "=" not in kv:
             raise click.BadParameter(f"{kv!r}: use KEY=VALUE", param_hint="--node-selector")
-    return ClusterSettings(accelerator=accelerator, gpus=gpus, cpu=cpu, memory=memory, data_pvc=data_pvc,
+    return ClusterSettings(accelerator=accelerator, cpu=cpu, memory=memory, data_pvc=data_pvc,
                            s3_secret=s3_secret, s3_endpoint=s3_endpoint, mlflow_secret=mlflow_secret,
                            node_selector=dict(kv.split("=", 1) for kv in node_selector), shm_size=shm_size,
                            image_pull_secrets=tuple(image_pull_secrets),
@@ -137,10 +221,10 @@ def pipeline():
 @click.option("--out", default="pipeline.yaml", show_default=True)
 @_sets_option
 @_cluster_options
-def compile_cmd(out, sets, **cluster):
+def compile_cmd(out, sets, preset, **cluster):
     """Compile the DAG (with GPU and cluster settings) to a KFP YAML package; --set items become
     the parameters' defaults."""
-    defaults = pipeline_arguments(sets)
+    defaults = pipeline_arguments(preset_items(preset) + list(sets))
     cs = _cluster(**cluster)
     _check_cluster(defaults, cs, required=False)
     compile_pipeline(out, cs, defaults)
@@ -157,22 +241,24 @@ def cron6(expr: str) -> str:
     raise click.BadParameter(f"{expr!r}: a cron expression has 5 fields (m h dom mon dow) or 6 (with seconds)")
 
 
-def _package(package: str | None, cluster: ClusterSettings) -> str:
-    """The package to send: the one given, or the DAG compiled now into a temporary file (the
-    user's folder is left alone)."""
+def _package(package: str | None, cluster: ClusterSettings, arguments: dict) -> str:
+    """The package to send: the one given (checked against the run's train settings), or the DAG
+    compiled now for them into a temporary file (the user's folder is left alone)."""
     if package:
+        check_package_gpus(package, arguments, cluster)
         return package
     import tempfile
 
-    return compile_pipeline(os.path.join(tempfile.mkdtemp(prefix="panoptic-pipeline-"), "pipeline.yaml"), cluster)
+    return compile_pipeline(os.path.join(tempfile.mkdtemp(prefix="panoptic-pipeline-"), "pipeline.yaml"), cluster,
+                            train=arguments.get("train", {}))
 
 
-def _publish(client, host: str, package: str | None, cluster: ClusterSettings, namespace: str):
+def _publish(client, host: str, package: str, namespace: str):
     """The pipeline version holding this package (uploaded once, found by its digest after)."""
     from components.common.hashing import code_version
     from pipeline.publish import ensure_version
 
-    version = ensure_version(client, _package(package, cluster), namespace=namespace or None,
+    version = ensure_version(client, package, namespace=namespace or None,
                              description=f"Panoptic FPN pipeline, code {code_version()}")
     click.echo(f"pipeline {PIPELINE_NAME}, version {version.name} ({version.how}): "
                f"{host.rstrip('/')}/#/pipelines/details/{version.pipeline_id}/version/{version.version_id}")
@@ -188,18 +274,21 @@ def _publish(client, host: str, package: str | None, cluster: ClusterSettings, n
 @auth_options
 @_service_account_option
 @_cluster_options
-def submit(host, experiment, run_name, sets, package, namespace, token_file, cookie, service_account, **cluster):
+def submit(host, experiment, run_name, sets, preset, package, namespace, token_file, cookie, service_account,
+           **cluster):
     """Run the pipeline on a KFP host: its version (uploaded once per package digest) in the
     experiment, the same run and experiment names in KFP and MLflow; prints both runs' addresses
     (MLflow's when its server answers from here: the run is then created now, and linked)."""
-    arguments = pipeline_arguments(sets)
-    _check_cluster(arguments, _cluster(**cluster))   # before any network call
+    arguments = pipeline_arguments(preset_items(preset) + list(sets))
+    cs = _cluster(**cluster, service_account=service_account)
+    _check_cluster(arguments, cs)   # before any network call
+    package = _package(package, cs, arguments)
     client = kfp_client(host, namespace, token_file, cookie)
     name = run_name or f"{PIPELINE_NAME}-{time.strftime('%Y%m%d-%H%M%S')}"
-    arguments.setdefault("experiment", experiment)
+    experiment = arguments.setdefault("experiment", experiment)   # --set experiment= names both
     arguments.setdefault("run_name", name)
     with api_errors(host):
-        version = _publish(client, host, package, _cluster(**cluster, service_account=service_account), namespace)
+        version = _publish(client, host, package, namespace)
         mlflow_run = _mlflow_run_now(arguments)
         run = client.run_pipeline(experiment_id(client, experiment, namespace), name,
                                   params=_with_ui(arguments, host, mlflow_run),
@@ -270,7 +359,7 @@ def _with_ui(arguments: dict, host: str, mlflow_run=None) -> dict:
 @auth_options
 @_service_account_option
 @_cluster_options
-def schedule(host, cron, experiment, name, max_concurrency, sets, package, namespace, token_file, cookie,
+def schedule(host, cron, experiment, name, max_concurrency, sets, preset, package, namespace, token_file, cookie,
              service_account, **cluster):
     """Scheduled retraining: a recurring run of the pipeline's version. A recurring run of the same
     name is replaced (KFP cannot update one), or left as it is when nothing changed. A run whose
@@ -279,12 +368,14 @@ def schedule(host, cron, experiment, name, max_concurrency, sets, package, names
     from pipeline.publish import schedule as schedule_version
 
     cron = cron6(cron)
-    arguments = pipeline_arguments(sets)
-    _check_cluster(arguments, _cluster(**cluster))   # before any network call
-    arguments.setdefault("experiment", experiment)   # the same experiment name in KFP and MLflow
+    arguments = pipeline_arguments(preset_items(preset) + list(sets))
+    cs = _cluster(**cluster, service_account=service_account)
+    _check_cluster(arguments, cs)   # before any network call
+    package = _package(package, cs, arguments)
+    experiment = arguments.setdefault("experiment", experiment)   # the same experiment name in KFP and MLflow
     client = kfp_client(host, namespace, token_file, cookie)
     with api_errors(host):
-        version = _publish(client, host, package, _cluster(**cluster, service_account=service_account), namespace)
+        version = _publish(client, host, package, namespace)
         job, what, old = schedule_version(client, experiment_id=experiment_id(client, experiment, namespace), name=name,
                                           version=version, cron=cron, params=_with_ui(arguments, host),
                                           max_concurrency=max_concurrency, namespace=namespace or None,
@@ -369,9 +460,10 @@ SHORTHANDS = {"config": "train.config", "iterations": "train.iterations", "init"
                    "a cluster, with the MLflow store in ROOT unless MLFLOW_TRACKING_URI says otherwise.")
 @click.option("--root", default=None, help="kfp.local pipeline root (artifacts) [default: runs/local, runs/docker].")
 @click.option("--verbose", is_flag=True, help="Show every task's full log (else it goes to ROOT/pipeline.log).")
-def run_local_cmd(data, sets, sweep_file, force, runner, root, verbose, **shorthands):
+def run_local_cmd(data, sets, preset, sweep_file, force, runner, root, verbose, **shorthands):
     """Run the same DAG on this machine (kfp.local, CPU, MLflow sqlite by default)."""
-    items = [f"{SHORTHANDS[k]}={v}" for k, v in shorthands.items() if v is not None] + list(sets)
+    items = preset_items(preset) + [f"{SHORTHANDS[k]}={v}" for k, v in shorthands.items() if v is not None] + \
+        list(sets)
     if sweep_file:
         import yaml
 
@@ -387,7 +479,7 @@ def run_local_cmd(data, sets, sweep_file, force, runner, root, verbose, **shorth
     try:
         s = run_local(run.pop("data_uri", data), runner=runner, root=root, force=force or bool(run.pop("force", False)),
                       settings=arguments, verbose=verbose, mlflow_uri=run.pop("mlflow_uri", None),
-                      run_name=run.pop("run_name", ""))
+                      run_name=run.pop("run_name", ""), experiment=run.pop("experiment", ""))
     except TaskFailed as e:
         raise click.ClickException(str(e)) from None
     m, t = s["metrics"], s["tags"]

@@ -29,11 +29,23 @@ from pipeline.settings import GPU_IMAGE
 PIPELINE_NAME = "panoptic-fpn"
 
 
-def _apply(task, cluster: ClusterSettings | None, gpu: bool = False, launches: bool = False):
+def train_task_gpus(train) -> int | None:
+    """The GPUs the train task holds (``train``: its ``TrainSettings``): what it trains on here
+    (``gpus_per_node``, torchrun over them when more than one), or None when it launches a job
+    (a PyTorchJob/TrainJob of ``nodes`` x ``gpus_per_node``, or a Katib sweep whose trials hold
+    them): then it is a CPU task that waits, and reserves nothing the job needs."""
+    if train.nodes > 1 or (train.sweep and train.sweep_settings().backend == "katib"):
+        return None
+    return train.gpus_per_node
+
+
+def _apply(task, cluster: ClusterSettings | None, gpus: int | None = None, launches: bool = False):
     """The cluster settings on a task (kfp-kubernetes); the train step renders the same ones
-    into its job's pods. ``gpu``: GPUs, a memory-backed /dev/shm (DataLoader workers, torchrun
-    x GPUs), node selector and tolerations. ``launches``: the task creates jobs, which it owns:
-    its pod's name, uid and namespace from the downward API."""
+    into its job's pods. ``gpus``: a task that loads data onto a device (train, evaluate): a
+    memory-backed /dev/shm (DataLoader workers, torchrun x GPUs) and, with ``gpus`` > 0, that
+    many accelerators, CPU and memory limits, node selector and tolerations; None: a CPU task.
+    ``launches``: the task creates jobs, which it owns: its pod's name, uid and namespace from
+    the downward API."""
     if cluster is None:
         return task
     from kfp import kubernetes
@@ -50,11 +62,11 @@ def _apply(task, cluster: ClusterSettings | None, gpu: bool = False, launches: b
         for env, path in (("POD_NAME", "metadata.name"), ("POD_UID", "metadata.uid"),
                           ("POD_NAMESPACE", "metadata.namespace")):
             kubernetes.use_field_path_as_env(task, env_name=env, field_path=path)
-    if gpu:
+    if gpus is not None:
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=cluster.shm_size)
-    if gpu and cluster.accelerator:
-        task.set_accelerator_type(cluster.accelerator).set_accelerator_limit(cluster.gpus)
+    if gpus and cluster.accelerator:
+        task.set_accelerator_type(cluster.accelerator).set_accelerator_limit(gpus)
         task.set_cpu_limit(cluster.cpu).set_memory_limit(cluster.memory)
         for key, value in cluster.node_selector.items():
             kubernetes.add_node_selector(task, label_key=key, label_value=value)
@@ -63,8 +75,9 @@ def _apply(task, cluster: ClusterSettings | None, gpu: bool = False, launches: b
     return task
 
 
-def build_pipeline(cluster: ClusterSettings | None = None):
-    """The pipeline function; ``cluster`` None for kfp.local (no Kubernetes settings)."""
+def build_pipeline(cluster: ClusterSettings | None = None, train_gpus: int | None = 1):
+    """The pipeline function; ``cluster`` None for kfp.local (no Kubernetes settings).
+    ``train_gpus``: the train task's (``train_task_gpus``); evaluate and score champion hold one."""
     job_cluster = settings_dict(cluster or ClusterSettings())
     job_cluster["gpu_image"] = job_cluster["gpu_image"] or GPU_IMAGE
 
@@ -94,16 +107,16 @@ def build_pipeline(cluster: ClusterSettings | None = None):
             logged.set_caching_options(False)
             trained = _apply(c.train(train_shards=pre.outputs["train_shards"], val_shards=pre.outputs["val_shards"],
                                      settings=train, cluster=job_cluster,
-                                     register=register, run_id=run_id, mlflow_uri=mlflow_uri), cluster, gpu=True,
-                             launches=True)
+                                     register=register, run_id=run_id, mlflow_uri=mlflow_uri), cluster,
+                             gpus=train_gpus, launches=True)
             trained.set_caching_options(False)
             trained.set_retry(num_retries=2)   # resumes from its checkpoints (an evicted node costs minutes)
             evaluated = _apply(c.evaluate(model=trained.outputs["model"], val_shards=pre.outputs["val_shards"],
-                                          settings=evaluate, run_id=run_id, mlflow_uri=mlflow_uri), cluster, gpu=True)
+                                          settings=evaluate, run_id=run_id, mlflow_uri=mlflow_uri), cluster, gpus=1)
             evaluated.set_caching_options(False)
             champion = _apply(c.score_champion(val_shards=pre.outputs["val_shards"], settings=evaluate,
                                                register=register, run_id=run_id, mlflow_uri=mlflow_uri),
-                              cluster, gpu=True)
+                              cluster, gpus=1)
             champion.set_caching_options(False)
             reg = _apply(c.register(model=trained.outputs["model"], evaluation=evaluated.outputs["evaluation"],
                                     champion=champion.outputs["champion"], val_shards=pre.outputs["val_shards"],

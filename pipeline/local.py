@@ -55,7 +55,7 @@ def local_settings(overrides: dict | None = None) -> dict:
 
 def run_local(data: str | None = None, *, runner: str = "subprocess", root: str = "runs/local",
               mlflow_uri: str | None = None, force: bool = False, settings: dict | None = None, synth_train: int = 200,
-              synth_val: int = 50, verbose: bool = False, run_name: str = "") -> dict:
+              synth_val: int = 50, verbose: bool = False, run_name: str = "", experiment: str = "") -> dict:
     """Run the whole DAG with kfp.local on this machine. ``runner``: ``subprocess`` (this venv)
     or ``docker`` (our images). ``settings``: {stage: {key: value}} over ``LOCAL_SETTINGS``.
     Returns a summary."""
@@ -65,6 +65,7 @@ def run_local(data: str | None = None, *, runner: str = "subprocess", root: str 
     from components.common.tracking import DEFAULT_EXPERIMENT, run_address, runs_address, setup
     from pipeline.dag import build_pipeline
 
+    experiment = experiment or DEFAULT_EXPERIMENT
     if runner not in RUNNERS:
         raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, not {runner!r}")
     if not data:
@@ -92,15 +93,16 @@ def run_local(data: str | None = None, *, runner: str = "subprocess", root: str 
         stack.enter_context(_task_log(log_path, verbose))
         try:
             done = build_pipeline(None)(data_uri=data, mlflow_uri=mlflow_uri, force=force, run_name=run_name,
-                                        **local_settings(settings))
+                                        experiment=experiment, **local_settings(settings))
         except RuntimeError as e:
             if guard is not None and guard.failure:
                 raise guard.failure from None
-            raise TaskFailed(f"{_first_line(e)} (its log: {log_path}){_failed_run(mlflow_uri, t_start)}") from None
+            raise TaskFailed(f"{_first_line(e)} (its log: {log_path}){_failed_run(mlflow_uri, t_start, experiment)}") \
+                from None
         if guard is not None:
             guard.check()
     elapsed = time.perf_counter() - t0
-    setup(mlflow_uri, DEFAULT_EXPERIMENT)
+    setup(mlflow_uri, experiment)
     run = MlflowClient(mlflow_uri).get_run(done.output)   # finalize's output: this run's MLflow run
     reports = sorted((p for p in glob.glob(os.path.join(root, "**", "report.html"), recursive=True)
                       if not _inside(p, os.path.join(root, "mlruns"))), key=os.path.getmtime)
@@ -115,15 +117,15 @@ def run_local(data: str | None = None, *, runner: str = "subprocess", root: str 
             "log": None if verbose else log_path, "runner": runner}
 
 
-def _failed_run(mlflow_uri: str, since: float) -> str:
+def _failed_run(mlflow_uri: str, since: float, experiment: str) -> str:
     """"; MLflow run: <address> (failed task: ...)" for the pipeline run the exit handler closed."""
     try:
         from mlflow.tracking import MlflowClient
 
-        from components.common.tracking import DEFAULT_EXPERIMENT, PIPELINE_TAG, run_address
+        from components.common.tracking import PIPELINE_TAG, run_address
 
         client = MlflowClient(mlflow_uri)
-        exp = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+        exp = client.get_experiment_by_name(experiment)
         runs = client.search_runs([exp.experiment_id], f"tags.`{PIPELINE_TAG}` = 'pipeline' and "
                                   f"attributes.start_time >= {int(since * 1000)}",
                                   order_by=["attributes.start_time DESC"], max_results=1) if exp else []

@@ -18,7 +18,9 @@ MLFLOW_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 class ClusterSettings:
     """Args:
         accelerator: accelerator resource of the GPU tasks and pods (``nvidia.com/gpu``); "" for CPU.
-        gpus: accelerators of the train and evaluate tasks (a job's pods take ``gpus_per_node``).
+            How many: one setting, ``train.gpus_per_node`` (the train task when it trains, each
+            pod of a job when one does; the task that launches a job holds none), and one each
+            for evaluate and score champion.
         cpu / memory / shm_size: per GPU task and per training pod (Kubernetes quantities).
         node_selector: node labels for GPU tasks and pods (e.g. a GPU product).
         tolerate_gpu_taint: tolerate ``nvidia.com/gpu:NoSchedule``.
@@ -36,7 +38,6 @@ class ClusterSettings:
     """
 
     accelerator: str = "nvidia.com/gpu"
-    gpus: int = 1
     cpu: str = "8"
     memory: str = "48Gi"
     shm_size: str = "16Gi"

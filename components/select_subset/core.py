@@ -25,13 +25,29 @@ MANIFEST_SCHEMA = 1
 STRATEGIES = ("random", "balanced")
 
 
+def _size(value, name: str) -> float | None:
+    """A subset size as given (a number, its text, or "all"/"" for every image), checked finite."""
+    import math
+
+    if isinstance(value, str):
+        if value.strip().lower() in ("all", ""):
+            return None
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{name} {value!r}: a count, a fraction in (0, 1) or 'all'") from None
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"{name} {value!r}: a count, a fraction in (0, 1) or 'all'")
+    return value
+
+
 @dataclass(frozen=True)
 class SplitSettings:
     """What to select.
 
     Args:
         size: a count (``>= 1``) or a fraction of the eligible images (``0 < size < 1``);
-            ``None`` takes every eligible image.
+            ``None`` (or ``"all"``, the CLI's and the DAG's word) takes every eligible image.
         strategy: ``random`` (seeded) or ``balanced`` (each category first reaches
             ``min_per_category`` images, rarest category first, then the rest is random).
         include_categories: keep only images with at least one of these (ids or names).
@@ -40,7 +56,7 @@ class SplitSettings:
         crowded_only: keep only images with at least one ``iscrowd=1`` segment.
     """
 
-    size: float | None = None
+    size: float | str | None = None
     strategy: str = "random"
     seed: int = 0
     min_per_category: int = 50
@@ -51,6 +67,7 @@ class SplitSettings:
     crowded_only: bool = False
 
     def __post_init__(self):
+        object.__setattr__(self, "size", _size(self.size, "size"))
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.size is not None and (self.size <= 0 or (self.size >= 1 and self.size != int(self.size))):
@@ -68,17 +85,13 @@ class SubsetSettings(SplitSettings):
     sample) keeps the evaluation data, and so the gate's comparison, the same.
     """
 
-    val_size: float | None = None
+    val_size: float | str | None = None
     val_seed: int = 0
     train_split: str = "train2017"
     val_split: str = "val2017"
 
     def __post_init__(self):
-        for name in ("size", "val_size"):  # "all" (the CLI's and the DAG's word) is None
-            if getattr(self, name) in ("all", ""):
-                object.__setattr__(self, name, None)
-            elif isinstance(getattr(self, name), str):
-                object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "val_size", _size(self.val_size, "val_size"))
         super().__post_init__()
         self.val_config()  # validate it now too
 

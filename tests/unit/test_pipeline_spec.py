@@ -20,8 +20,9 @@ def _docs(path):
 
 def test_compiled_yaml_has_the_dag_gpus_condition_and_cluster_settings(tmp_path):
     out = str(tmp_path / "p.yaml")
-    compile_pipeline(out, ClusterSettings(gpus=2, node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
-                                          data_pvc="coco-data", s3_endpoint="http://minio.panoptic:9000"))
+    compile_pipeline(out, ClusterSettings(node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                                          data_pvc="coco-data", s3_endpoint="http://minio.panoptic:9000"),
+                     {"train": {"gpus_per_node": 2}})
     spec, platform = _docs(out)
     # an exit handler around everything: finalize runs however the pipeline ends, with its status
     assert set(spec["root"]["dag"]["tasks"]) == {"exit-handler-1", "finalize"}
@@ -58,11 +59,11 @@ def test_compiled_yaml_has_the_dag_gpus_condition_and_cluster_settings(tmp_path)
     assert top["select-subset"]["retryPolicy"]["maxRetryCount"] == 2
     assert tasks["preprocess"]["retryPolicy"]["maxRetryCount"] == 2
     assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 2
-    # GPUs on train and evaluate only
+    # GPUs on train (what it trains on here: train.gpus_per_node) and one on evaluate and score champion
     execs = spec["deploymentSpec"]["executors"]
-    for name in ("exec-train", "exec-evaluate", "exec-score-champion"):
+    for name, gpus in (("exec-train", "2"), ("exec-evaluate", "1"), ("exec-score-champion", "1")):
         res = execs[name]["container"]["resources"]
-        assert res["accelerator"]["resourceCount"] == "2" and res["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert res["accelerator"]["resourceCount"] == gpus and res["accelerator"]["resourceType"] == "nvidia.com/gpu"
         assert res["resourceMemoryLimit"] == "48Gi"  # one definition (components/common/cluster.py)
     assert "accelerator" not in execs["exec-preprocess"]["container"].get("resources", {})
     # images from the one setting
@@ -177,7 +178,7 @@ def test_a_second_schedule_keeps_replaces_or_lists_never_duplicates(tmp_path):
         assert f"replaced: {first} (deleted) -> {second}" in out
         # a new package (other cluster settings): a second version of the same pipeline, the
         # schedule moved to it
-        other = compile_pipeline(str(tmp_path / "q.yaml"), ClusterSettings(gpus=4))
+        other = compile_pipeline(str(tmp_path / "q.yaml"), ClusterSettings(cpu="16"))
         out = schedule("--cron", "0 4 * * 1", package=other)
         assert len(kfp.pipelines) == 1 and len(kfp.versions) == 2 and "(new version)" in out
         (third, rec), = kfp.recurring.items()
@@ -242,6 +243,85 @@ def test_run_local_refuses_a_data_folder_without_the_coco_layout_before_any_task
     r = CliRunner().invoke(pipeline, ["run-local", "--data", str(tmp_path / "coco")])
     assert r.exit_code == 2 and "missing annotations/panoptic_train2017.json" in r.output, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["coco"]   # no task ran: no runs/, no mlflow.db
+
+
+def _gpus(package: str) -> dict:
+    execs = next(yaml.safe_load_all(open(package)))["deploymentSpec"]["executors"]
+    return {name[len("exec-"):]: int(e["container"].get("resources", {}).get("accelerator", {}).get("resourceCount", 0))
+            for name, e in execs.items()}
+
+
+def test_gpus_are_reserved_once_for_what_trains(tmp_path):
+    """One setting decides what trains (train.nodes x train.gpus_per_node): the train task holds
+    those GPUs when it trains, none when it launches a job or a Katib sweep (the job's pods hold
+    them); evaluate and score champion hold one each; nothing else holds any."""
+    from components.common.cluster import ClusterSettings as CS
+    from components.train.launcher import JobSpec, render_pytorchjob, render_trainjob
+
+    runner = CliRunner()
+    cases = {"defaults": ([], 1), "one node, 8 GPUs (torchrun here)": (["--set", "train.gpus_per_node=8"], 8),
+             "README: 2 nodes x 8": (["--set", "train.nodes=2", "--set", "train.gpus_per_node=8"], 0),
+             "a Katib sweep": (["--set", 'train.sweep={"trials": 2, "backend": "katib", "space": {"iterations": '
+                                         '[2, 3]}}'], 0)}
+    for what, (sets, train_gpus) in cases.items():
+        out = str(tmp_path / "p.yaml")
+        r = runner.invoke(pipeline, ["compile", "--out", out, *sets])
+        assert r.exit_code == 0, r.output
+        gpus = _gpus(out)
+        assert gpus.pop("train") == train_gpus, what
+        assert gpus.pop("evaluate") == gpus.pop("score-champion") == 1, what
+        assert not any(gpus.values()), (what, gpus)
+    # the job launched for the README's 2 x 8 holds exactly 16
+    for render in (render_pytorchjob, render_trainjob):
+        job = render(JobSpec(name="j", image="i", nodes=2, gpus_per_node=8, shards="s3://b/s", output="s3://b/o",
+                             config_uri="s3://b/c.json", cluster=CS()))
+        if job["kind"] == "PyTorchJob":
+            held = sum(r["replicas"] * r["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+                       for r in job["spec"]["pytorchReplicaSpecs"].values())
+        else:
+            held = job["spec"]["trainer"]["numNodes"] * job["spec"]["trainer"]["resourcesPerNode"]["limits"][
+                "nvidia.com/gpu"]
+        assert held == 16, job["kind"]
+    r = runner.invoke(pipeline, ["compile", "--out", str(tmp_path / "x.yaml"), "--gpus", "8"])
+    assert r.exit_code == 2 and "train.gpus_per_node" in r.output
+
+
+def test_a_package_compiled_for_another_training_shape_is_refused(tmp_path):
+    package = compile_pipeline(str(tmp_path / "p.yaml"), defaults={"train": {"nodes": 2, "gpus_per_node": 8}})
+    with KfpStandIn() as kfp:
+        r = CliRunner().invoke(pipeline, ["submit", "--host", kfp.url, "--package", package, *RUN,
+                                          "--set", "train.iterations=100"])   # a new train mapping: one node
+        assert r.exit_code == 2 and "reserves no GPU(s) for the train task, but this run trains on 1" in r.output
+        assert kfp.requests == []
+        r = CliRunner().invoke(pipeline, ["submit", "--host", kfp.url, "--package", package, *RUN])   # its default
+        assert r.exit_code == 0, r.output
+        r = CliRunner().invoke(pipeline, ["submit", "--host", kfp.url, *RUN, "--set", "train.nodes=2", "--set",
+                                          "train.gpus_per_node=8"])   # compiled for the run
+        assert r.exit_code == 0, r.output
+    spec = next(yaml.safe_load_all(list(kfp.versions.values())[-1]["package"]))   # the newest version
+    assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-train"]["container"].get("resources", {})
+
+
+def test_submit_and_schedule_from_one_preset_train_alike(tmp_path):
+    """A preset (pipeline/presets/) read by submit and schedule: the scheduled retraining draws the
+    sample and follows the recipe of the run that made the champion; --set experiment names the
+    KFP experiment and the MLflow one alike."""
+    with KfpStandIn() as kfp:
+        for command in (["submit"], ["schedule", "--cron", "0 3 * * 0"]):
+            r = CliRunner().invoke(pipeline, [*command, "--host", kfp.url, "--preset", "cluster-2x8", *RUN,
+                                              "--set", "experiment=team-x"])
+            assert r.exit_code == 0, r.output
+        run, = kfp.runs.values()
+        rec, = kfp.recurring.values()
+        a, b = run["runtime_config"]["parameters"], rec["runtime_config"]["parameters"]
+        assert a["subset"] == b["subset"] == {"size": 20000, "strategy": "balanced", "min_per_category": 50,
+                                              "seed": 0}
+        assert a["train"] == b["train"] == {"config": "r50_1x", "init": "coco", "nodes": 2, "gpus_per_node": 8}
+        assert a["experiment"] == b["experiment"] == "team-x"
+        assert {e["display_name"] for e in kfp.experiments.values()} == {"team-x"}
+        version, = kfp.versions.values()   # both compiled for the 2 x 8 job: one version, no GPU on train
+        spec = next(yaml.safe_load_all(version["package"]))
+        assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-train"]["container"].get("resources", {})
 
 
 def test_cron_fields():
