@@ -181,6 +181,10 @@ def _cluster_options(f):
     f = click.option("--mlflow-secret", default=d.mlflow_secret, help="Secret with MLflow credentials.")(f)
     f = click.option("--shm-size", default=d.shm_size, show_default=True,
                      help="Memory-backed /dev/shm of GPU tasks and training pods (DataLoader workers).")(f)
+    f = click.option("--task-cpu", default=d.task_cpu, show_default=True,
+                     help="CPU request and limit of each CPU task (preprocess writes a shard per CPU).")(f)
+    f = click.option("--task-memory", default=d.task_memory, show_default=True,
+                     help="Memory request and limit of each CPU task.")(f)
     f = click.option("--image-pull-secret", "image_pull_secrets", multiple=True, metavar="SECRET",
                      help="Secret for pulling the images from a private registry (repeatable).")(f)
     return f
@@ -194,14 +198,14 @@ def _gpus_gone(ctx, param, value):
 
 
 def _cluster(accelerator, gpus, cpu, memory, node_selector, data_pvc, s3_secret, s3_endpoint, mlflow_secret,
-             shm_size, image_pull_secrets, service_account=None):
+             shm_size, image_pull_secrets, task_cpu, task_memory, service_account=None):
     for kv in node_selector:
         if "=" not in kv:
             raise click.BadParameter(f"{kv!r}: use KEY=VALUE", param_hint="--node-selector")
     return ClusterSettings(accelerator=accelerator, cpu=cpu, memory=memory, data_pvc=data_pvc,
                            s3_secret=s3_secret, s3_endpoint=s3_endpoint, mlflow_secret=mlflow_secret,
                            node_selector=dict(kv.split("=", 1) for kv in node_selector), shm_size=shm_size,
-                           image_pull_secrets=tuple(image_pull_secrets),
+                           image_pull_secrets=tuple(image_pull_secrets), task_cpu=task_cpu, task_memory=task_memory,
                            **({"service_account": service_account} if service_account else {}))
 
 

@@ -65,6 +65,9 @@ def _apply(task, cluster: ClusterSettings | None, gpus: int | None = None, launc
     if gpus is not None:
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=cluster.shm_size)
+    if not (gpus and cluster.accelerator):   # a CPU task: what it may use, said (a flag sets it)
+        task.set_cpu_request(cluster.task_cpu).set_cpu_limit(cluster.task_cpu)
+        task.set_memory_request(cluster.task_memory).set_memory_limit(cluster.task_memory)
     if gpus and cluster.accelerator:
         task.set_accelerator_type(cluster.accelerator).set_accelerator_limit(gpus)
         task.set_cpu_limit(cluster.cpu).set_memory_limit(cluster.memory)
@@ -133,6 +136,25 @@ def build_pipeline(cluster: ClusterSettings | None = None, train_gpus: int | Non
                      register: dict = {}, force: bool = False, mlflow_uri: str = "",
                      experiment: str = "panoptic-fpn", run_name: str = "", kfp_ui: str = "",
                      mlflow_run_id: str = "") -> str:
+        """Train and ship a Panoptic FPN model (``panoptic pipeline --help``; README).
+
+        Args:
+            data_uri: The COCO panoptic root the subset is drawn from (s3://BUCKET/PREFIX holding
+                train2017/, val2017/ and annotations/panoptic_{train2017,val2017}.json and folders).
+            subset: Subset settings, e.g. {"size": 20000, "strategy": "balanced"} (SubsetSettings).
+            preprocess: Shard settings, e.g. {"shard_images": 500} (PreprocessSettings).
+            train: Train settings, e.g. {"config": "r50_1x", "init": "coco", "nodes": 2,
+                "gpus_per_node": 8} (TrainSettings; the compiled GPUs follow the default).
+            evaluate: Evaluation settings, e.g. {"batch_size": 2} (EvaluateSettings).
+            register: Registry and gate settings, e.g. {"name": "panoptic-fpn", "margin": 0.0}.
+            force: Retrain even when data, config and code are the champion's.
+            mlflow_uri: The MLflow tracking server every task logs to (http://mlflow.panoptic:5000);
+                required on a cluster.
+            experiment: The MLflow (and KFP) experiment.
+            run_name: The MLflow run's name (default: panoptic-fpn <config> <date>).
+            kfp_ui: Internal, set by submit: the KFP UI address the MLflow run links back to.
+            mlflow_run_id: Internal, set by submit: the MLflow run it created for this KFP run.
+        """
         final = _apply(c.finalize(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, mlflow_uri=mlflow_uri,
                                   experiment=experiment), cluster)
         final.set_caching_options(False)

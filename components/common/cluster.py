@@ -22,6 +22,9 @@ class ClusterSettings:
             pod of a job when one does; the task that launches a job holds none), and one each
             for evaluate and score champion.
         cpu / memory / shm_size: per GPU task and per training pod (Kubernetes quantities).
+        task_cpu / task_memory: request and limit of each CPU task (subset, decide, preprocess,
+            register ...; preprocess writes a shard per CPU of its limit), and of the train task
+            while it only waits for a job it launched.
         node_selector: node labels for GPU tasks and pods (e.g. a GPU product).
         tolerate_gpu_taint: tolerate ``nvidia.com/gpu:NoSchedule``.
         data_pvc / data_mount: a PVC mounted in every task and pod (clusters without S3).
@@ -41,6 +44,8 @@ class ClusterSettings:
     cpu: str = "8"
     memory: str = "48Gi"
     shm_size: str = "16Gi"
+    task_cpu: str = "2"
+    task_memory: str = "8Gi"
     node_selector: dict = field(default_factory=dict)
     tolerate_gpu_taint: bool = True
     data_pvc: str = ""
@@ -111,6 +116,33 @@ class ClusterSettings:
             vols.append({"name": "data", "persistentVolumeClaim": {"claimName": self.data_pvc}})
             mounts.append({"name": "data", "mountPath": self.data_mount})
         return vols, mounts
+
+
+def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The CPUs this process may use: the fewest of the cgroup's CPU quota (a pod's CPU limit,
+    cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us``, rounded up), the
+    affinity mask and the machine's count. ``os.cpu_count()`` alone is the node's: 64 writers in
+    a pod limited to 8 CPUs thrash."""
+    import math
+    import os
+
+    counts = [len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)]
+    for quota_file, period_file in ((os.path.join(cgroup_root, "cpu.max"), None),
+                                    (os.path.join(cgroup_root, "cpu", "cpu.cfs_quota_us"),
+                                     os.path.join(cgroup_root, "cpu", "cpu.cfs_period_us"))):
+        try:
+            with open(quota_file) as f:
+                fields = f.read().split()
+            if period_file:
+                with open(period_file) as f:
+                    fields = fields[:1] + f.read().split()[:1]
+            quota, period = fields[0], fields[1] if len(fields) > 1 else "100000"
+            if quota not in ("max", "-1") and float(period) > 0 and float(quota) > 0:
+                counts.append(math.ceil(float(quota) / float(period)))
+                break
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(1, min(counts))
 
 
 # KFP's artifact stores, as the SDK maps them to a task pod's local copy (``/s3/b/k`` ...)

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from components.common import faults, storage
+from components.common.cluster import usable_cpus
 from components.common.coco_panoptic import (
     CategoryMaps,
     UnsafeFileName,
@@ -66,7 +67,8 @@ class PreprocessSettings:
         max_side: if set, images with a longer side are resized (JPEG re-encoded, PNG nearest).
         max_bad_fraction: fail the stage when more than this fraction of samples is quarantined.
         workers: shard writers working at once: this process and ``workers - 1`` spawned
-            processes (0 or 1: this process alone; None: one per core, the default).
+            processes (0 or 1: this process alone; None: one per CPU this container may use, the
+            default: the pod's CPU limit, not the node's core count).
         row_group_images: Parquet row-group size; the reader splits work by row group.
     """
 
@@ -286,7 +288,7 @@ def preprocess(cfg: PreprocessSettings, manifest_uri: str, out: str, source: str
         bar.update(marker["images_in"])
 
     marker_k = {shard_name(job["k"]): job["k"] for job in todo}
-    _run_jobs(todo, (os.cpu_count() or 1) if cfg.workers is None else cfg.workers, finished)
+    _run_jobs(todo, usable_cpus() if cfg.workers is None else cfg.workers, finished)
     bar.close()
 
     shards = [markers[k] for k in sorted(markers)]

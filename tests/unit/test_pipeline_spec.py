@@ -66,6 +66,10 @@ def test_compiled_yaml_has_the_dag_gpus_condition_and_cluster_settings(tmp_path)
         assert res["accelerator"]["resourceCount"] == gpus and res["accelerator"]["resourceType"] == "nvidia.com/gpu"
         assert res["resourceMemoryLimit"] == "48Gi"  # one definition (components/common/cluster.py)
     assert "accelerator" not in execs["exec-preprocess"]["container"].get("resources", {})
+    for name in ("exec-preprocess", "exec-select-subset", "exec-register"):   # CPU tasks say what they use
+        res = execs[name]["container"]["resources"]
+        assert res["resourceCpuRequest"] == res["resourceCpuLimit"] == "2"
+        assert res["resourceMemoryRequest"] == res["resourceMemoryLimit"] == "8Gi"
     # images from the one setting
     assert execs["exec-train"]["container"]["image"].endswith("/panoptic-cuda:0.1.0")
     assert execs["exec-preprocess"]["container"]["image"].endswith("/panoptic-cpu:0.1.0")
@@ -92,6 +96,10 @@ def test_compiled_yaml_has_the_dag_gpus_condition_and_cluster_settings(tmp_path)
                            "experiment", "run_name", "kfp_ui", "mlflow_run_id"}
     stages = ("subset", "preprocess", "train", "evaluate", "register")
     assert all(params[p]["parameterType"] == "STRUCT" for p in stages)
+    # as KFP's UI shows them: every parameter described, the internal ones named as such
+    assert all(len(p.get("description", "")) > 20 for p in params.values()), params
+    assert params["kfp_ui"]["description"].startswith("Internal") and \
+        params["mlflow_run_id"]["description"].startswith("Internal")
     # the train task gets the cluster settings its job's pods must carry
     cluster = tasks["train"]["inputs"]["parameters"]["cluster"]["runtimeValue"]["constant"]
     assert cluster["s3_endpoint"] == "http://minio.panoptic:9000" and cluster["memory"] == "48Gi"

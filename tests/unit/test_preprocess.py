@@ -110,3 +110,23 @@ def test_gate_fails_the_stage_with_a_clear_message(synth_copy, tmp_path):
     # the report is still written, counts adding up
     index = load_index(str(tmp_path / "s"))
     assert index["images_in"] == index["rows_written"] + index["quarantined"] == 16
+
+
+def test_the_default_writer_count_is_the_pods_cpu_limit_not_the_nodes(tmp_path, monkeypatch):
+    """A pod limited to 1.5 CPUs on a 64-core node gets 2 writers (cgroup v2 cpu.max, or v1's
+    quota and period), never 64."""
+    import os
+
+    from components.common.cluster import usable_cpus
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert usable_cpus(str(tmp_path)) == 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(str(tmp_path)) == 64
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("800000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(str(v1)) == 8
+    assert usable_cpus(str(tmp_path / "none")) == 64
