@@ -24,9 +24,19 @@ help:
 
 venv: $(STAMP)
 
+# VENV_TORCH_INDEX=https://download.pytorch.org/whl/cpu: PyTorch's CPU wheels (about 1 GB less than
+# the lock's CUDA build and its nvidia-* wheels, 6.6 GB in all); the rest of the lock as pinned.
+VENV_TORCH_INDEX ?=
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	@if [ -n "$(VENV_TORCH_INDEX)" ]; then \
+		grep -E '^(torch|torchvision)==' requirements.lock > $(VENV)/torch.txt && \
+		$(BIN)/pip install -q --disable-pip-version-check --index-url $(VENV_TORCH_INDEX) -r $(VENV)/torch.txt && \
+		grep -vE '^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)==' requirements.lock > $(VENV)/rest.txt && \
+		$(BIN)/pip install -q --disable-pip-version-check -r $(VENV)/rest.txt; \
+	else \
+		$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock; \
+	fi
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps panopticapi-lite==0.2.0
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
