@@ -6,7 +6,12 @@ process. So no numpy constructor ever sees the pickle's data: the globals a chec
 needs are stand-ins that check what they are given (a numeric dtype, a plain state, a shape
 that matches the bytes) and build the array from the bytes themselves. The loaded tree is then
 walked once, iteratively: only dicts, lists, tuples, strings, bytes, numbers, None and numeric
-arrays come out, nested at most ``MAX_DEPTH`` deep, no container holding itself.
+arrays come out, nested at most ``MAX_DEPTH`` deep, no container holding itself, and no more
+than ``MAX_EXPANDED_ITEMS`` entries and ``MAX_EXPANDED_BYTES`` of arrays and strings counted
+as a reader that copies the tree would make them: a container referenced twice counts twice.
+A 377-byte pickle of shared references (ten lists of ten references to the list below, nine
+deep: "billion laughs") walks in microseconds but expands to 10^9 numbers in whoever turns it
+into an array, so it is refused here, not in ``np.asarray``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import numpy as np
 NUMERIC_KINDS = frozenset("biuf")
 MAX_DEPTH = 32          # containers inside containers: real checkpoints nest 2-3 deep
 MAX_ITEMS = 10_000_000  # containers' entries, all together
+MAX_EXPANDED_ITEMS = 10_000_000   # entries once shared references are unrolled (a checkpoint has ~10^3)
+MAX_EXPANDED_BYTES = 1 << 33      # 8 GiB of arrays and strings, unrolled likewise (R101 + momentum: <1 GiB)
 
 
 class UnsafePickle(ValueError):
@@ -156,6 +163,7 @@ def _plain(tree):
     """The loaded tree with the stand-ins replaced by what they built, checked (iteratively,
     each object once: shared and cyclic references cost nothing extra)."""
     done: dict[int, object] = {}
+    size: dict[int, tuple[int, int]] = {}   # id -> (entries, bytes) as unrolled
     building = object()   # the mark of a container whose children are being converted
     items = 0
     stack = [(tree, 0, False)]
@@ -166,11 +174,14 @@ def _plain(tree):
             continue
         if isinstance(node, (str, bytes, int, float, bool, type(None), np.ndarray)):
             done[key] = node
+            size[key] = (1, node.nbytes if isinstance(node, np.ndarray) else
+                         len(node) if isinstance(node, (str, bytes)) else 8)
             continue
         if isinstance(node, _Array):
             if node.value is None:
                 raise UnsafePickle("an array without its data")
             done[key] = node.value
+            size[key] = (1, node.value.nbytes)
             continue
         if not isinstance(node, (dict, list, tuple)):
             raise UnsafePickle(f"a {type(node).__name__} object")
@@ -187,6 +198,12 @@ def _plain(tree):
             continue
         if any(done.get(id(c)) is building for c in children):
             raise UnsafePickle("a container that holds itself")
+        entries = len(children) + sum(size[id(c)][0] for c in children)
+        nbytes = sum(size[id(c)][1] for c in children)
+        if entries > MAX_EXPANDED_ITEMS or nbytes > MAX_EXPANDED_BYTES:
+            raise UnsafePickle(f"shared references that unroll to more than {MAX_EXPANDED_ITEMS:,} entries or "
+                               f"{MAX_EXPANDED_BYTES >> 30} GiB (a 'billion laughs' pickle)")
+        size[key] = (entries, nbytes)
         conv = [done[id(c)] for c in children]
         if isinstance(node, dict):
             n = len(node)

@@ -69,6 +69,39 @@ def test_a_model_zoo_pickle_of_arrays_still_loads(tmp_path):
     assert state["model"]["w"].shape == (2, 3)
 
 
+def test_a_billion_laughs_pickle_is_refused_at_once_and_shared_arrays_still_load(tmp_path, synth_root):
+    """Ten references to a list of ten references ... nine deep: a few hundred bytes that unroll to
+    10^9 numbers wherever the tree becomes an array. The reader counts what it would materialise
+    (a shared container once per reference) and refuses it in one line, before any array exists."""
+    import time
+
+    import numpy as np
+
+    laughs = [0.0] * 10
+    for _ in range(8):
+        laughs = [laughs] * 10
+    data = pickle.dumps({"model": {"backbone.bottom_up.stem.conv1.weight": laughs}}, protocol=2)
+    assert len(data) < 400
+    t0 = time.perf_counter()
+    with pytest.raises(UnsafeCheckpointError, match=r"laughs.pkl: refused: .*shared references that unroll to more "
+                                                     r"than 10,000,000 entries"):
+        read_checkpoint(data, "laughs.pkl")
+    assert time.perf_counter() - t0 < 1.0
+    from tests.training import make_shards
+
+    path = tmp_path / "laughs.pkl"
+    path.write_bytes(data)   # as a user meets it: train from it, one line, nothing else
+    shards = make_shards(synth_root, str(tmp_path / "s"))
+    r = CliRunner().invoke(panoptic, ["train", "--shards", shards, "--output", str(tmp_path / "run"), "--config",
+                                      "tiny", "--set", f"model.weights={path}", "--no-mlflow", "--quiet"])
+    assert r.exit_code == 1 and "shared references that unroll" in r.output, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    # a checkpoint whose keys share one array is ordinary: it loads
+    shared = np.arange(6, dtype=np.float32)
+    state = read_checkpoint(pickle.dumps({"a": shared, "b": shared, "c": [shared] * 3}), "shared.pkl")
+    assert np.array_equal(state["b"], shared) and len(state["c"]) == 3
+
+
 @pytest.mark.parametrize("name", ["../../../../../../../../../../etc/passwd", "/etc/passwd", "", "a\x00b.jpg",
                                   "sub/../../x.jpg", "s3://other-bucket/x.jpg", "..\\x.jpg"])
 def test_file_names_that_leave_the_dataset_are_refused(name):
