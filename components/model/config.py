@@ -247,6 +247,62 @@ def validate(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: solver.ims_per_batch and solver.max_iter must be >= 1")
     if list(s.steps) != sorted(s.steps):
         raise ConfigError(f"{source}: solver.steps must be increasing")
+    _check_ranges(cfg, source)
+
+
+MAX_SIDE = 8192   # an input side beyond this is no photo: it allocates GBs before anything fails
+# (section, key): (low, high, what) - inclusive bounds; a tuple field is checked item by item
+RANGES = {
+    ("model", "freeze_at"): (0, 5, "0 (nothing) to 5 (the whole ResNet)"),
+    ("model", "fpn_channels"): (1, 4096, None), ("model", "anchor_sizes"): (1, MAX_SIDE, None),
+    ("model", "anchor_ratios"): (1e-3, 1e3, None),
+    ("model", "rpn_pre_nms_topk_train"): (1, 10**6, None), ("model", "rpn_pre_nms_topk_test"): (1, 10**6, None),
+    ("model", "rpn_post_nms_topk_train"): (1, 10**6, None), ("model", "rpn_post_nms_topk_test"): (1, 10**6, None),
+    ("model", "rpn_nms_thresh"): (0, 1, None), ("model", "rpn_batch_size_per_image"): (1, 10**5, None),
+    ("model", "rpn_positive_fraction"): (0, 1, None), ("model", "rpn_iou_thresholds"): (0, 1, None),
+    ("model", "rpn_box_loss_beta"): (0, 100, None), ("model", "roi_batch_size_per_image"): (1, 10**5, None),
+    ("model", "roi_positive_fraction"): (0, 1, None), ("model", "roi_iou_threshold"): (0, 1, None),
+    ("model", "roi_score_thresh_test"): (0, 1, None), ("model", "roi_nms_thresh_test"): (0, 1, None),
+    ("model", "detections_per_image"): (1, 10**4, None), ("model", "box_reg_weights"): (1e-6, 1e6, None),
+    ("model", "box_loss_beta"): (0, 100, None), ("model", "box_head_fc_dim"): (1, 65536, None),
+    ("model", "mask_head_convs"): (0, 64, None), ("model", "mask_head_dim"): (1, 4096, None),
+    ("model", "pooler_sampling_ratio"): (0, 64, None), ("model", "sem_seg_conv_dims"): (1, 4096, None),
+    ("model", "sem_seg_loss_weight"): (0, 1e3, None), ("model", "instance_loss_weight"): (0, 1e3, None),
+    ("model", "combine_overlap_thresh"): (0, 1, None), ("model", "combine_stuff_area_thresh"): (0, MAX_SIDE**2, None),
+    ("model", "combine_instances_score_thresh"): (0, 1, None), ("model", "size_divisibility"): (1, 1024, None),
+    ("model", "pixel_mean"): (-1e4, 1e4, None), ("model", "pixel_std"): (1e-6, 1e4, None),
+    ("input", "min_size_train"): (1, MAX_SIDE, None), ("input", "max_size_train"): (1, MAX_SIDE, None),
+    ("input", "min_size_test"): (1, MAX_SIDE, None), ("input", "max_size_test"): (1, MAX_SIDE, None),
+    ("input", "flip_prob"): (0, 1, None), ("input", "lsj_size"): (0, MAX_SIDE, "0 (off) or a side"),
+    ("input", "lsj_scale"): (1e-3, 100, None), ("input", "copy_paste_prob"): (0, 1, None),
+    ("input", "copy_paste_max_instances"): (0, 10**4, None), ("input", "copy_paste_min_visible"): (0, 1, None),
+    ("solver", "base_lr"): (0, 100, None), ("solver", "reference_batch"): (1, 10**6, None),
+    ("solver", "momentum"): (0, 1, None), ("solver", "weight_decay"): (0, 10, None),
+    ("solver", "weight_decay_norm"): (0, 10, None), ("solver", "warmup_iters"): (0, 10**9, None),
+    ("solver", "warmup_factor"): (0, 1, None), ("solver", "steps"): (1, 10**9, None),
+    ("solver", "gamma"): (0, 1, None), ("solver", "max_iter"): (1, 10**9, None),
+    ("solver", "clip_grad_norm"): (0, 1e6, "0 (off) or a norm"), ("solver", "checkpoint_period"): (1, 10**9, None),
+    ("solver", "ims_per_batch"): (1, 10**5, None),
+    ("data", "num_workers"): (0, 256, None), ("data", "shuffle_buffer"): (1, 10**6, None),
+}
+
+
+def _check_ranges(cfg: Config, source: str) -> None:
+    """Every number of the config finite and in its range (a model config inside an artifact is
+    checked the same way when it is read): a zero period divides by zero, a negative size trains
+    nonsense, a 30,000-px test side allocates GBs."""
+    import math
+
+    for (section, key), (low, high, what) in RANGES.items():
+        value = getattr(getattr(cfg, section), key)
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not low <= v <= high:
+                raise ConfigError(f"{source}: {section}.{key} = {value!r}: must be {what or f'in {low}..{high}'}")
+    if cfg.log_period < 1:
+        raise ConfigError(f"{source}: log_period = {cfg.log_period}: must be >= 1")
+    if cfg.input.max_size_test < cfg.input.min_size_test:
+        raise ConfigError(f"{source}: input.max_size_test {cfg.input.max_size_test} is below input.min_size_test "
+                          f"{cfg.input.min_size_test}")
 
 
 def builtin_configs() -> list[str]:

@@ -17,7 +17,7 @@ DEFAULTS = PreprocessSettings()
 @click.option("--max-side", type=int, default=None, help="Resize images whose longer side exceeds this.")
 @click.option("--max-bad-fraction", default=DEFAULTS.max_bad_fraction, show_default=True,
               help="Fail when more samples are quarantined.")
-@click.option("--workers", type=int, default=None, show_default="one per core",
+@click.option("--workers", type=int, default=None, show_default="one per usable CPU",
               help="Shard writers at once: this process + N-1 spawned ones (0 or 1: this process alone).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def preprocess_cmd(manifest, out, source, shard_images, max_side, max_bad_fraction, workers, quiet):

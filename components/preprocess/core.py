@@ -84,6 +84,9 @@ class PreprocessSettings:
             raise ValueError("shard_images and row_group_images must be >= 1")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ValueError("max_bad_fraction must be in [0, 1]")
+        if self.workers is not None and not 0 <= self.workers <= 1024:
+            raise ValueError(f"workers must be 0 (this process) to 1024, or unset (one per usable CPU), not "
+                             f"{self.workers}")
 
     def content_params(self) -> dict:
         """The settings that change shard bytes (not workers)."""

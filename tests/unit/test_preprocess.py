@@ -130,3 +130,11 @@ def test_the_default_writer_count_is_the_pods_cpu_limit_not_the_nodes(tmp_path, 
     (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
     assert usable_cpus(str(v1)) == 8
     assert usable_cpus(str(tmp_path / "none")) == 64
+
+
+def test_a_negative_writer_count_is_refused_where_it_is_parsed():
+    from components.preprocess.core import PreprocessSettings
+
+    for bad in (-3, 5000):
+        with pytest.raises(ValueError, match=f"workers must be 0 .* not {bad}"):
+            PreprocessSettings(workers=bad)

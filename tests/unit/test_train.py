@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,3 +106,28 @@ def test_a_non_finite_loss_stops_training_at_the_next_sync_before_any_checkpoint
         train(cfg, shards, str(tmp_path / "run"), progress=False)
     assert latest_checkpoint(str(tmp_path / "run")).endswith("model_0000002.pth")
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("solver.checkpoint_period", 0, "solver.checkpoint_period = 0: must be in 1.."),
+    ("solver.checkpoint_period", -1, "solver.checkpoint_period = -1"),
+    ("input.min_size_test", 30000, "input.min_size_test = 30000: must be in 1..8192"),
+    ("model.fpn_channels", -3, "model.fpn_channels = -3"),
+    ("input.min_size_train", [0, 128], "input.min_size_train = (0, 128)"),
+    ("model.detections_per_image", 0, "model.detections_per_image = 0"),
+    ("data.num_workers", -3, "data.num_workers = -3"),
+    ("input.copy_paste_prob", 1.5, "input.copy_paste_prob = 1.5"),
+])
+def test_config_values_out_of_range_are_refused_where_they_are_read(key, value, message):
+    """In a --set, a YAML, or the config inside a model artifact (read by the same from_dict)."""
+    import copy
+
+    from components.model.config import ConfigError, from_dict, load_config, nested
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("tiny", {key: value})
+    doc = copy.deepcopy(load_config("tiny").to_dict())
+    section, field = key.split(".")
+    doc[section][field] = nested({key: value})[section][field]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_dict(doc, "model.pt")
