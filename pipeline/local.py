@@ -14,7 +14,6 @@ stays readable here. ``ContainerGuard`` makes a task whose container exits non-z
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import os
 import re
@@ -104,16 +103,15 @@ def run_local(data: str | None = None, *, runner: str = "subprocess", root: str 
     elapsed = time.perf_counter() - t0
     setup(mlflow_uri, experiment)
     run = MlflowClient(mlflow_uri).get_run(done.output)   # finalize's output: this run's MLflow run
-    reports = sorted((p for p in glob.glob(os.path.join(root, "**", "report.html"), recursive=True)
-                      if not _inside(p, os.path.join(root, "mlruns"))), key=os.path.getmtime)
     skipped = run.data.tags.get("decision") == "skip"
-    gates = sorted((p for p in glob.glob(os.path.join(root, "**", "gate_report"), recursive=True)
-                    if os.path.getmtime(p) >= t_start), key=os.path.getmtime)   # this run's, if any
+    # this run's files, as its tasks recorded them on its MLflow run (another run-local in the same
+    # folder writes its own: the newest file is not necessarily ours)
+    report, gate = run.data.tags.get("panoptic.report"), run.data.tags.get("panoptic.gate_report")
     return {"run_id": run.info.run_id, "url": run_address(run.info.run_id, run.info.experiment_id, mlflow_uri),
             "runs_url": runs_address(run.info.experiment_id, mlflow_uri),
             "metrics": run.data.metrics, "tags": run.data.tags, "skipped": skipped,
-            "report": None if skipped or not reports else reports[-1], "seconds": elapsed,
-            "gate_report": gates[-1] if gates else None, "mlflow_uri": mlflow_uri,
+            "report": None if skipped else report, "seconds": elapsed,
+            "gate_report": None if skipped else gate, "mlflow_uri": mlflow_uri,
             "log": None if verbose else log_path, "runner": runner}
 
 

@@ -385,7 +385,9 @@ def step_evaluate(*, model_uri: str, val_shards: str, out: str, settings=None, r
         ml.log_table(per_class_table(r.metrics["results"], index["categories"]), PER_CLASS_TABLE)
         for name in ("metrics.json", "per_class.csv", "report.html"):
             _log_file(ml, storage.join(out, name), "evaluate")
-    log_parent(run_id or None, metrics={k: r.metrics[k] for k in METRIC_KEYS}, uri=mlflow_uri or None)
+    # where this run's report lies (run-local prints it: the run's own, not the newest file around)
+    log_parent(run_id or None, metrics={k: r.metrics[k] for k in METRIC_KEYS},
+               tags={"panoptic.report": storage.join(out, "report.html")}, uri=mlflow_uri or None)
     return r.metrics
 
 
@@ -461,6 +463,8 @@ def step_register(*, model_uri: str, eval_dir: str, champion_dir: str = "", sett
                  champion_eval=champion_eval, parent_run_id=run_id or None, uri=mlflow_uri or None, lineage=lineage,
                  val_shards=val_shards or None, champion_eval_dir=storage.join(champion_dir, "evaluation")
                  if champion_dir else None, report_out=report_out or None)
+    if report_out and storage.exists(report_out):
+        log_parent(run_id or None, tags={"panoptic.gate_report": report_out}, uri=mlflow_uri or None)
     return r.version, r.decision.promote
 
 

@@ -46,6 +46,7 @@ def test_local_pipeline_registers_a_champion_skips_nothing_new_and_gates_the_nex
         assert k in first["metrics"]
     report = next(os.path.join(d, f) for d, _, files in os.walk(kw["root"]) for f in files if f == "report.html")
     assert os.path.getsize(report) > 10_000 and "<h2>Panoptic Quality</h2>" in open(report).read()
+    assert f"report: {report}" in out.stdout and first["tags"]["panoptic.report"] == report   # its own run's file
 
     from mlflow.tracking import MlflowClient
 
