@@ -151,7 +151,9 @@ def champion_metrics(champion, uri: str | None = None) -> dict:
     return check_metrics(metrics, f"champion version {champion.version}'s {EVAL_ARTIFACT}/metrics.json")
 
 
-LOCK_STALE_S = 900.0   # a lock older than this was left by a register that died: it is broken
+LOCK_STALE_S = 120.0   # a lock whose heartbeat is older than this was left by a register that died
+LOCK_HEARTBEAT_S = 15.0
+LOCK_SAY_S = 5.0       # a waiter says who holds the lock this often
 
 
 @contextmanager
@@ -160,40 +162,104 @@ def registry_lock(client, name: str, timeout_s: float = 600.0, poll_s: float = 0
 
     MLflow offers no compare-and-set on aliases; creating a registered model is atomic (its name
     is unique in the store, local or server), so that creation is the lock and its deletion the
-    release. A lock older than ``LOCK_STALE_S`` (its holder died) is broken, with a warning. A
-    registry failure while taking it is a ``RegistryError``: nothing is promoted."""
+    release. The holder refreshes the lock's ``panoptic.lock.heartbeat`` tag every
+    ``LOCK_HEARTBEAT_S``; a waiter says who holds it and since when every ``LOCK_SAY_S``, and
+    breaks a lock whose heartbeat stopped ``LOCK_STALE_S`` ago (its holder was killed) with a
+    warning. Breaking is itself locked (``<name>.lock.break``) and re-checks, under that lock,
+    that the lock is still the stale one, so two waiters never both break it and both take it.
+    A registry failure while taking it is a ``RegistryError``: nothing is promoted."""
+    import threading
+
     from mlflow.exceptions import MlflowException
 
     lock = f"{name}.lock"
-    owner = f"{socket.gethostname()}:{os.getpid()}"
-    deadline = time.time() + timeout_s
+    owner = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+    t_start = time.time()
+    deadline, said = t_start + timeout_s, 0.0
     while True:
+        now = time.time()
         try:
-            client.create_registered_model(lock, tags={"panoptic.lock": owner, "panoptic.lock.since": str(time.time())},
+            client.create_registered_model(lock, tags={"panoptic.lock": owner, "panoptic.lock.since": str(now),
+                                                       "panoptic.lock.heartbeat": str(now)},
                                            description=f"a transient lock of `panoptic register` for {name}")
             break
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise RegistryError(f"cannot take the registry lock {lock}: {e.error_code}: {str(e)[:300]}") from e
-        try:
-            held = client.get_registered_model(lock)
-            since = float(held.tags.get("panoptic.lock.since", "0"))
-        except MlflowException:
+        held = _lock_state(client, lock)
+        if held is None:
             continue   # released meanwhile
-        if time.time() - since > LOCK_STALE_S:
-            log.warning("breaking the registry lock %s held by %s since %.0f s (its holder is gone?)", lock,
-                        held.tags.get("panoptic.lock"), time.time() - since)
-            _release(client, lock)
+        holder, since, beat = held
+        now = time.time()
+        if now - beat > LOCK_STALE_S:
+            if not _break_stale(client, lock, held):
+                time.sleep(poll_s)   # another waiter is breaking it
             continue
-        if time.time() > deadline:
-            raise RegistryError(f"the registry lock {lock} is held by {held.tags.get('panoptic.lock')} for "
-                                f"{time.time() - since:.0f} s; nothing was registered or promoted (delete the "
-                                f"registered model {lock} if its holder is gone)")
+        if now > deadline:
+            raise RegistryError(f"the registry lock {lock} is held by {holder} for {now - since:.0f} s; nothing was "
+                                f"registered or promoted (delete the registered model {lock} if its holder is gone)")
+        if now - said >= LOCK_SAY_S:
+            log.info("waiting for the registry lock %s: held by %s for %.0f s (last heartbeat %.0f s ago); "
+                     "waited %.0f s of %.0f", lock, holder, now - since, now - beat, now - t_start, timeout_s)
+            said = now
         time.sleep(poll_s)
+    stop = threading.Event()
+
+    def heartbeat():
+        while not stop.wait(LOCK_HEARTBEAT_S):
+            try:
+                client.set_registered_model_tag(lock, "panoptic.lock.heartbeat", str(time.time()))
+            except Exception as e:   # the registry blinks: the next beat may pass; a long gap breaks the lock
+                log.warning("registry lock %s: heartbeat failed (%s)", lock, e)
+
+    beating = threading.Thread(target=heartbeat, daemon=True)
+    beating.start()
     try:
         yield
     finally:
+        stop.set()
+        beating.join(timeout=5)
         _release(client, lock)
+
+
+def _lock_state(client, lock: str):
+    """(holder, since, last heartbeat) of a lock, or None when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client.get_registered_model(lock).tags
+    except MlflowException:
+        return None
+    since = float(tags.get("panoptic.lock.since", "0") or 0)
+    return tags.get("panoptic.lock", "?"), since, float(tags.get("panoptic.lock.heartbeat", since) or since)
+
+
+def _break_stale(client, lock: str, seen: tuple) -> bool:
+    """Delete ``lock`` if it is still the stale one ``seen``, holding ``<lock>.break`` meanwhile: a
+    second waiter that saw the same stale lock finds the breaker's lock (or, after, a fresh one)
+    and breaks nothing."""
+    from mlflow.exceptions import MlflowException
+
+    breaker = f"{lock}.break"
+    try:
+        client.create_registered_model(breaker, tags={"panoptic.lock.since": str(time.time())})
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise RegistryError(f"cannot take {breaker}: {e.error_code}: {str(e)[:300]}") from e
+        state = _lock_state(client, breaker)   # another waiter breaks it; a breaker that died long ago goes
+        if state is not None and time.time() - state[1] > LOCK_STALE_S:
+            _release(client, breaker)
+        return False
+    try:
+        if _lock_state(client, lock) != seen:
+            return False   # released, or taken afresh, since it was seen stale
+        holder, since, beat = seen
+        log.warning("breaking the registry lock %s held by %s since %.0f s: no heartbeat for %.0f s (its holder "
+                    "was killed?)", lock, holder, time.time() - since, time.time() - beat)
+        _release(client, lock)
+        return True
+    finally:
+        _release(client, breaker)
 
 
 def _release(client, lock: str) -> None:
