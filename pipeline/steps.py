@@ -474,11 +474,12 @@ def step_promote(*, version: str, register=None, run_id: str = "", mlflow_uri: s
     from components.register.core import RegisterSettings, promote_champion
 
     cfg = parse_settings(RegisterSettings, register, "register settings")
-    if promote_champion(cfg.name, version, uri=mlflow_uri or None, cfg=cfg):
+    why = promote_champion(cfg.name, version, uri=mlflow_uri or None, cfg=cfg)
+    if not why:
         log_parent(run_id or None, tags={"model.aliases": "challenger,champion"}, uri=mlflow_uri or None)
     else:
-        log_parent(run_id or None, tags={"gate.promote": "False", "gate.reason": "a better champion was promoted by "
-                                         "another run meanwhile"}, uri=mlflow_uri or None)
+        log_parent(run_id or None, tags={"gate.promote": "False", "gate.reason": f"passed the gate but not promoted: "
+                                         f"{why}"[:4000]}, uri=mlflow_uri or None)
 
 
 def step_finalize(*, state: str, error: str = "", kfp_run_id: str = "", mlflow_uri: str = "", experiment: str = "",

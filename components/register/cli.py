@@ -46,7 +46,7 @@ def register_cmd(model_uri, eval_dir, champion_eval_dir, name, margin, tolerance
             raise
         raise click.ClickException(f"{one_line(e)}; nothing was registered or promoted") from None
     click.echo(f"{r.name} version {r.version}: aliases {', '.join(r.aliases)}")
-    click.echo(f"gate: {'PASS' if r.decision.promote else 'FAIL'}: {r.decision.reason}")
+    click.echo(f"gate: {r.outcome}")
 
 
 register_cmd.name = "register"

@@ -91,6 +91,14 @@ class RegisterResult:
     aliases: list[str]
     decision: GateDecision
     reused: bool = False
+    not_promoted: str = ""   # passed the gate but was not promoted: why (a champion promoted meanwhile)
+
+    @property
+    def outcome(self) -> str:
+        """What happened, in one line: the console's, the tags' and the description's words."""
+        if self.not_promoted:
+            return f"PASS, not promoted: {self.not_promoted}"
+        return f"{'PASS' if self.decision.promote else 'FAIL'}: {self.decision.reason}"
 
 
 class IncomparableMetrics(ValueError):
@@ -390,16 +398,20 @@ def register(model_uri: str, eval_dir: str, cfg: RegisterSettings = RegisterSett
 
         storage.write_text(report_out, no_champion_page(name, version, metrics, decision.reason))
     client.set_registered_model_alias(name, "challenger", version)
-    aliases = ["challenger"]
+    aliases, not_promoted = ["challenger"], ""
     if cfg.promote and decision.promote:
-        if promote_champion(name, version, uri=uri, cfg=cfg, metrics=metrics):
+        not_promoted = promote_champion(name, version, uri=uri, cfg=cfg, metrics=metrics)
+        if not not_promoted:
             aliases.append("champion")
     elif champion is None or not client.get_registered_model(name).description:
         describe_model(client, name, cfg)
     log_parent(parent_run_id, tags={"model.name": name, "model.version": version,
-                                    "model.aliases": ",".join(aliases), "gate.promote": decision.promote,
-                                    "gate.reason": decision.reason[:4000]}, uri=uri)
-    return RegisterResult(name, version, run_id, aliases, decision, reused=existing is not None)
+                                    "model.aliases": ",".join(aliases),
+                                    "gate.promote": decision.promote and not not_promoted,
+                                    "gate.reason": (f"passed the gate but not promoted: {not_promoted}" if not_promoted
+                                                    else decision.reason)[:4000]}, uri=uri)
+    return RegisterResult(name, version, run_id, aliases, decision, reused=existing is not None,
+                          not_promoted=not_promoted)
 
 
 def registered_evaluation(client, name: str, mv, folder: str, label: str, tracking: str):
@@ -494,11 +506,12 @@ def version_metrics(client, name: str, version: str) -> dict:
 
 
 def promote_champion(name: str, version: str, uri: str | None = None, cfg: RegisterSettings = RegisterSettings(),
-                     metrics: dict | None = None) -> bool:
+                     metrics: dict | None = None) -> str:
     """Move ``champion`` to ``version``, under the registry lock, if it still beats the champion
     of this moment (another run may have promoted one since this version was gated): compared
-    on the same validation samples, with the same margin and tolerance. Returns whether it
-    moved; a champion measured on other data leaves the alias as it is (and says so)."""
+    on the same validation samples, with the same margin and tolerance. Returns "" when it
+    moved, else why not (a champion measured on other data leaves the alias as it is); then the
+    version's record is corrected while the lock is held (``record_not_promoted``)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri(uri))
@@ -507,21 +520,38 @@ def promote_champion(name: str, version: str, uri: str | None = None, cfg: Regis
         if current is not None and str(current.version) != str(version):
             mine = metrics if metrics is not None else version_metrics(client, name, version)
             theirs = champion_metrics(current, uri)
+            why = ""
             if theirs.get("val_samples_digest") != mine.get("val_samples_digest"):
-                log.warning("not promoting %s version %s: champion version %s (promoted meanwhile) was measured on "
-                            "other validation samples; run the pipeline again to compare them", name, version,
-                            current.version)
-                return False
-            again = gate(mine["PQ"], per_class_pq(mine), theirs["PQ"], per_class_pq(theirs), cfg.margin,
-                         cfg.tolerance, str(current.version))
-            if not again.promote:
-                log.warning("not promoting %s version %s: against champion version %s (promoted meanwhile): %s",
-                            name, version, current.version, again.reason)
-                return False
+                why = (f"version {current.version} was promoted meanwhile, measured on other validation samples; "
+                       f"run the pipeline again to compare them")
+            else:
+                again = gate(mine["PQ"], per_class_pq(mine), theirs["PQ"], per_class_pq(theirs), cfg.margin,
+                             cfg.tolerance, str(current.version))
+                if not again.promote:
+                    why = f"version {current.version} was promoted meanwhile, and against it: {again.reason}"
+            if why:
+                log.warning("%s version %s passed the gate but is not promoted: %s", name, version, why)
+                record_not_promoted(client, name, version, why)
+                return why
         faults.point("register.before_promote")
         client.set_registered_model_alias(name, CHAMPION, str(version))
         describe_model(client, name, cfg)
-    return True
+    return ""
+
+
+def record_not_promoted(client, name: str, version: str, why: str) -> None:
+    """The records of a version that passed its gate but lost the champion to another run: its
+    tags, its description's verdict and its register run say so, not "promoted"."""
+    outcome = f"passed the gate but not promoted: {why}"
+    for k, v in {"gate": "pass", "gate.promote": "False", "gate.outcome": outcome[:4000]}.items():
+        client.set_model_version_tag(name, version, k, v)
+    mv = client.get_model_version(name, version)
+    description = (mv.description or "").replace("**promoted to champion**", "**passed the gate, not promoted**")
+    client.update_model_version(name, version, description=f"**Not promoted**: {outcome}\n\n{description}")
+    run_id = mv.tags.get("register_run_id")
+    if run_id:
+        client.set_tag(run_id, "gate.promote", "False")
+        client.set_tag(run_id, "gate.outcome", outcome[:4000])
 
 
 def _pct(x) -> str:

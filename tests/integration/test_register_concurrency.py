@@ -93,6 +93,16 @@ def test_two_registrations_at_once_end_with_the_best_champion(interleaving, eval
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.tags["pipeline_run_id"] == runs["B"]            # 0.60 beats 0.40, whoever came last
     assert client.get_registered_model(name).name == name
+    if interleaving == "worse waits after its gate":   # A passed its gate (no champion yet) and then lost it
+        loser = next(v for v in versions if v.tags["pipeline_run_id"] == runs["A"])
+        assert f"gate: PASS, not promoted: version {champion.version} was promoted meanwhile" in outputs["A"][0]
+        assert loser.tags["gate.promote"] == "False" and "not promoted" in loser.tags["gate.outcome"]
+        assert loser.description.startswith("**Not promoted**") and "**promoted to champion**" not in \
+            loser.description
+        assert client.get_run(loser.tags["register_run_id"]).data.tags["gate.promote"] == "False"
+        parent = client.get_run(runs["A"]).data.tags
+        assert parent["gate.promote"] == "False" and parent["gate.reason"].startswith("passed the gate but not")
+        assert parent["model.aliases"] == "challenger"
     from mlflow.exceptions import MlflowException
 
     with pytest.raises(MlflowException):   # the lock is released
