@@ -62,6 +62,11 @@ def load_index(uri: str) -> dict:
         problems.append("source_manifest_hash: not a string")
     if problems:
         raise ValueError(f"{uri}: a broken shard index ({'; '.join(problems[:5])}); re-run `panoptic preprocess`")
+    gate = index.get("quality_gate", {"passed": True})
+    if not isinstance(gate, dict) or gate.get("passed") is not True:
+        failure = gate.get("failure", "") if isinstance(gate, dict) else ""
+        raise ValueError(f"{uri}: these shards failed preprocess's data-quality gate, so nothing may train or "
+                         f"evaluate on them: {str(failure)[:500] or 'no reason recorded'}")
     return index
 
 

@@ -315,16 +315,24 @@ def preprocess(cfg: PreprocessSettings, manifest_uri: str, out: str, source: str
         "shards": [{"file": m["shard"], "rows": m["rows"], "bytes": m["bytes"], "sha256": m["sha256"]}
                    for m in shards],
     }
+    bad_fraction = len(quarantine) / max(len(ids), 1)
+    failed = bad_fraction > cfg.max_bad_fraction
+    message = (f"{len(quarantine)} of {len(ids)} samples ({bad_fraction:.1%}) failed the data-quality gate, "
+               f"more than --max-bad-fraction {cfg.max_bad_fraction:.1%}. Reasons by kind: "
+               f"{index['quarantine_by_kind']}. See {storage.join(out, 'quarantine.jsonl')}; fix the data "
+               f"(`panoptic data validate`) or raise --max-bad-fraction.") if failed else ""
+    # a failed gate leaves nothing that looks complete: the index says so (readers refuse it) and
+    # the shards' completion markers go (a re-run rewrites the same bytes)
+    index["quality_gate"] = {"passed": not failed, "bad_fraction": bad_fraction,
+                             "max_bad_fraction": cfg.max_bad_fraction, **({"failure": message} if failed else {})}
+    if failed:
+        for m in shards:
+            storage.delete(storage.join(out, "_done", m["shard"].replace(".parquet", ".json")))
     index_uri = storage.join(out, "index.json")
     storage.write_text(index_uri, json.dumps(index, indent=1, sort_keys=True))
-    bad_fraction = len(quarantine) / max(len(ids), 1)
     result = PreprocessResult(index_uri, len(ids), rows, len(quarantine), index["shards"], skipped)
-    if bad_fraction > cfg.max_bad_fraction:
-        raise DataQualityError(
-            f"{len(quarantine)} of {len(ids)} samples ({bad_fraction:.1%}) failed the data-quality gate, "
-            f"more than --max-bad-fraction {cfg.max_bad_fraction:.1%}. Reasons by kind: "
-            f"{index['quarantine_by_kind']}. See {storage.join(out, 'quarantine.jsonl')}; fix the data "
-            f"(`panoptic data validate`) or raise --max-bad-fraction.")
+    if failed:
+        raise DataQualityError(message)
     return result
 
 

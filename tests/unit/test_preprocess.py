@@ -107,9 +107,16 @@ def test_gate_fails_the_stage_with_a_clear_message(synth_copy, tmp_path):
         corrupt(synth_copy, "train2017", "corrupt_png", index=i)
     with pytest.raises(DataQualityError, match=r"3 of 16 samples \(18.8%\).*corrupt_png.*quarantine.jsonl"):
         preprocess(PreprocessSettings(workers=0, max_bad_fraction=0.1), m, str(tmp_path / "s"), progress=False)
-    # the report is still written, counts adding up
-    index = load_index(str(tmp_path / "s"))
+    # the report is still written, counts adding up, and it says the gate failed; nothing looks complete
+    index = json.load(open(tmp_path / "s" / "index.json"))
     assert index["images_in"] == index["rows_written"] + index["quarantined"] == 16
+    assert index["quality_gate"]["passed"] is False and "3 of 16 samples" in index["quality_gate"]["failure"]
+    assert not [f for f in os.listdir(tmp_path / "s" / "_done") if f.endswith(".json")]
+    with pytest.raises(ValueError, match=r"failed preprocess's data-quality gate, so nothing may train or evaluate"):
+        load_index(str(tmp_path / "s"))   # what train and evaluate read: refused
+    # a re-run that accepts the quarantine rewrites the same shards and passes
+    preprocess(PreprocessSettings(workers=0, max_bad_fraction=0.5), m, str(tmp_path / "s"), progress=False)
+    assert load_index(str(tmp_path / "s"))["quality_gate"]["passed"] is True
 
 
 def test_the_default_writer_count_is_the_pods_cpu_limit_not_the_nodes(tmp_path, monkeypatch):
