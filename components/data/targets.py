@@ -47,7 +47,7 @@ def build_targets(seg_index: np.ndarray, segments: list[dict], cats: CategoryMap
         "sem_seg": torch.from_numpy(sem),
         "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
         "labels": torch.tensor(labels, dtype=torch.int64),
-        "masks": torch.from_numpy(np.stack(masks).astype(np.uint8)) if masks else torch.zeros((0, h, w), torch.uint8),
+        "masks": torch.from_numpy(np.stack(masks).astype(np.uint8)) if masks else torch.zeros((0, h, w), dtype=torch.uint8),
     }
 
 

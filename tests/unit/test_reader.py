@@ -128,3 +128,18 @@ def test_batches_through_a_dataloader(shards):
     loader = DataLoader(ShardDataset(uri, data.categories, TINY), batch_size=4, num_workers=2, collate_fn=collate)
     batches = list(loader)
     assert sum(len(b) for b in batches) == 16 and all(isinstance(b, list) for b in batches)
+
+
+def test_an_image_without_thing_instances_gets_empty_instance_targets():
+    """Stuff only, or only crowds (or an LSJ crop that left no instance): no boxes, no masks, and
+    the empty mask stack has the image's size (the trainer's loader crashed here once)."""
+    from components.common.coco_panoptic import Category, CategoryMaps
+    from components.data.targets import build_targets
+
+    cats = CategoryMaps((Category(1, "disc", True, (1, 1, 1), "x"), Category(92, "sky", False, (2, 2, 2), "x")))
+    seg = np.zeros((5, 7), np.int64)
+    seg[0, :] = 1
+    segments = [{"id": 1, "category_id": 92, "iscrowd": 0}, {"id": 2, "category_id": 1, "iscrowd": 1}]
+    t = build_targets(seg, segments, cats)
+    assert t["masks"].shape == (0, 5, 7) and t["masks"].dtype == torch.uint8
+    assert t["boxes"].shape == (0, 4) and t["labels"].shape == (0,)
