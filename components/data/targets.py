@@ -47,7 +47,8 @@ def build_targets(seg_index: np.ndarray, segments: list[dict], cats: CategoryMap
         "sem_seg": torch.from_numpy(sem),
         "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
         "labels": torch.tensor(labels, dtype=torch.int64),
-        "masks": torch.from_numpy(np.stack(masks).astype(np.uint8)) if masks else torch.zeros((0, h, w), dtype=torch.uint8),
+        "masks": (torch.from_numpy(np.stack(masks).astype(np.uint8)) if masks else
+                  torch.zeros((0, h, w), dtype=torch.uint8)),
     }
 
 
@@ -67,12 +68,37 @@ def decode_record(record: dict, with_ids: bool = False):
     return (image, index, segments, ids) if with_ids else (image, index, segments)
 
 
+def _eval_sample(record: dict, aug: InputConfig, with_gt: bool) -> dict:
+    """An evaluation sample: the image at the test size and (``with_gt``) the ground truth as read,
+    which is all inference and PQ use; no training targets, so no segment map, no resized mask."""
+    from components.data.transforms import resize_image
+
+    name = record["file_name"]
+    problem = file_name_problem(name)
+    if problem:
+        raise ValueError(f"{name!r}: {problem} (a shard row; re-run `panoptic preprocess`)")
+    image = decode_image(record["image"], name)
+    h, w = image.shape[:2]
+    nh, nw = output_shape(h, w, aug.min_size_test, aug.max_size_test)
+    sample = {"image_id": int(record["image_id"]), "file_name": name, "height": h, "width": w,
+              "image": torch.from_numpy(np.ascontiguousarray(resize_image(image, nh, nw)).transpose(2, 0, 1).copy())}
+    if with_gt:
+        ids = decode_png(record["panoptic_png"], name)
+        if ids.shape != (h, w):
+            raise ValueError(f"{name}: panoptic PNG is {ids.shape} but the image is {(h, w)}; re-run preprocess")
+        sample.update(gt_ids=ids, segments_info=list(record["segments_info"]), image_bytes=record["image"])
+    return sample
+
+
 def record_to_sample(record: dict, cats: CategoryMaps, aug: InputConfig, train: bool,
                      rng: np.random.Generator, with_gt: bool = False, donor: dict | None = None) -> dict:
     """Decode a shard row, augment it (train: ``augment.augment``, with ``donor``'s instances to
-    paste when copy-paste is on; eval: the test resize) and build the model's inputs and targets."""
+    paste when copy-paste is on) and build the model's inputs and targets; eval: the test resize of
+    the image, and the ground truth when ``with_gt`` (``_eval_sample``)."""
     from components.data.augment import augment, resize
 
+    if not train:
+        return _eval_sample(record, aug, with_gt)
     image, index, segments, ids = decode_record(record, with_ids=True)
     h, w = image.shape[:2]
     if train:

@@ -74,7 +74,10 @@ def test_skip_resumes_the_same_stream(shards):
 def test_targets_match_the_panoptic_png(shards):
     uri, data = shards
     cats = data.categories
-    for s in ShardDataset(uri, cats, TINY, train=False, with_gt=True):
+    for s in ShardDataset(uri, cats, TINY, train=False, with_gt=True):   # evaluation: the image and the GT only
+        assert not {"sem_seg", "boxes", "labels", "masks"} & set(s) and s["gt_ids"].shape == (s["height"], s["width"])
+    fixed = InputConfig(min_size_train=(TINY.min_size_test,), max_size_train=TINY.max_size_test, flip_prob=0.0)
+    for s in ShardDataset(uri, cats, fixed, train=True, with_gt=True, shuffle_buffer=0):   # the test resize, trained
         h, w = s["image"].shape[1:]
         assert min(h, w) == 128 or max(h, w) == 192
         segs = {seg["id"]: seg for seg in s["segments_info"]}
