@@ -227,7 +227,29 @@ def kubeconfig(path: str, url: str, namespace: str = "default") -> str:
     return path
 
 
-class ScriptedController:
+class Controller:
+    """What KubeStandIn asks of whatever plays a job's operator; these defaults: no pods, no logs."""
+
+    def created(self, obj):
+        pass
+
+    def status(self, obj):
+        return {}
+
+    def deleted(self, obj):
+        pass
+
+    def pods(self, namespace):
+        return []
+
+    def log(self, namespace, name, follow=False):
+        return iter(())
+
+    def close(self):
+        pass
+
+
+class ScriptedController(Controller):
     """Conditions from a script: each status read takes the next (type, message); the last stays.
     ``on_created(job)`` runs when a job is created (to leave what its pods would write)."""
 
@@ -244,18 +266,6 @@ class ScriptedController:
     def status(self, obj):
         state, message = self.states.pop(0) if len(self.states) > 1 else (self.states or [("Created", "")])[0]
         return {"conditions": [{"type": state, "status": "True", "message": message}]}
-
-    def deleted(self, obj):
-        pass
-
-    def pods(self, namespace):
-        return []
-
-    def log(self, namespace, name, follow=False):
-        return iter(())
-
-    def close(self):
-        pass
 
 
 # -- the operators, on a Docker engine -----------------------------------------------------------

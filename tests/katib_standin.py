@@ -31,6 +31,8 @@ import tempfile
 import threading
 import uuid
 
+from tests.k8s_standin import Controller
+
 METRICS_FILTER = re.compile(r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,7 +102,7 @@ def suggest(parameters: list[dict], i: int, n: int) -> dict[str, str]:
     return out
 
 
-class KatibController:
+class KatibController(Controller):
     """Runs a created Experiment's trials (see the module docstring); answers status as Katib's
     experiment controller writes it (conditions, trial counts, ``currentOptimalTrial``)."""
 
@@ -133,15 +135,6 @@ class KatibController:
             kind = "Succeeded"
         status["conditions"] = [{"type": kind, "status": "True", "message": state["message"]}]
         return status
-
-    def deleted(self, obj):
-        pass
-
-    def pods(self, namespace):
-        return []
-
-    def log(self, namespace, name, follow=False):
-        return iter(())
 
     def close(self):
         for t in self.threads:
