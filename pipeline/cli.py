@@ -48,17 +48,20 @@ def package_train_gpus(package: str) -> tuple[int | None, dict]:
     """(the GPUs a compiled package's train task holds, None for a CPU task; its train default)."""
     import yaml
 
-    with open(package) as f:
-        spec = next(yaml.safe_load_all(f))
-    container = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
-    accelerator = container.get("resources", {}).get("accelerator")
-    default = spec["root"]["inputDefinitions"]["parameters"]["train"].get("defaultValue") or {}
-    if accelerator:
-        return int(accelerator.get("resourceCount", accelerator.get("count", 0))), default
-    with open(package) as f:   # no accelerator: a device task still has its /dev/shm
-        docs = list(yaml.safe_load_all(f))
-    k8s = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(docs) > 1 else {}
-    return (0 if k8s.get("exec-train", {}).get("emptyDirMounts") else None), default
+    try:
+        with open(package) as f:
+            docs = [d for d in yaml.safe_load_all(f) if d]
+        container = docs[0]["deploymentSpec"]["executors"]["exec-train"]["container"]
+        default = docs[0]["root"]["inputDefinitions"]["parameters"]["train"].get("defaultValue") or {}
+        accelerator = container.get("resources", {}).get("accelerator")
+        if accelerator:
+            return int(accelerator.get("resourceCount", accelerator.get("count", 0))), default
+        # no accelerator: a task that trains here still has its /dev/shm
+        k8s = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(docs) > 1 else {}
+        return (0 if k8s.get("exec-train", {}).get("emptyDirMounts") else None), default
+    except (OSError, yaml.YAMLError, IndexError, KeyError, TypeError, AttributeError, ValueError) as e:
+        raise click.BadParameter(f"{package}: not a package `panoptic pipeline compile` wrote ({type(e).__name__}: "
+                                 f"{(str(e).splitlines() or [''])[0][:100]})", param_hint="--package") from None
 
 
 def check_package_gpus(package: str, arguments: dict, cluster: ClusterSettings) -> None:
@@ -137,7 +140,7 @@ def _say_images() -> None:
 PRESETS = os.path.join(os.path.dirname(__file__), "presets")
 
 
-def preset_items(preset: str | None) -> list[str]:
+def preset_items(preset: str | None, _seen: tuple = ()) -> list[str]:
     """A preset (pipeline/presets/NAME.yaml, or a YAML file: a mapping of stages and run
     parameters, ``_base_:`` a preset it extends) as ``--set`` items, which the command's own
     ``--set`` items follow (and so override)."""
@@ -147,6 +150,9 @@ def preset_items(preset: str | None) -> list[str]:
 
     if not preset:
         return []
+    if preset in _seen or len(_seen) > 8:
+        raise click.BadParameter(f"{preset}: presets extend each other in a circle ({' -> '.join(_seen)})",
+                                 param_hint="--preset")
     path = preset if os.path.isfile(preset) else os.path.join(PRESETS, f"{preset}.yaml")
     if not os.path.isfile(path):
         known = sorted(f[:-5] for f in os.listdir(PRESETS) if f.endswith(".yaml"))
@@ -157,7 +163,7 @@ def preset_items(preset: str | None) -> list[str]:
     if not isinstance(doc, dict):
         raise click.BadParameter(f"{path}: a preset is a mapping of stages and run parameters", param_hint="--preset")
     base = doc.pop("_base_", None)
-    items = preset_items(os.path.join(os.path.dirname(path), base)) if base else []
+    items = preset_items(os.path.join(os.path.dirname(path), str(base)), (*_seen, preset)) if base else []
     return items + [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in doc.items()]
 
 

@@ -332,6 +332,17 @@ def test_submit_and_schedule_from_one_preset_train_alike(tmp_path):
         assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-train"]["container"].get("resources", {})
 
 
+def test_a_preset_in_a_circle_or_a_package_that_is_none_is_refused_in_one_line(tmp_path):
+    (tmp_path / "loop.yaml").write_text("_base_: loop.yaml\ntrain: {iterations: 3}\n")
+    r = CliRunner().invoke(pipeline, ["compile", "--out", str(tmp_path / "p.yaml"), "--preset",
+                                      str(tmp_path / "loop.yaml")])
+    assert r.exit_code == 2 and "presets extend each other in a circle" in r.output, r.output
+    (tmp_path / "bad.yaml").write_text("garbage: [\n")
+    r = CliRunner().invoke(pipeline, ["submit", "--host", "http://127.0.0.1:9", "--package", str(tmp_path / "bad.yaml"),
+                                      *RUN])
+    assert r.exit_code == 2 and "not a package `panoptic pipeline compile` wrote (ParserError" in r.output, r.output
+
+
 def test_cron_fields():
     assert cron6("0 3 * * 0") == "0 0 3 * * 0" and cron6("0 0 3 * * 0") == "0 0 3 * * 0"
     r = CliRunner().invoke(pipeline, ["schedule", "--host", "http://127.0.0.1:9", "--cron", "every sunday", *RUN])
