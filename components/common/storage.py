@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import re
 import stat
 import uuid
 from functools import lru_cache
@@ -27,6 +28,21 @@ from components.common import faults
 
 def is_remote(uri: str) -> bool:
     return str(uri).startswith("s3://")
+
+
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def s3_parts(uri: str) -> tuple[str, str]:
+    """(bucket, key) of an ``s3://BUCKET/KEY`` address, parsed strictly: a bucket is required and
+    ``.``/``..`` segments are refused (S3 keeps them literally; collapsing them silently would
+    read or write another object than the one named)."""
+    bucket, _, key = str(uri)[len("s3://"):].partition("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise ValueError(f"{uri!r}: not an s3:// address with a bucket; use s3://BUCKET/KEY")
+    if any(part in (".", "..") for part in key.split("/")):
+        raise ValueError(f"{uri!r}: '.' and '..' are not allowed in an s3 key; name the object itself")
+    return bucket, key
 
 
 def _endpoint() -> str | None:
@@ -57,6 +73,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """Return ``(filesystem, path inside it)`` for a local path or an ``s3://bucket/key`` URI."""
     uri = str(uri)
     if is_remote(uri):
+        s3_parts(uri)
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
         return _s3(_endpoint(), region, os.environ.get("AWS_ACCESS_KEY_ID")), uri[len("s3://"):].rstrip("/")
     if "://" in uri and not uri.startswith("file://"):
@@ -69,7 +86,10 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 def join(base: str, *parts: str) -> str:
     base = str(base)
     if is_remote(base):
-        return posixpath.join(base.rstrip("/"), *parts)
+        s3_parts(base)
+        joined = posixpath.join(base.rstrip("/"), *parts)
+        s3_parts(joined)
+        return joined
     return os.path.join(base, *parts)
 
 

@@ -26,6 +26,23 @@ def list_images(inputs) -> list[str]:
     return files
 
 
+def output_stems(files: list[str]) -> list[str]:
+    """The output name of each input, unique among them: the file's stem, and for the second and
+    later inputs with the same stem (``a.jpg``, ``dir/a.jpg``, ``dir/a.png``) ``a-2``, ``a-3`` ...,
+    so that no prediction overwrites another."""
+    taken: set[str] = set()
+    out = []
+    for path in files:
+        stem = posixpath.basename(str(path).replace("\\", "/")).rsplit(".", 1)[0]
+        name, k = stem, 1
+        while name.lower() in taken:
+            k += 1
+            name = f"{stem}-{k}"
+        taken.add(name.lower())
+        out.append(name)
+    return out
+
+
 @click.command("predict")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--model", "model_uri", required=True,
@@ -46,14 +63,23 @@ def predict_cmd(images, model_uri, out):
     from components.model.inference import predict_image
     from components.model.weights import WeightsError
 
+    if storage.is_remote(out):
+        try:
+            storage.s3_parts(out)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--out") from None
     files = list_images(images)
+    stems = output_stems(files)
+    for path, stem in zip(files, stems):
+        if stem != posixpath.basename(path).rsplit(".", 1)[0]:
+            click.echo(f"{path}: written as {stem}.* (another input has the same name)", err=True)
     try:
         model, cfg, cats = load_model(model_uri, "cpu")
     except (WeightsError, FileNotFoundError, RegistryError, OSError) as e:
         raise click.ClickException(str(e))
     categories = {c["id"]: c for c in cats.to_json()}
     skipped = 0
-    for path in progress_bar(files, desc="predict", unit="img", enabled=len(files) > 1):
+    for path, stem in progress_bar(list(zip(files, stems)), desc="predict", unit="img", enabled=len(files) > 1):
         try:
             image = decode_image(storage.read_bytes(path), path)
         except (ValueError, OSError) as e:
@@ -61,7 +87,6 @@ def predict_cmd(images, model_uri, out):
             skipped += 1
             continue
         ids, info = predict_image(model, cfg, image)
-        stem = posixpath.basename(path).rsplit(".", 1)[0]
         storage.write_bytes(storage.join(out, f"{stem}.png"), encode_png(ids))
         buf = io.BytesIO()
         Image.fromarray(overlay(image, ids, info, categories)).save(buf, format="PNG")

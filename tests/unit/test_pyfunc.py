@@ -97,3 +97,30 @@ def test_a_registry_lookup_without_a_store_names_the_uri_and_creates_nothing(tmp
     assert "no MLflow store at sqlite:///mlflow.db" in out.stderr and str(tmp_path / "mlflow.db") in out.stderr
     assert "MLFLOW_TRACKING_URI" in out.stderr and "Traceback" not in out.stderr
     assert sorted(os.listdir(tmp_path)) == ["photo.jpg"]
+
+
+def test_predict_of_inputs_with_the_same_name_overwrites_nothing(tmp_path):
+    """a.jpg, dir/a.jpg and dir/a.png: three predictions, three sets of files (a, a-2, a-3), said;
+    an s3:// address without a bucket is refused before anything is read."""
+    _tiny_model(tmp_path / "model.pt")
+    jpeg = input_example()["image"][0]
+    (tmp_path / "in" / "dir").mkdir(parents=True)
+    (tmp_path / "in" / "a.jpg").write_bytes(jpeg)
+    (tmp_path / "in" / "dir" / "a.jpg").write_bytes(jpeg)
+    from PIL import Image
+
+    Image.open(tmp_path / "in" / "a.jpg").save(tmp_path / "in" / "dir" / "a.png")
+    out = subprocess.run([sys.executable, "-m", "components", "predict", str(tmp_path / "in" / "a.jpg"),
+                          str(tmp_path / "in" / "dir"), "--model", str(tmp_path / "model.pt"), "--out",
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    names = sorted(os.listdir(tmp_path / "out"))
+    assert names == sorted(f"{s}{x}" for s in ("a", "a-2", "a-3") for x in (".png", "_overlay.png", ".json"))
+    assert "written as a-2.*" in out.stderr and "wrote 3 predictions" in out.stdout
+    sources = {json.load(open(tmp_path / "out" / f"{s}.json"))["file_name"] for s in ("a", "a-2", "a-3")}
+    assert sources == {"a.jpg", "a.png"}
+    out = subprocess.run([sys.executable, "-m", "components", "predict", str(tmp_path / "in" / "a.jpg"), "--model",
+                          str(tmp_path / "model.pt"), "--out", "s3://"], capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)
+    assert out.returncode == 2 and "not an s3:// address with a bucket" in out.stderr
+    assert not os.path.exists(tmp_path / "s3:")
