@@ -15,6 +15,16 @@ def load_manifest(uri: str) -> dict:
         raise ValueError(f"{uri}: manifest_hash does not match its content (edited by hand?); "
                          f"re-run `panoptic subset`")
     manifest["manifest_hash"] = claimed
+    ids = manifest.get("image_ids")
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"{uri}: image_ids must be a list of whole numbers; re-run `panoptic subset`")
+    if len(set(ids)) != len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})[:10]
+        raise ValueError(f"{uri}: image ids listed more than once ({', '.join(map(str, twice))}): every image would "
+                         f"count twice; re-run `panoptic subset`")
+    if manifest.get("num_images", len(ids)) != len(ids):
+        raise ValueError(f"{uri}: num_images {manifest.get('num_images')} but {len(ids)} image ids; re-run "
+                         f"`panoptic subset`")
     return manifest
 
 

@@ -145,3 +145,22 @@ def test_a_negative_writer_count_is_refused_where_it_is_parsed():
     for bad in (-3, 5000):
         with pytest.raises(ValueError, match=f"workers must be 0 .* not {bad}"):
             PreprocessSettings(workers=bad)
+
+
+def test_a_manifest_that_lists_an_image_twice_is_refused(synth_copy, tmp_path):
+    """Re-hashed so that its hash still matches: the duplicate itself is what is refused."""
+    from components.common.hashing import canonical_hash
+    from components.common.manifests import load_manifest
+
+    folder = _manifest(synth_copy, tmp_path)
+    path = os.path.join(folder, "manifest.json") if os.path.isdir(folder) else folder
+    doc = json.load(open(path))
+    doc.pop("manifest_hash")
+    doc["image_ids"] = doc["image_ids"] + doc["image_ids"][:1]
+    doc["num_images"] = len(doc["image_ids"])
+    doc["manifest_hash"] = canonical_hash({k: v for k, v in doc.items() if k != "manifest_hash"})
+    json.dump(doc, open(path, "w"))
+    with pytest.raises(ValueError, match=r"image ids listed more than once"):
+        load_manifest(path)
+    with pytest.raises(ValueError, match=r"image ids listed more than once"):
+        preprocess(PreprocessSettings(workers=0), folder, str(tmp_path / "s"), progress=False)
