@@ -24,7 +24,8 @@ PANOPTIC = os.path.join(os.path.dirname(sys.executable), "panoptic")
 @pytest.fixture(scope="module")
 def evaluations(synth_root, tmp_path_factory):
     """Two models and their evaluations on the same validation shards, with PQ set to 0.40 (A) and
-    0.60 (B) in their metrics.json (the gate reads only the figures; the model files stay theirs)."""
+    0.60 (B) in their metrics.json, and counts that add up to it (the gate checks the figures
+    against them; the model files stay theirs)."""
     from components.evaluate.core import EvaluateSettings, evaluate
     from components.train.trainer import train
 
@@ -41,6 +42,7 @@ def evaluations(synth_root, tmp_path_factory):
         m["PQ"] = pq
         for r in m["results"]["per_class"].values():
             r["pq"] = pq
+        m["counts"] = {c: {"tp": 10, "fp": 0, "fn": 0, "iou": 10 * pq} for c in m["results"]["per_class"]}
         json.dump(m, open(path, "w"))
         out[name] = (model, folder)
     return out
