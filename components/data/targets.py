@@ -52,18 +52,24 @@ def build_targets(seg_index: np.ndarray, segments: list[dict], cats: CategoryMap
     }
 
 
-def decode_record(record: dict, with_ids: bool = False):
-    """A shard row -> (image, segment index map, segments), checked (``with_ids``: and the
-    panoptic id map as decoded)."""
+def _decode_pair(record: dict) -> tuple[str, np.ndarray, np.ndarray]:
+    """(file name, image, panoptic id map) of a shard row, its name and sizes checked."""
     name = record["file_name"]
     problem = file_name_problem(name)
     if problem:  # a shard is a file too: its names must not steer writes (evaluate names PNGs after them)
         raise ValueError(f"{name!r}: {problem} (a shard row; re-run `panoptic preprocess`)")
     image = decode_image(record["image"], name)
     ids = decode_png(record["panoptic_png"], name)
-    segments = list(record["segments_info"])
     if ids.shape != image.shape[:2]:
         raise ValueError(f"{name}: panoptic PNG is {ids.shape} but the image is {image.shape[:2]}; re-run preprocess")
+    return name, image, ids
+
+
+def decode_record(record: dict, with_ids: bool = False):
+    """A shard row -> (image, segment index map, segments), checked (``with_ids``: and the
+    panoptic id map as decoded)."""
+    _, image, ids = _decode_pair(record)
+    segments = list(record["segments_info"])
     index = segment_index_map(ids, [s["id"] for s in segments])
     return (image, index, segments, ids) if with_ids else (image, index, segments)
 
@@ -73,19 +79,12 @@ def _eval_sample(record: dict, aug: InputConfig, with_gt: bool) -> dict:
     which is all inference and PQ use; no training targets, so no segment map, no resized mask."""
     from components.data.transforms import resize_image
 
-    name = record["file_name"]
-    problem = file_name_problem(name)
-    if problem:
-        raise ValueError(f"{name!r}: {problem} (a shard row; re-run `panoptic preprocess`)")
-    image = decode_image(record["image"], name)
+    name, image, ids = _decode_pair(record)
     h, w = image.shape[:2]
     nh, nw = output_shape(h, w, aug.min_size_test, aug.max_size_test)
     sample = {"image_id": int(record["image_id"]), "file_name": name, "height": h, "width": w,
               "image": torch.from_numpy(np.ascontiguousarray(resize_image(image, nh, nw)).transpose(2, 0, 1).copy())}
     if with_gt:
-        ids = decode_png(record["panoptic_png"], name)
-        if ids.shape != (h, w):
-            raise ValueError(f"{name}: panoptic PNG is {ids.shape} but the image is {(h, w)}; re-run preprocess")
         sample.update(gt_ids=ids, segments_info=list(record["segments_info"]), image_bytes=record["image"])
     return sample
 
