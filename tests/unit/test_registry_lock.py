@@ -27,15 +27,15 @@ def _lock(client, name: str, owner: str, age_s: float, beat_age_s: float) -> Non
 
 
 def test_a_waiter_says_who_holds_the_lock_and_gives_up_with_one_line(client, monkeypatch, caplog):
-    monkeypatch.setattr(core, "LOCK_SAY_S", 0.2)
+    monkeypatch.setattr(core, "LOCK_SAY_S", 0.0)   # every poll: the count does not depend on the machine's speed
     _lock(client, "m.lock", "host-a:42:1", age_s=30, beat_age_s=1)
     with caplog.at_level(logging.INFO, logger="components.register.core"):
         with pytest.raises(core.RegistryError, match=r"the registry lock m.lock is held by host-a:42:1 for \d+ s; "
                                                      r"nothing was registered or promoted"):
-            with core.registry_lock(client, "m", timeout_s=1.0, poll_s=0.05):
+            with core.registry_lock(client, "m", timeout_s=3.0, poll_s=0.05):
                 pass
     said = [r.getMessage() for r in caplog.records if "waiting for the registry lock" in r.getMessage()]
-    assert len(said) >= 3 and all("held by host-a:42:1 for 3" in m and "last heartbeat" in m for m in said)
+    assert len(said) >= 2 and all("held by host-a:42:1 for 3" in m and "last heartbeat" in m for m in said)
 
 
 def test_a_lock_whose_holder_was_killed_is_broken_not_waited_out(client, caplog):
