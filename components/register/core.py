@@ -162,6 +162,11 @@ def champion_metrics(champion, uri: str | None = None) -> dict:
 LOCK_STALE_S = 120.0   # a lock whose heartbeat is older than this was left by a register that died
 LOCK_HEARTBEAT_S = 15.0
 LOCK_SAY_S = 5.0       # a waiter says who holds the lock this often
+# what a create of a held lock answers. MLflow's SQL store, on the unique-name violation, looks the
+# existing model up to word its error (mlflow/store/model_registry/sqlalchemy_store.py,
+# create_registered_model's IntegrityError branch); when the holder released it in between, that
+# lookup answers RESOURCE_DOES_NOT_EXIST: the lock was held an instant ago and is free now.
+_TAKEN = ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST")
 
 
 @contextmanager
@@ -192,7 +197,7 @@ def registry_lock(client, name: str, timeout_s: float = 600.0, poll_s: float = 0
                                            description=f"a transient lock of `panoptic register` for {name}")
             break
         except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            if e.error_code not in _TAKEN:
                 raise RegistryError(f"cannot take the registry lock {lock}: {e.error_code}: {str(e)[:300]}") from e
         held = _lock_state(client, lock)
         if held is None:
@@ -252,7 +257,7 @@ def _break_stale(client, lock: str, seen: tuple) -> bool:
     try:
         client.create_registered_model(breaker, tags={"panoptic.lock.since": str(time.time())})
     except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+        if e.error_code not in _TAKEN:
             raise RegistryError(f"cannot take {breaker}: {e.error_code}: {str(e)[:300]}") from e
         state = _lock_state(client, breaker)   # another waiter breaks it; a breaker that died long ago goes
         if state is not None and time.time() - state[1] > LOCK_STALE_S:

@@ -73,3 +73,27 @@ def test_the_holder_keeps_its_lock_alive(client, monkeypatch):
         time.sleep(0.5)
         _, _, later = core._lock_state(client, "m.lock")
         assert later > first >= since
+
+
+def test_a_lock_released_between_the_stores_insert_and_its_lookup_is_taken_not_an_error(client, monkeypatch):
+    # CI saw it: a second register's create of the held lock hit the unique name, the holder released
+    # the lock, and MLflow's SQL store, looking the existing model up to word its error, answered
+    # RESOURCE_DOES_NOT_EXIST, which was taken for a registry fault. The real store, with that
+    # interleaving forced: the holder's release lands just before the store's lookup.
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+    _lock(client, "m.lock", "holder:1:1", age_s=1, beat_age_s=1)
+    real_get = SqlAlchemyStore.get_registered_model
+    released = []
+
+    def get_after_the_holder_released(self, name):
+        if name == "m.lock" and not released:
+            released.append(name)
+            self.delete_registered_model(name)
+        return real_get(self, name)
+
+    monkeypatch.setattr(SqlAlchemyStore, "get_registered_model", get_after_the_holder_released)
+    with core.registry_lock(client, "m", timeout_s=30, poll_s=0.05):
+        assert released == ["m.lock"]
+        assert core._lock_state(client, "m.lock")[0] != "holder:1:1"
+    assert core._lock_state(client, "m.lock") is None
