@@ -328,11 +328,16 @@ def step_train(*, train_shards: str, model_out: str, settings=None, cluster=None
             ml.log_params({k: v for k, v in _flat("", cfg.to_dict()).items() if len(str(v)) < 500})
             ml.log_params({"init": ts.init, "nodes": ts.nodes, "gpus_per_node": ts.gpus_per_node})
 
-            def log_metrics(metrics, step):
-                ml.log_metrics({f"train/{k}": float(v) for k, v in metrics.items() if k != "iter"}, step=step)
+            def log_metrics(metrics, step):   # losses as train/..., evaluations under their own val/...
+                ml.log_metrics({k if "/" in k else f"train/{k}": float(v) for k, v in metrics.items() if k != "iter"},
+                               step=step)
 
-            model = stage.train_model(plan, train_shards=train_shards, cluster=cluster, env=env, log_fn=log_metrics)
-            out, lineage = stage.finish(plan, model, model_out)
+            model, chosen = stage.train_model(plan, train_shards=train_shards, cluster=cluster, env=env,
+                                              log_fn=log_metrics, val_shards=val_shards, val_shards_uri=val_shards_uri)
+            out, lineage = stage.finish(plan, model, model_out, **{f"model_{k}": str(v) for k, v in chosen.items()})
+            value = f", {chosen['metric']} {100 * chosen['value']:.2f}" if "value" in chosen else ""
+            log.info("train: the stage's model is the %s one (iteration %s%s)", chosen["checkpoint"],
+                     chosen["iteration"], value)
             if storage.exists(storage.join(plan.output, "train_metrics.json")):
                 _log_file(ml, storage.join(plan.output, "train_metrics.json"), "train")
             parent = {"tags": {}, "params": {"nodes": ts.nodes}}

@@ -325,6 +325,8 @@ def metric_logger(prefix: str = ""):
     def log(metrics: dict, step: int) -> None:
         if mlflow.active_run() is None:
             mlflow.start_run(run_id=os.environ.get("MLFLOW_RUN_ID"))
-        mlflow.log_metrics({prefix + k: float(v) for k, v in metrics.items() if k != "iter"}, step=step)
+        # a key with its own namespace ("val/PQ") is logged as it is
+        mlflow.log_metrics({k if "/" in k else prefix + k: float(v) for k, v in metrics.items() if k != "iter"},
+                           step=step)
 
     return log

@@ -27,9 +27,9 @@ from components.common.hashing import samples_digest
 from components.common.logs import progress as progress_bar
 from components.common.metrics import summary_metrics
 from components.common.overlays import overlay
+from components.common.pq import PQStat, device_pair_counts
 from components.data.reader import ShardDataset, collate
 from components.data.records import load_index
-from components.evaluate.pq import PQStat, device_pair_counts
 from components.evaluate.report import render_report, thumbnail
 from components.evaluate.settings import PER_IMAGE_FILE, EvaluateSettings
 from components.model.artifact import load_model_and_digest
@@ -215,3 +215,5 @@ def _evaluate(model_uri: str, shards: str, out: str, cfg: EvaluateSettings, prog
                "inference": f"{seen / max(t_infer, 1e-9):.2f} images/s on {device}",
                "PQ accumulation": f"{100 * t_pq / max(t_infer, 1e-9):.2f}% of inference time"}))
     return EvalResult(metrics, metrics_uri, report_uri, per_class_uri, pred_json)
+
+

@@ -19,7 +19,7 @@ import numpy as np
 from components.common import storage
 from components.common.coco_panoptic import decode_png, file_name_problem
 from components.common.logs import progress as progress_bar
-from components.evaluate.pq import PQStat
+from components.common.pq import PQStat
 from components.evaluate.prediction_files import PredictionError, _local, match_annotations, read_json
 from components.evaluate.tables import present
 

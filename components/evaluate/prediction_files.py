@@ -8,10 +8,7 @@ from __future__ import annotations
 import json
 
 from components.common.filenames import file_name_problem
-
-
-class PredictionError(ValueError):
-    """A prediction set that cannot be scored; the message names the image and the fix."""
+from components.common.pq import PredictionError  # noqa: F401  (raised here and by the PQ engines)
 
 
 def _local(uri: str | None) -> bool:

@@ -135,6 +135,12 @@ class SolverConfig:
     max_iter: int = 90000
     clip_grad_norm: float = 0.0             # 0 = off
     checkpoint_period: int = 5000
+    # evaluation during training (detectron2's TEST.EVAL_PERIOD): PQ on the validation shards every
+    # this many iterations and at the end (0: off), on their first eval_images images (0: all); the
+    # best by best_metric is kept beside the last (``{output}/best/``)
+    eval_period: int = 0
+    eval_images: int = 0
+    best_metric: str = "PQ"
     amp: str = "off"                        # off | bf16 | fp16 (GPU only)
     channels_last: bool = False
 
@@ -245,6 +251,11 @@ def validate(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: solver.amp must be off, bf16 or fp16, not {s.amp!r}")
     if s.ims_per_batch < 1 or s.max_iter < 1:
         raise ConfigError(f"{source}: solver.ims_per_batch and solver.max_iter must be >= 1")
+    from components.common.metrics import METRIC_KEYS
+
+    if s.best_metric not in METRIC_KEYS:
+        raise ConfigError(f"{source}: solver.best_metric must be one of {', '.join(METRIC_KEYS)}, "
+                          f"not {s.best_metric!r}")
     if list(s.steps) != sorted(s.steps):
         raise ConfigError(f"{source}: solver.steps must be increasing")
     _check_ranges(cfg, source)
@@ -283,6 +294,8 @@ RANGES = {
     ("solver", "gamma"): (0, 1, None), ("solver", "max_iter"): (1, 10**9, None),
     ("solver", "clip_grad_norm"): (0, 1e6, "0 (off) or a norm"), ("solver", "checkpoint_period"): (1, 10**9, None),
     ("solver", "ims_per_batch"): (1, 10**5, None),
+    ("solver", "eval_period"): (0, 10**9, "0 (off) or a period"),
+    ("solver", "eval_images"): (0, 10**8, "0 (all) or a count"),
     ("data", "num_workers"): (0, 256, None), ("data", "shuffle_buffer"): (1, 10**6, None),
 }
 

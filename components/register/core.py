@@ -611,6 +611,9 @@ def version_description(metrics: dict, decision: GateDecision, lineage: dict, ch
         lines.append(f"- initialised from `{lineage['parent_model_version']}`")
     if lineage.get("code_version"):
         lines.append(f"- code `{lineage['code_version']}`")
+    if lineage.get("model_checkpoint") == "best":
+        lines.append(f"- the best {lineage.get('model_metric', 'PQ')} of the evaluations during training: iteration "
+                     f"{lineage.get('model_iteration', '?')}")
     if decision.champion_version is not None:
         lines += ["", f"Side by side with champion version {decision.champion_version}: `gate.html` among the "
                       "register run's artifacts (per-category PQ change, the images where the two disagree most)."]

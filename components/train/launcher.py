@@ -63,6 +63,7 @@ class JobSpec:
         image: the training image.
         nodes / gpus_per_node: pods, and processes (GPUs) per pod.
         shards / output: the train stage's input shards and output folder (local or s3://).
+        val_shards: the validation shards evaluation during training scores ("": none).
         config_uri: the resolved training config (JSON) every pod trains.
         env: extra literal environment (MLflow tracking URI and run id).
         cluster: where the pods land and what they carry.
@@ -81,9 +82,11 @@ class JobSpec:
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     namespace: str | None = None
     runtime: str = "torch-distributed"
+    val_shards: str = ""
 
     def train_args(self) -> list[str]:
         return ["-m", "components.train", "--shards", self.shards, "--output", self.output,
+                *(["--val-shards", self.val_shards] if self.val_shards else []),
                 "--config", self.config_uri, "--quiet"]
 
 

@@ -14,6 +14,7 @@ from components.model.config import Config, load_config, nested
 
 INITS = ("config", "scratch", "imagenet", "coco", "champion")
 LAUNCHERS = ("pytorchjob", "trainjob")
+SELECTS = ("best", "last")
 IMAGENET = {"resnet18": "torchvision:resnet18_imagenet", "resnet50": "torchvision:resnet50_imagenet",
             "resnet101": "torchvision:resnet101_imagenet", "swin_t": "torchvision:swin_t_imagenet",
             "convnext_t": "torchvision:convnext_t_imagenet"}
@@ -57,6 +58,10 @@ class TrainSettings:
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         sweep: a hyper-parameter search (``components/train/sweep.py``'s ``SweepSettings``): the
             stage trains its trials and outputs the best one's model ({}: train once).
+        select: the model the stage outputs (and register registers): ``best``, the best evaluation
+            during training (``solver.eval_period`` on the validation shards; its iteration goes in
+            the lineage), or the last iteration's when there was no evaluation; ``last``: always the
+            last iteration's.
     """
 
     config: str = "r50_1x"
@@ -72,6 +77,7 @@ class TrainSettings:
     checkpoint_uri: str = ""
     device: str = "auto"
     sweep: dict = field(default_factory=dict)
+    select: str = "best"
 
     def __post_init__(self):
         if not all(isinstance(k, str) for k in self.overrides):
@@ -80,6 +86,8 @@ class TrainSettings:
         if length is not None and self.iterations and length != self.iterations:
             raise ValueError(f"iterations {self.iterations} and solver.max_iter {length} disagree: the run's length is "
                              f"one setting, use iterations")
+        if self.select not in SELECTS:
+            raise ValueError(f"select must be one of {', '.join(SELECTS)}, not {self.select!r}")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"launcher must be one of {', '.join(LAUNCHERS)}, not {self.launcher!r}")
         if self.nodes < 1 or self.gpus_per_node < 0 or self.iterations < 0:
@@ -159,7 +167,8 @@ def resolve_config(settings: TrainSettings, champion_uri: str | None = None) -> 
 def settings_fingerprint(settings: TrainSettings, cfg: Config) -> str:
     """What decides the trained model besides the data: the config, and the search when there is one."""
     sweep = json.dumps(settings.sweep, sort_keys=True, default=list) if settings.sweep else ""
-    return config_fingerprint(cfg) + (f"|sweep:{sweep}" if sweep else "")
+    chosen = "|select:last" if settings.select == "last" and cfg.solver.eval_period else ""
+    return config_fingerprint(cfg) + (f"|sweep:{sweep}" if sweep else "") + chosen
 
 
 def config_fingerprint(cfg: Config) -> str:

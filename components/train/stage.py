@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from components.data.records import load_index
 from components.model.config import Config
 from components.train.settings import TrainSettings, resolve_config, settings_fingerprint
 
+log = logging.getLogger(__name__)
 LINEAGE_FILE = "lineage.json"   # in the Model artifact, beside model.pt: what it was made from (register reads it)
 CONFIG_FILE = "train_config.json"
 
@@ -85,20 +87,25 @@ def launcher(p: TrainPlan) -> str:
     return s.launcher if s.nodes > 1 else "torchrun" if s.gpus_per_node > 1 else "here"
 
 
-def train_model(p: TrainPlan, *, train_shards: str, cluster=None, env: dict | None = None, log_fn=None) -> str:
-    """Train the plan; returns the trained model.pt's URI (in ``p.output``). ``env``: what the
-    trainer's other processes need (MLflow's URI and run id); ``log_fn``: metrics, here."""
+def train_model(p: TrainPlan, *, train_shards: str, cluster=None, env: dict | None = None, log_fn=None,
+                val_shards: str = "", val_shards_uri: str = "") -> tuple[str, dict]:
+    """Train the plan; returns the model.pt's URI (in ``p.output``) that ``settings.select``
+    picks, and which one it is ({"checkpoint": "best" | "last", "iteration", ...}). ``env``: what
+    the trainer's other processes need (MLflow's URI and run id); ``log_fn``: metrics, here;
+    ``val_shards``: what ``solver.eval_period`` scores (this task's path; ``*_uri``: for pods)."""
     from components.common.settings import parse_settings
 
     storage.write_text(p.config_uri, json.dumps(p.cfg.to_dict(), indent=1, default=list))
     s, how = p.settings, launcher(p)
+    evaluating = bool(p.cfg.solver.eval_period and val_shards)
     if how in ("pytorchjob", "trainjob"):
         from components.train.launcher import JobSpec, job_name, render_pytorchjob, render_trainjob, run_job
 
         cs = parse_settings(ClusterSettings, cluster, "cluster settings")
         spec = JobSpec(name=job_name(), image=s.image or cs.gpu_image, nodes=s.nodes, gpus_per_node=s.gpus_per_node,
                        shards=p.shards, output=p.output, config_uri=p.config_uri, env=env or {}, cluster=cs,
-                       namespace=s.namespace or None, runtime=s.runtime)
+                       namespace=s.namespace or None, runtime=s.runtime,
+                       val_shards=uri_for_pods(val_shards_uri or val_shards) if evaluating else "")
         run_job(render_pytorchjob(spec) if how == "pytorchjob" else render_trainjob(spec))
     elif how == "torchrun":
         import subprocess
@@ -106,13 +113,44 @@ def train_model(p: TrainPlan, *, train_shards: str, cluster=None, env: dict | No
 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={s.gpus_per_node}",
                "-m", "components.train", "--shards", train_shards, "--output", p.output, "--config", p.config_uri,
-               "--quiet"]
+               *(["--val-shards", val_shards] if evaluating else []), "--quiet"]
         subprocess.run(cmd, env={**os.environ, **(env or {})}, check=True)
     else:
         from components.train.trainer import train
 
-        train(p.cfg, train_shards, p.output, device=s.device, log_fn=log_fn)
-    return storage.join(p.output, "model.pt")
+        train(p.cfg, train_shards, p.output, device=s.device, log_fn=log_fn,
+              val_shards=val_shards if evaluating else None)
+    return chosen_model(p.output, s.select, p.cfg)
+
+
+def chosen_model(output: str, select: str, cfg: Config) -> tuple[str, dict]:
+    """(model.pt URI, what it is) for ``select`` in a trainer's output folder: the best model
+    (``best/``, read back and checked: an int iteration within the run, a finite value in 0..1,
+    the config's metric) or the last. ``best`` with no evaluation made is the last, said so."""
+    import math
+
+    from components.train.trainer import BEST_DIR
+
+    last = (storage.join(output, "model.pt"), {"checkpoint": "last", "iteration": cfg.solver.max_iter})
+    best_json = storage.join(output, BEST_DIR, "best.json")
+    if select != "best" or not cfg.solver.eval_period or not storage.exists(best_json):
+        if select == "best" and cfg.solver.eval_period:
+            log.warning("train.select=best: no evaluation during training made a best model (%s); the last "
+                        "iteration's model is the stage's", best_json)
+        return last
+    try:
+        doc = json.loads(storage.read_bytes(best_json)[:1 << 20])
+    except ValueError as e:
+        raise ValueError(f"{best_json}: not JSON ({e}); delete {storage.join(output, BEST_DIR)} and train "
+                         f"again") from None
+    it, value = (doc.get("iteration"), doc.get("value")) if isinstance(doc, dict) else (None, None)
+    if (not isinstance(it, int) or isinstance(it, bool) or not 1 <= it <= cfg.solver.max_iter
+            or not isinstance(value, float) or not math.isfinite(value) or not 0 <= value <= 1
+            or doc.get("metric") != cfg.solver.best_metric):
+        raise ValueError(f"{best_json}: not a record of this run's best model ({str(doc)[:200]}); delete "
+                         f"{storage.join(output, BEST_DIR)} and train again, or train.select=last")
+    return storage.join(output, BEST_DIR, "model.pt"), {"checkpoint": "best", "iteration": it,
+                                                        "metric": doc["metric"], "value": value}
 
 
 def finish(p: TrainPlan, model: str, model_out: str, cfg: Config | None = None, **lineage) -> tuple[str, dict]:

@@ -10,6 +10,11 @@ Checkpoints go to ``{output}/checkpoints/`` (local or ``s3://``) every
 started on the same output resumes from the latest checkpoint: model, optimizer, scheduler,
 grad scaler, iteration, RNG states and data position, so a resumed run ends with the same
 weights as an uninterrupted one.
+
+With ``solver.eval_period`` and validation shards, the run scores PQ/SQ/RQ every that many
+iterations and at its end (detectron2's EvalHook), logs them as step metrics (``val/PQ`` ...),
+and keeps the best model by ``solver.best_metric`` in ``{output}/best/`` (``model.pt`` and
+``best.json``: iteration, metric, value) beside the last (detectron2's BestCheckpointer).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from components.model.weights import UnsafeCheckpointError, load_weights, refuse
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 KEEP_CHECKPOINTS = 3
+BEST_DIR = "best"          # {output}/best/model.pt and best.json: the best evaluation's model
 
 
 @dataclass
@@ -54,6 +60,8 @@ class TrainResult:
     resumed_from: int
     preempted: bool
     history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)   # each evaluation during training
+    best: dict | None = None                          # best.json's content, when one was kept
 
 
 # -- distributed -----------------------------------------------------------------------------
@@ -137,11 +145,13 @@ def load_checkpoint(uri: str) -> dict:
     return ckpt
 
 
-def save_checkpoint(output: str, iteration: int, model, optimizer, scheduler, scaler, cfg: Config) -> str:
+def save_checkpoint(output: str, iteration: int, model, optimizer, scheduler, scaler, cfg: Config,
+                    best: dict | None = None) -> str:
     buf = io.BytesIO()
     torch.save({"iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
-                "config": json.loads(json.dumps(cfg.to_dict(), default=list))}, buf)
+                "config": json.loads(json.dumps(cfg.to_dict(), default=list)),
+                **({"best": best} if best else {})}, buf)
     name = f"model_{iteration:07d}.pth"
     folder = storage.join(output, CHECKPOINT_DIR)
     storage.write_bytes(storage.join(folder, name), buf.getvalue())
@@ -209,7 +219,7 @@ def resume_point(output: str) -> tuple[str, dict] | None:
 
 
 # settings that change how a run is logged or fed, not what it learns: free to differ on resume
-RESUME_FREE = ("log_period", "data.num_workers", "solver.checkpoint_period", "model.weights",
+RESUME_FREE = ("log_period", "data.num_workers", "solver.checkpoint_period", "solver.eval_period", "model.weights",
                "solver.max_iter")   # running on (or stopping earlier) is what a resume is for
 # what a run's length decides (components/model/config.py: with_length): free when the length changed
 LENGTH_DERIVED = ("solver.steps", "solver.warmup_iters", "solver.checkpoint_period")
@@ -238,6 +248,61 @@ def config_changes(saved: dict, cfg: Config) -> dict[str, tuple]:
                      new.get("solver.max_iter"), old.get("solver.max_iter"), "; ".join(moved))
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k) and k not in free}
+
+
+# -- evaluation during training -------------------------------------------------------------
+
+def best_so_far(ckpt: dict | None, metric: str, uri: str = "") -> dict | None:
+    """The best evaluation a checkpoint recorded ({"iteration", "metric", "value"}), checked
+    (a checkpoint is a file: an int iteration, a finite value in 0..1, the same metric), or None."""
+    import math
+
+    best = (ckpt or {}).get("best")
+    if best is None:
+        return None
+    it, value = (best.get("iteration"), best.get("value")) if isinstance(best, dict) else (None, None)
+    if (not isinstance(it, int) or isinstance(it, bool) or it < 1 or not isinstance(value, float)
+            or not math.isfinite(value) or not 0 <= value <= 1 or best.get("metric") != metric):
+        log.warning("%s: its record of the best evaluation (%r) is not one of this run's; the best is chosen "
+                    "afresh from the evaluations that follow", uri, str(best)[:200])
+        return None
+    return {"iteration": it, "metric": metric, "value": value}
+
+
+def _evaluate_during_training(model, rows, categories, cfg: Config, done: int, rank: int, world: int) -> dict:
+    """One evaluation: the record logged and kept in train_metrics.json. The global random
+    generators are put back as they were, so a run with evaluations trains the same weights as
+    one without."""
+    from components.common.metrics import summary_metrics
+    from components.model.scoring import score_in_memory
+
+    state = _rng_state()
+    t0 = time.perf_counter()
+    try:
+        results, n = score_in_memory(model, rows, categories, cfg.input, max_images=cfg.solver.eval_images,
+                                     rank=rank, world=world)
+    finally:
+        _set_rng_state(state)
+    return {"iter": done, **{f"val/{k}": v for k, v in summary_metrics(results).items()}, "val/images": n,
+            "val/eval_s": time.perf_counter() - t0, "_results": results}
+
+
+def _keep_if_best(output: str, record: dict, best: dict | None, model, cfg: Config, categories) -> dict | None:
+    """Write ``{output}/best/`` when ``record`` beats ``best`` (strictly; a non-finite value
+    never does). Returns the best after it."""
+    import math
+
+    metric = cfg.solver.best_metric
+    value = float(record[f"val/{metric}"])
+    if not math.isfinite(value) or (best is not None and value <= best["value"]):
+        return best
+    folder = storage.join(output, BEST_DIR)
+    save_model(model, cfg, categories, storage.join(folder, "model.pt"))
+    best = {"iteration": record["iter"], "metric": metric, "value": value}
+    storage.write_text(storage.join(folder, "best.json"),   # after the model: never names a missing one
+                       json.dumps({**best, "metrics": {k[4:]: v for k, v in record.items()
+                                                       if k.startswith("val/")}}, indent=1))
+    return best
 
 
 # -- the loop --------------------------------------------------------------------------------
@@ -275,7 +340,7 @@ def _reduce_losses(losses: dict[str, torch.Tensor], world: int) -> dict[str, flo
 
 def train(cfg: Config, shards: str, output: str, *, device: str | None = None, resume: bool = True,
           stop_after: int | None = None, progress: bool = True, log_fn=None,
-          allow_config_change: bool = False) -> TrainResult:
+          allow_config_change: bool = False, val_shards: str | None = None) -> TrainResult:
     """Train on ``shards`` (a preprocess output folder) and write checkpoints + ``model.pt`` to ``output``.
 
     Args:
@@ -288,6 +353,8 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
         log_fn: called with (metrics dict, iteration) every ``log_period`` iterations (MLflow).
         allow_config_change: resume although ``cfg`` differs from the checkpoint's config (the
             changes are logged); without it such a resume is refused, naming the keys.
+        val_shards: the validation shards ``solver.eval_period`` evaluates on (None: no
+            evaluation during training; with a period set, a warning says so).
     """
     dev = pick_device(device)
     rank, world = init_distributed(dev)
@@ -354,9 +421,25 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
         _set_rng_state(ckpt["rng"])  # after the loader's iterator exists: it draws no global randomness later
 
     history: list[dict] = []
+    evals: list[dict] = []
     metrics_uri = storage.join(output, "train_metrics.json")
     if start and storage.exists(metrics_uri):
-        history = [h for h in json.loads(storage.read_text(metrics_uri))["history"] if h["iter"] <= start]
+        saved = json.loads(storage.read_text(metrics_uri))
+        history = [h for h in saved["history"] if h["iter"] <= start]
+        evals = [e for e in saved.get("evals", []) if e["iter"] <= start]
+    eval_rows = None
+    if s.eval_period and val_shards:
+        eval_rows = ShardDataset(val_shards, categories, cfg.input, train=False, with_gt=True, raw=True, rank=0,
+                                 world_size=1)
+    elif s.eval_period and not rank:
+        log.warning("solver.eval_period is %d but no validation shards were given (--val-shards): no "
+                    "evaluation during training, no best checkpoint", s.eval_period)
+    best = best_so_far(ckpt, s.best_metric, ckpt_uri or "") if ckpt_uri else None
+    if eval_rows is not None and not start and rank == 0:   # a run started over: an old run's best is no rival
+        for name in ("best.json", "model.pt"):
+            if storage.exists(storage.join(output, BEST_DIR, name)):
+                storage.delete(storage.join(output, BEST_DIR, name))
+    last_eval = None
     end = min(s.max_iter, stop_after) if stop_after else s.max_iter
     preempted = False
     done = start
@@ -408,6 +491,19 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
                                 **{"img/s": f"{record['images_per_s']:.1f}"})
                 if rank == 0 and log_fn:
                     log_fn(record, done)
+            if eval_rows is not None and (done % s.eval_period == 0 or done == s.max_iter):
+                record = _evaluate_during_training(model, eval_rows, categories, cfg, done, rank, world)
+                last_eval = record.pop("_results")
+                if rank == 0:
+                    best = _keep_if_best(output, record, best, model, cfg, categories)
+                    record["best"] = best["iteration"] == done if best else False
+                evals.append(record)
+                log.info("iteration %d: PQ %.2f SQ %.2f RQ %.2f on %d validation images (%.1f s)%s", done,
+                         100 * record["val/PQ"], 100 * record["val/SQ"], 100 * record["val/RQ"],
+                         record["val/images"], record["val/eval_s"],
+                         f"; best {s.best_metric} so far" if record.get("best") else "")
+                if rank == 0 and log_fn:
+                    log_fn({k: v for k, v in record.items() if k.startswith("val/")}, done)
             stop_now = preemption.requested or done == end
             if world > 1:  # every rank must agree to stop (SIGTERM may reach one first): agreed at the
                 stop_now = done == end   # loop's sync points only, not with a collective every step
@@ -416,8 +512,8 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
                     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                     stop_now = stop_now or bool(flag.item())
             if (done % s.checkpoint_period == 0 or stop_now) and rank == 0:
-                save_checkpoint(output, done, model, optimizer, scheduler, scaler, cfg)
-                storage.write_text(metrics_uri, json.dumps({"history": history}, indent=1))
+                save_checkpoint(output, done, model, optimizer, scheduler, scaler, cfg, best)
+                storage.write_text(metrics_uri, json.dumps({"history": history, "evals": evals}, indent=1))
             if stop_now:
                 preempted = done < s.max_iter
                 break
@@ -425,8 +521,11 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
     model_uri = storage.join(output, "model.pt")
     if rank == 0 and not preempted:
         save_model(model, cfg, categories, model_uri)
-        storage.write_text(metrics_uri, json.dumps({"history": history}, indent=1))
+        doc = {"history": history, "evals": evals}
+        if last_eval is not None:   # the last evaluation's per-class figures (the evaluate stage has them all)
+            doc["last_eval_per_class"] = {str(k): v for k, v in last_eval["per_class"].items()}
+        storage.write_text(metrics_uri, json.dumps(doc, indent=1))
     if world > 1:
         dist.barrier()
-    return TrainResult(output=output, model_uri=model_uri, iterations=done,
-                       resumed_from=start, preempted=preempted, history=history)
+    return TrainResult(output=output, model_uri=model_uri, iterations=done, resumed_from=start,
+                       preempted=preempted, history=history, evals=evals, best=best)

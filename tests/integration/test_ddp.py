@@ -110,3 +110,32 @@ def test_ddp_equals_single_process(dup_shards, tmp_path, layout):
     assert exact <= 1e-5
     # a different sample or a summed (not averaged) gradient would differ by the order of the movement
     assert diff <= 0.05 * moved
+
+
+def test_ddp_evaluation_during_training_shares_the_images_and_scores_as_one_process(synth_root, dup_shards, tmp_path):
+    """Each of 2 ranks scores half of the validation images; the gathered PQ is what the evaluate
+    stage gives the same model file on the same images, and rank 0 alone keeps the best."""
+    from components.evaluate.core import evaluate
+    from components.evaluate.settings import EvaluateSettings
+
+    val = make_shards(synth_root, str(tmp_path / "val"), split="val2017")
+    args = ["--shards", dup_shards, "--val-shards", val, "--output", str(tmp_path / "ddp"), "--config", "tiny",
+            "--quiet", "--no-mlflow", "--device", "cpu"]
+    for o in OVERRIDES + ["solver.eval_period=2", "solver.eval_images=3", "input.min_size_test=128",
+                          "input.max_size_test=192"]:
+        args += ["--set", o]
+    p = _torchrun(args, port=free_port())
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    doc = json.load(open(tmp_path / "ddp" / "train_metrics.json"))
+    assert [e["iter"] for e in doc["evals"]] == [2, 4] and all(e["val/images"] == 3 for e in doc["evals"])
+    assert "best PQ" in out and os.path.exists(tmp_path / "ddp" / "best" / "model.pt")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as each torchrun process ran
+    try:
+        m = evaluate(str(tmp_path / "ddp" / "model.pt"), val, str(tmp_path / "ev"),
+                     EvaluateSettings(max_images=3, batch_size=1, report_samples=0, device="cpu"),
+                     progress=False).metrics
+    finally:
+        torch.set_num_threads(threads)
+    assert m["PQ"] == pytest.approx(doc["evals"][-1]["val/PQ"], abs=1e-12)

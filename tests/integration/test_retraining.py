@@ -194,3 +194,39 @@ def test_registry_outage_mid_pipeline_fails_each_stage_promotes_nothing_and_a_re
     for name in ("evaluate", "score champion", "register"):
         stages[name](server)
     assert len(_versions(server)) == versions_before + 1
+
+
+def test_evaluation_during_training_is_logged_per_step_and_the_best_iteration_is_registered(server, data, tmp_path):
+    import hashlib
+
+    from mlflow.tracking import MlflowClient
+
+    run = start_pipeline_run(server)
+    settings = {"config": "tiny", "iterations": 6, "select": "best",
+                "overrides": {**MICRO_OVERRIDES, "solver.eval_period": 2, "solver.eval_images": 3}}
+    model_out = tmp_path / "model"
+    model_uri = step_train(train_shards=data["train"], val_shards=data["val"]["A"], model_out=str(model_out),
+                           settings=settings, run_id=run, mlflow_uri=server)
+    client = MlflowClient(server)
+    train_run = next(r for r in client.search_runs(client.get_run(run).info.experiment_id,
+                                                   f"tags.mlflow.parentRunId = '{run}'")
+                     if r.data.tags.get("mlflow.runName", "").startswith("train"))
+    curve = client.get_metric_history(train_run.info.run_id, "val/PQ")
+    assert sorted(m.step for m in curve) == [2, 4, 6]   # MLflow's chart of PQ against iteration
+    best = json.load(open(tmp_path / "checkpoints" / "best" / "best.json"))
+    assert best["value"] == max(m.value for m in curve)
+    lineage = json.load(open(model_out / "lineage.json"))
+    assert lineage["model_checkpoint"] == "best" and lineage["model_iteration"] == str(best["iteration"])
+
+    def digest(p):
+        return hashlib.sha256(open(p, "rb").read()).hexdigest()
+
+    assert digest(model_uri) == digest(tmp_path / "checkpoints" / "best" / "model.pt")
+    step_evaluate(model_uri=model_uri, val_shards=data["val"]["A"], out=str(tmp_path / "eval"), settings=EVAL,
+                  run_id=run, mlflow_uri=server)
+    version, _ = step_register(model_uri=model_uri, eval_dir=str(tmp_path / "eval"), run_id=run, mlflow_uri=server,
+                               settings={"name": "panoptic-best"})
+    tags = client.get_model_version("panoptic-best", version).tags
+    assert tags["model_digest"] == digest(tmp_path / "checkpoints" / "best" / "model.pt")
+    assert tags["model_checkpoint"] == "best" and tags["model_iteration"] == str(best["iteration"])
+    assert f"iteration {best['iteration']}" in client.get_model_version("panoptic-best", version).description

@@ -14,8 +14,8 @@ from components.common import storage
 from components.common.coco_panoptic import decode_png, encode_png
 from components.common.hashing import samples_digest
 from components.common.metrics import summary_metrics
+from components.common.pq import PQStat
 from components.data.records import load_index, shard_image_ids
-from components.evaluate.pq import PQStat
 from components.register.gate_report import (
     Evaluation,
     IncomparableEvaluations,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from components.common.coco_panoptic import encode_png
-from components.evaluate.pq import PQStat
+from components.common.pq import PQStat
 from components.evaluate.pq_files import pq_compute, pq_files
 from components.evaluate.prediction_files import PredictionError
 from tests.predictions import MODES, write_predictions
@@ -180,7 +180,7 @@ def test_device_pair_counting_equals_panopticapi(synth_root, tmp_path, mode):
     import torch
 
     from components.common.coco_panoptic import decode_png
-    from components.evaluate.pq import device_pair_counts, pair_counts
+    from components.common.pq import device_pair_counts, pair_counts
 
     gt_json, gt_dir = _gt(synth_root)
     pred_json, pred_dir = write_predictions(synth_root, "val2017", str(tmp_path), mode, seed=11)

@@ -25,7 +25,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from components.common.coco_panoptic import VOID
-from components.evaluate.prediction_files import PredictionError
+
+
+class PredictionError(ValueError):
+    """A prediction set that cannot be scored; the message names the image and the fix."""
 
 
 @dataclass
