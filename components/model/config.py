@@ -119,15 +119,33 @@ class ModelConfig:
 class SolverConfig:
     """detectron2's SOLVER, 1x schedule. ``base_lr`` is for ``reference_batch`` images; with
     ``scale_lr`` the LR is multiplied by ims_per_batch / reference_batch (the linear scaling
-    rule detectron2's reference configs follow)."""
+    rule detectron2's reference configs follow).
+
+    ``optimizer``: ``SGD`` (with ``momentum``) or ``AdamW`` (with ``betas``). Weight decay:
+    ``weight_decay`` for weights, ``weight_decay_norm`` for norm layers' parameters,
+    ``weight_decay_bias`` for biases (-1: ``weight_decay``, detectron2's default), 0 for
+    parameters whose name contains one of ``no_decay_keys`` (Swin's relative-position tables).
+    ``backbone_lr_factor`` multiplies the LR of the backbone's trunk (``backbone.body``);
+    ``layer_decay`` (ConvNeXt only; 1: off) the LR of each layer group by decay ** (its distance
+    from the heads), as ConvNeXt's detection recipe does.
+    ``lr_scheduler``: ``multistep`` (x``gamma`` at each of ``steps``) or ``cosine`` (from
+    the LR to ``base_lr_end`` over ``max_iter``); both after the linear warmup."""
 
     ims_per_batch: int = 16
     base_lr: float = 0.02
     reference_batch: int = 16
     scale_lr: bool = True
+    optimizer: str = "SGD"
     momentum: float = 0.9
+    betas: tuple = (0.9, 0.999)
     weight_decay: float = 1e-4
     weight_decay_norm: float = 0.0
+    weight_decay_bias: float = -1.0
+    no_decay_keys: tuple = ()
+    backbone_lr_factor: float = 1.0
+    layer_decay: float = 1.0
+    lr_scheduler: str = "multistep"
+    base_lr_end: float = 0.0
     warmup_iters: int = 1000
     warmup_factor: float = 0.001
     steps: tuple = (60000, 80000)
@@ -247,6 +265,20 @@ def validate(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: model.input_format must be RGB or BGR")
     if len(m.pixel_mean) != 3 or len(m.pixel_std) != 3:
         raise ConfigError(f"{source}: model.pixel_mean and model.pixel_std need 3 values")
+    if s.optimizer not in ("SGD", "AdamW"):
+        raise ConfigError(f"{source}: solver.optimizer must be SGD or AdamW, not {s.optimizer!r}")
+    if s.lr_scheduler not in ("multistep", "cosine"):
+        raise ConfigError(f"{source}: solver.lr_scheduler must be multistep or cosine, not {s.lr_scheduler!r}")
+    if s.layer_decay != 1.0 and m.backbone != "convnext_t":
+        raise ConfigError(f"{source}: solver.layer_decay is ConvNeXt's layer-wise LR decay; backbone {m.backbone} "
+                          f"has no layer groups for it (use solver.backbone_lr_factor)")
+    if s.weight_decay_bias < 0 and s.weight_decay_bias != -1:
+        raise ConfigError(f"{source}: solver.weight_decay_bias = {s.weight_decay_bias}: -1 (weight_decay) or >= 0")
+    if len(s.betas) != 2:
+        raise ConfigError(f"{source}: solver.betas needs 2 values, not {list(s.betas)}")
+    if not all(isinstance(k, str) and k for k in s.no_decay_keys):
+        raise ConfigError(f"{source}: solver.no_decay_keys is a list of parameter-name parts, not "
+                          f"{list(s.no_decay_keys)}")
     if s.amp not in ("off", "bf16", "fp16"):
         raise ConfigError(f"{source}: solver.amp must be off, bf16 or fp16, not {s.amp!r}")
     if s.ims_per_batch < 1 or s.max_iter < 1:
@@ -289,6 +321,9 @@ RANGES = {
     ("input", "copy_paste_max_instances"): (0, 10**4, None), ("input", "copy_paste_min_visible"): (0, 1, None),
     ("solver", "base_lr"): (0, 100, None), ("solver", "reference_batch"): (1, 10**6, None),
     ("solver", "momentum"): (0, 1, None), ("solver", "weight_decay"): (0, 10, None),
+    ("solver", "betas"): (0, 0.999999, None), ("solver", "weight_decay_bias"): (-1, 10, "-1 (weight_decay) or 0..10"),
+    ("solver", "backbone_lr_factor"): (0, 100, None), ("solver", "layer_decay"): (0.01, 1, None),
+    ("solver", "base_lr_end"): (0, 100, None),
     ("solver", "weight_decay_norm"): (0, 10, None), ("solver", "warmup_iters"): (0, 10**9, None),
     ("solver", "warmup_factor"): (0, 1, None), ("solver", "steps"): (1, 10**9, None),
     ("solver", "gamma"): (0, 1, None), ("solver", "max_iter"): (1, 10**9, None),

@@ -78,24 +78,78 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
 # -- optimizer and schedule ------------------------------------------------------------------
 
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """SGD; norm-layer parameters get ``weight_decay_norm`` (0, as detectron2), the rest ``weight_decay``."""
-    norm_types = (torch.nn.GroupNorm, torch.nn.BatchNorm2d, torch.nn.LayerNorm)
-    norm_params, other = [], []
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            if p.requires_grad:
-                (norm_params if isinstance(module, norm_types) else other).append(p)
+CONVNEXT_LAYERS = 6   # ConvNeXt's detection recipe: 6 layer groups between the stem and the heads
+
+
+def convnext_layer(name: str) -> int:
+    """A parameter's depth for layer-wise LR decay in a ConvNeXt-T (torchvision's ``features``:
+    0 stem, 1/3/5/7 the stages' blocks, 2/4/6 the downsampling layers), as ConvNeXt's detection
+    recipe counts it: stem 0, stage 1 1, stage 2 2, stage 3 3 + block // 3, stage 4 6, and the
+    rest (the output norms, the FPN, the heads) 7. The LR factor is ``layer_decay ** (7 - depth)``."""
+    parts = name.split(".")
+    if parts[:3] != ["backbone", "body", "features"] or len(parts) < 5:
+        return CONVNEXT_LAYERS + 1
+    stage = int(parts[3])
+    return {0: 0, 1: 1, 2: 2, 3: 2, 4: 3, 6: CONVNEXT_LAYERS, 7: CONVNEXT_LAYERS}.get(
+        stage, 3 + int(parts[4]) // 3 if stage == 5 else CONVNEXT_LAYERS + 1)
+
+
+def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+    """The optimizer's parameter groups: each trainable parameter's weight decay (norm layers
+    ``weight_decay_norm``, biases ``weight_decay_bias``, names with a ``no_decay_keys`` part 0,
+    the rest ``weight_decay``) and LR factor (``backbone_lr_factor`` on ``backbone.body``, and
+    ConvNeXt's layer-wise ``layer_decay``: ``convnext_layer``), one group per distinct pair, in
+    the order first met. An SGD config with detectron2's defaults has its two groups (weights,
+    norms) as detectron2 builds them."""
     s = cfg.solver
-    return torch.optim.SGD([{"params": other, "weight_decay": s.weight_decay},
-                            {"params": norm_params, "weight_decay": s.weight_decay_norm}],
-                           lr=s.lr(), momentum=s.momentum)
+    norm_types = (torch.nn.GroupNorm, torch.nn.BatchNorm2d, torch.nn.LayerNorm)
+    bias_decay = s.weight_decay if s.weight_decay_bias < 0 else s.weight_decay_bias
+    # (LR factor, weight decay, a norm layer's): weights and norms apart even at equal decay, as before
+    groups: dict[tuple, list] = {(1.0, s.weight_decay, False): [], (1.0, s.weight_decay_norm, True): []}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{module_name}.{name}" if module_name else name
+            if isinstance(module, norm_types):
+                decay = s.weight_decay_norm
+            elif any(key in full for key in s.no_decay_keys):
+                decay = 0.0
+            elif name == "bias":
+                decay = bias_decay
+            else:
+                decay = s.weight_decay
+            factor = s.backbone_lr_factor if full.startswith("backbone.body.") else 1.0
+            if s.layer_decay != 1.0:
+                factor *= s.layer_decay ** (CONVNEXT_LAYERS + 1 - convnext_layer(full))
+            groups.setdefault((factor, decay, isinstance(module, norm_types)), []).append(p)
+    return [{"params": params, "weight_decay": decay, "lr": s.lr() * factor}
+            for (factor, decay, _), params in groups.items() if params]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """SGD with momentum (detectron2's) or AdamW, over ``param_groups``."""
+    s = cfg.solver
+    groups = param_groups(model, cfg)
+    if s.optimizer == "AdamW":
+        return torch.optim.AdamW(groups, lr=s.lr(), betas=tuple(s.betas))
+    return torch.optim.SGD(groups, lr=s.lr(), momentum=s.momentum)
 
 
 def lr_factor(it: int, cfg: Config) -> float:
-    """Linear warmup from ``warmup_factor``, then x``gamma`` at each step (detectron2's WarmupMultiStepLR)."""
+    """The LR at iteration ``it`` over the base LR: linear warmup from ``warmup_factor``, then
+    x``gamma`` at each step (detectron2's WarmupMultiStepLR) or a cosine from 1 to
+    ``base_lr_end / lr`` over the whole run (its WarmupCosineLR)."""
+    import math
+
     s = cfg.solver
-    factor = s.gamma ** sum(1 for step in s.steps if it >= step)
+    if s.lr_scheduler == "cosine":
+        end = s.base_lr_end / s.lr() if s.lr() > 0 else 0.0
+        factor = end + 0.5 * (1 - end) * (1 + math.cos(math.pi * min(it, s.max_iter) / s.max_iter))
+    else:
+        factor = s.gamma ** sum(1 for step in s.steps if it >= step)
     if it < s.warmup_iters:
         alpha = it / s.warmup_iters
         factor *= s.warmup_factor * (1 - alpha) + alpha
