@@ -376,6 +376,7 @@ def step_evaluate(*, model_uri: str, val_shards: str, out: str, settings=None, r
     setup_logging()
     from components.common.metrics import METRIC_KEYS
     from components.data.records import load_index
+    from components.evaluate.coco_ap import metric_names
     from components.evaluate.core import EvaluateSettings, evaluate
     from components.evaluate.tables import PER_CLASS_TABLE, per_class_table
 
@@ -384,6 +385,7 @@ def step_evaluate(*, model_uri: str, val_shards: str, out: str, settings=None, r
         _log_data(ml, load_index(val_shards), val_shards, "validation")
         r = evaluate(model_uri, val_shards, out, cfg, progress=False)
         ml.log_metrics({k: r.metrics[k] for k in METRIC_KEYS})
+        ml.log_metrics({k: r.metrics[k] for k in metric_names() if r.metrics.get(k) is not None})   # COCO AP
         ml.log_metrics({"eval_images_per_s": r.metrics["timing"]["images_per_s_inference"],
                         "pq_overhead_vs_inference": r.metrics["timing"]["pq_overhead_vs_inference"]})
         index = load_index(val_shards)

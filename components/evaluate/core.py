@@ -30,6 +30,7 @@ from components.common.overlays import overlay
 from components.common.pq import PQStat, device_pair_counts
 from components.data.reader import ShardDataset, collate
 from components.data.records import load_index
+from components.evaluate import coco_ap
 from components.evaluate.report import render_report, thumbnail
 from components.evaluate.settings import PER_IMAGE_FILE, EvaluateSettings
 from components.model.artifact import load_model_and_digest
@@ -42,6 +43,10 @@ def _device_pairs(sample: dict, pred: torch.Tensor, device) -> tuple:
         raise ValueError(f"image {sample['image_id']}: the prediction is {tuple(pred.shape)}, the ground truth "
                          f"{tuple(gt.shape)}")
     return device_pair_counts(gt, pred)
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
 
 
 @dataclass
@@ -57,10 +62,19 @@ def _image_pq(stat: PQStat, categories: dict) -> float:
     return stat.results(categories)["All"]["pq"]
 
 
-def _postprocess(sample: dict, panoptic_seg, categories: dict, pred_dir: str, write: bool, pairs=None):
+def _postprocess(sample: dict, panoptic_seg, categories: dict, pred_dir: str, write: bool, pairs=None,
+                 instances: dict | None = None, thing_ids: tuple = ()):
     """One image: COCO-format prediction, its PQ counts, its PNG (on a worker thread). ``pairs``:
-    the (gt, pred) pixel counts already made on the inference device (``device_pair_counts``)."""
+    the (gt, pred) pixel counts already made on the inference device (``device_pair_counts``);
+    ``instances``: the model's detections, made COCO results beside the image's thing segments
+    as instances (for box and mask AP), or None."""
+    coco = None
+    t_ap = time.perf_counter()
+    if instances is not None:
+        coco = (coco_ap.detections(sample["image_id"], instances, thing_ids),
+                coco_ap.ground_truth(sample["image_id"], sample["gt_ids"], sample["segments_info"], thing_ids))
     t0 = time.perf_counter()
+    t_ap = t0 - t_ap
     ids, info = prediction_to_coco(*panoptic_seg)
     image_stat = PQStat()
     if pairs is None:
@@ -72,7 +86,7 @@ def _postprocess(sample: dict, panoptic_seg, categories: dict, pred_dir: str, wr
     if write:
         storage.write_bytes(storage.join(pred_dir, f"{stem}.png"), encode_png(ids))
     ann = {"image_id": sample["image_id"], "file_name": f"{stem}.png", "segments_info": info}
-    return image_stat, ann, ids, info, t1 - t0, time.perf_counter() - t1
+    return image_stat, ann, ids, info, t1 - t0, time.perf_counter() - t1, coco, t_ap
 
 
 def evaluate(model_uri: str, shards: str, out: str, cfg: EvaluateSettings = EvaluateSettings(),
@@ -101,14 +115,22 @@ def _evaluate(model_uri: str, shards: str, out: str, cfg: EvaluateSettings, prog
     pred_dir = storage.join(out, "predictions", "panoptic_val")
     annotations, worst = [], []  # worst: heap of (-pq, image_id, sample data) of size report_samples
     per_image = []   # (image_id, file_name, PQ, segments predicted), in sample order
-    t_infer = t_pq = t_write = 0.0
+    t_infer = t_pq = t_write = t_ap = 0.0
     seen = empty = 0  # empty: images with no predicted segment
+    thing_ids = cats.thing_ids if cfg.coco_ap else ()
+    ap_images, ap_gt, ap_dets = [], [], []   # COCO instances: the images, ground truth, detections
     bar = progress_bar(total=total, desc="evaluate", unit="img", enabled=progress)
 
     def consume(sample: dict, result: tuple) -> None:
         """Fold one image's results in, in sample order (so sums and files are deterministic)."""
-        nonlocal stat, t_pq, t_write, empty
-        image_stat, ann, ids, info, dt_pq, dt_write = result
+        nonlocal stat, t_pq, t_write, t_ap, empty
+        image_stat, ann, ids, info, dt_pq, dt_write, coco, dt_ap = result
+        if coco is not None:
+            ap_images.append({"id": int(sample["image_id"]), "file_name": sample["file_name"],
+                              "height": int(sample["gt_ids"].shape[0]), "width": int(sample["gt_ids"].shape[1])})
+            ap_dets.extend(coco[0])
+            ap_gt.extend(coco[1])
+            t_ap += dt_ap
         empty += not info
         stat += image_stat
         annotations.append(ann)
@@ -136,7 +158,8 @@ def _evaluate(model_uri: str, shards: str, out: str, cfg: EvaluateSettings, prog
             t_infer += time.perf_counter() - t0
             for sample, output in zip(batch, outputs):
                 pairs = _device_pairs(sample, output["panoptic_seg"][0], device) if on_device else None
-                args = (sample, output["panoptic_seg"], categories, pred_dir, cfg.write_predictions, pairs)
+                args = (sample, output["panoptic_seg"], categories, pred_dir, cfg.write_predictions, pairs,
+                        output["instances"] if thing_ids else None, thing_ids)
                 if cfg.post_workers > 0:
                     pending.append((sample, pool.submit(_postprocess, *args)))
                 else:
@@ -160,13 +183,22 @@ def _evaluate(model_uri: str, shards: str, out: str, cfg: EvaluateSettings, prog
     results = stat.results(categories)
     pred_json = storage.join(out, "predictions", "panoptic_val.json")
     storage.write_text(pred_json, json.dumps({"annotations": annotations, "categories": list(categories.values())}))
+    ap: dict = {}
+    if thing_ids:
+        t0 = time.perf_counter()
+        gt_doc = coco_ap.gt_document(ap_images, ap_gt, categories)
+        ap = coco_ap.coco_ap(gt_doc, ap_dets)
+        t_ap += time.perf_counter() - t0
+        # what COCOeval scored, in COCO's formats (pycocotools or detectron2 read them as they are)
+        storage.write_text(storage.join(out, "predictions", coco_ap.GT_FILE), json.dumps(gt_doc))
+        storage.write_text(storage.join(out, "predictions", coco_ap.RESULTS_FILE), json.dumps(ap_dets))
     metrics = {
-        **summary_metrics(results),
+        **summary_metrics(results), **ap,
         "images": seen, "images_without_prediction": empty, "results": results,
         "counts": {str(k): v for k, v in stat.counts().items()},
         # pq_s and write_s add up the worker threads' time; loop_s is the wall time of the
         # whole pass (loading, inference and, overlapped with it, PQ and writing)
-        "timing": {"inference_s": t_infer, "pq_s": t_pq, "write_s": t_write, "loop_s": t_loop,
+        "timing": {"inference_s": t_infer, "pq_s": t_pq, "write_s": t_write, "loop_s": t_loop, "ap_s": t_ap,
                    "pq_overhead_vs_inference": t_pq / max(t_infer, 1e-9),
                    "images_per_s_inference": seen / max(t_infer, 1e-9), "device": str(device)},
         "model": model_uri, "shards": shards, "model_digest": model_digest,
@@ -212,6 +244,8 @@ def _evaluate(model_uri: str, shards: str, out: str, cfg: EvaluateSettings, prog
         title="Panoptic FPN evaluation", results=results, categories=categories, samples=samples,
         extra={"model": model_uri, "shards": shards, "images": seen, "config": mcfg.name,
                "images with no predicted segment": empty,
+               **({"box AP / mask AP (things, COCOeval)": f"{_pct(ap.get('AP_box'))} / {_pct(ap.get('AP_mask'))}"}
+                  if ap else {}),
                "inference": f"{seen / max(t_infer, 1e-9):.2f} images/s on {device}",
                "PQ accumulation": f"{100 * t_pq / max(t_infer, 1e-9):.2f}% of inference time"}))
     return EvalResult(metrics, metrics_uri, report_uri, per_class_uri, pred_json)

@@ -19,6 +19,7 @@ class EvaluateSettings:
     #                        runs; 0 = in the inference loop itself, one image after another
     pair_counts: str = "auto"   # where (gt, pred) pixel pairs are counted: device (the inference
     #                             device, torch), host (numpy), auto (device on CUDA, else host)
+    coco_ap: bool = True   # box AP and mask AP of the thing classes (COCOeval) beside PQ
 
     def __post_init__(self):
         for name, low in (("batch_size", 1), ("num_workers", 0), ("report_samples", 0), ("post_workers", 0)):
