@@ -47,9 +47,10 @@ run: $(STAMP)
 	$(BIN)/panoptic data validate $(DATA) --split val2017 --quiet
 	$(BIN)/panoptic pipeline run-local --data $(DATA) $(RUN_ARGS)
 
+SWEEP ?= pipeline/sweeps/tiny.yaml
 sweep: $(STAMP)
 	@test -f $(DATA)/annotations/panoptic_val2017.json || $(BIN)/panoptic data synth --out $(DATA) --train 200 --val 50 --seed 0
-	$(BIN)/panoptic pipeline run-local --data $(DATA) --sweep pipeline/sweeps/tiny.yaml $(RUN_ARGS)
+	$(BIN)/panoptic pipeline run-local --data $(DATA) --sweep $(SWEEP) $(RUN_ARGS)
 
 # The images build (network-bound: ~10 min cold, seconds warm) while the tests that need no
 # image run; those that do run last and wait for it (tests/conftest.py: images).

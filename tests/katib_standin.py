@@ -13,10 +13,22 @@ Copied from kubeflow/katib at v0.19.0:
   common/const.go``), latest value per name.
 - Kubernetes' ``$(VAR)`` / ``$$`` expansion of a container's command and args
   (kubernetes ``third_party/forked/golang/expansion/expand.go``).
+- ``metric_strategies`` / ``objective_value``: the objective's default strategy (max for
+  maximize, min for minimize, latest otherwise; the additional metrics' likewise) and the trial
+  value the optimal-trial search compares (``pkg/apis/controller/experiments/v1beta1/
+  experiment_defaults.go``, ``setDefaultObjective``; ``pkg/controller.v1beta1/experiment/util/
+  status_util.go``, ``getObjectiveMetricValue``).
+- ``algorithm_settings_problem`` / ``early_stopping_problem``: what the suggestion services
+  answer ``ValidateAlgorithmSettings`` / ``ValidateEarlyStoppingSettings`` with
+  (``pkg/suggestion/v1beta1/hyperopt/service.py`` for random and tpe, ``pkg/suggestion/v1beta1/
+  skopt/service.py`` for bayesianoptimization, ``pkg/earlystopping/v1beta1/medianstop/
+  service.py``), which fails the Experiment before any trial (``pkg/controller.v1beta1/
+  suggestion/suggestion_controller.go``: "Validation failed: ...").
 
 What is ours, not Katib's: the suggestion (trial i takes the i-th categorical value, or a point
-spaced evenly across a range), and the trials run one after another as processes of this
-machine (the container's command through ``sh``, its env, the repository as working folder),
+spaced evenly across a range, whatever the algorithm), no trial is ever stopped early (median
+stopping's settings are validated, its rule is not played), and the trials run one after another
+as processes of this machine (the container's command through ``sh``, its env, the repository as working folder),
 with the metrics file in a temporary folder instead of ``/var/log/katib``.
 """
 
@@ -88,6 +100,61 @@ def parse_metrics(text: str, names: list[str]) -> dict[str, list[float]]:
     return out
 
 
+def metric_strategies(objective: dict) -> dict[str, str]:
+    """{metric: max | min | latest}: the Experiment's own, and Katib's defaults for the rest."""
+    default = {"maximize": "max", "minimize": "min"}.get(objective.get("type"), "latest")
+    out = {s["name"]: s["value"] for s in objective.get("metricStrategies") or []}
+    for name in (objective["objectiveMetricName"], *objective.get("additionalMetricNames", [])):
+        out.setdefault(name, default)
+    return out
+
+
+def objective_value(values: list[float], strategy: str) -> float:
+    return {"max": max, "min": min}.get(strategy, lambda v: v[-1])(values)
+
+
+_SETTING_RULES = {   # the suggestion services' ValidateAlgorithmSettings, setting by setting
+    "random": {"random_state": (int, lambda v: v >= 0, "random_state should be great or equal than zero")},
+    "tpe": {"gamma": (float, lambda v: 1 > v > 0, "gamma should be in the range of (0, 1)"),
+            "prior_weight": (float, lambda v: v > 0, "prior_weight should be great than zero"),
+            "n_EI_candidates": (int, lambda v: v > 0, "n_EI_candidates should be great than zero"),
+            "random_state": (int, lambda v: v >= 0, "random_state should be great or equal than zero")},
+    "bayesianoptimization": {
+        "base_estimator": (str, lambda v: v in ("GP", "RF", "ET", "GBRT"), None),
+        "n_initial_points": (int, lambda v: v >= 0, "n_initial_points should be great or equal than zero"),
+        "acq_func": (str, lambda v: v in ("gp_hedge", "LCB", "EI", "PI", "EIps", "PIps"), None),
+        "acq_optimizer": (str, lambda v: v in ("auto", "sampling", "lbfgs"), None),
+        "random_state": (int, lambda v: v >= 0, "random_state should be great or equal than zero")},
+    "medianstop": {"min_trials_required": (int, lambda v: v > 0, "min_trials_required must be greater than zero (>0)"),
+                   "start_step": (int, lambda v: v >= 1, "start_step must be greater or equal than one (>=1)")},
+}
+
+
+def _settings_problem(algorithm: str, settings: list[dict]) -> str | None:
+    rules = _SETTING_RULES.get(algorithm)
+    if rules is None:
+        return None   # grid and the rest: services whose validation our Experiments never meet
+    for setting in settings or []:
+        name, value = setting["name"], setting["value"]
+        if name not in rules:
+            return f"unknown setting {name} for algorithm {algorithm}"
+        kind, ok, message = rules[name]
+        try:
+            if not ok(kind(value)):
+                return message or f"{name} {value} is not supported in Bayesian optimization"
+        except ValueError as e:
+            return f"failed to validate {name}({value}): {e}"
+    return None
+
+
+def algorithm_settings_problem(algorithm: dict) -> str | None:
+    return _settings_problem(algorithm["algorithmName"], algorithm.get("algorithmSettings", []))
+
+
+def early_stopping_problem(early_stopping: dict) -> str | None:
+    return _settings_problem(early_stopping["algorithmName"], early_stopping.get("algorithmSettings", []))
+
+
 def suggest(parameters: list[dict], i: int, n: int) -> dict[str, str]:
     """Ours (see the module docstring): the i-th of n trials' values, as Katib hands them, text."""
     out = {}
@@ -114,7 +181,8 @@ class KatibController(Controller):
 
     # the controller interface of KubeStandIn
     def created(self, obj):
-        state = {"obj": obj, "done": False, "failed": 0, "succeeded": 0, "best": None, "message": ""}
+        state = {"obj": obj, "done": False, "failed": 0, "succeeded": 0, "best": None, "message": "",
+                 "invalid": False, "succeeded_names": []}
         self.experiments[obj["metadata"]["uid"]] = state
         t = threading.Thread(target=self._run, args=(state,), daemon=True)
         self.threads.append(t)
@@ -127,9 +195,10 @@ class KatibController(Controller):
                   "trialsFailed": state["failed"]}
         if state["best"]:
             status["currentOptimalTrial"] = state["best"]
+        status["succeededTrialList"] = list(state["succeeded_names"])
         if not state["done"]:
             kind = "Running"
-        elif state["failed"] > spec.get("maxFailedTrialCount", 0):
+        elif state["invalid"] or state["failed"] > spec.get("maxFailedTrialCount", 0):
             kind = "Failed"
         else:
             kind = "Succeeded"
@@ -148,6 +217,14 @@ class KatibController(Controller):
         names = [objective["objectiveMetricName"], *objective.get("additionalMetricNames", [])]
         n = spec["maxTrialCount"]
         best_value = None
+        strategies = metric_strategies(objective)
+        problem = algorithm_settings_problem(spec["algorithm"])
+        problem = (f"ValidateAlgorithmSettings Error: {problem}" if problem else
+                   "ValidateEarlyStoppingSettings Error: " + early_stopping_problem(spec["earlyStopping"])
+                   if spec.get("earlyStopping") and early_stopping_problem(spec["earlyStopping"]) else None)
+        if problem:   # the suggestion is marked failed before any trial; so is the Experiment
+            state.update(done=True, invalid=True, message=f"Validation failed: {problem}")
+            return
         for i in range(n):
             if state["failed"] > spec.get("maxFailedTrialCount", 0):
                 break
@@ -159,7 +236,9 @@ class KatibController(Controller):
                 state["message"] = f"trial {trial} failed (exit code {code})"
                 continue
             state["succeeded"] += 1
-            value = metrics[objective["objectiveMetricName"]][-1]
+            state["succeeded_names"].append(trial)
+            value = objective_value(metrics[objective["objectiveMetricName"]],
+                                    strategies[objective["objectiveMetricName"]])
             better = best_value is None or (value > best_value if objective["type"] == "maximize" else
                                             value < best_value)
             if better:

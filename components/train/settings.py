@@ -182,8 +182,10 @@ def config_fingerprint(cfg: Config) -> str:
 # ---- a search over the train settings (components/train/sweep.py runs it) ----------------
 
 TRAIN_KEYS = ("config", "iterations")     # search names that are train settings, not config keys
-ALGORITHMS = ("random", "grid")
+ALGORITHMS = ("random", "grid", "bayesianoptimization", "tpe")   # the last two: Katib's suggestion services
+LOCAL_ALGORITHMS = ("random", "grid")
 BACKENDS = ("local", "katib")
+EARLY_STOPPING = {"local": ("", "halving"), "katib": ("", "medianstop")}
 
 
 @dataclass(frozen=True)
@@ -191,12 +193,23 @@ class SweepSettings:
     """Args:
         trials: how many (0: no sweep, the stage trains once).
         space: name -> list of values, or {"min", "max", "log": false, "type": "double"|"int"}.
-        algorithm: random (seeded draws) or grid (the lists' product, in order; ranges need lists).
+        algorithm: random (seeded draws) or grid (the lists' product, in order; ranges need lists);
+            on Katib also bayesianoptimization (scikit-optimize's Gaussian process) and tpe
+            (hyperopt's Tree-structured Parzen Estimator), seeded by ``seed``.
         objective: the metric maximised (PQ, PQ_th, PQ_st, RQ ...).
         seed: the random draws' seed.
         backend: local (trials here, one by one) or katib (a Katib Experiment on the cluster).
         parallel: trials at once (katib).
         max_failed: failed trials Katib accepts before it fails the experiment.
+        early_stopping: stop bad trials before their end. ``halving`` (local): successive halving;
+            every trial trains to its first rung (1/eta^K of its iterations, K = floor(log_eta
+            trials)), is scored there on the validation shards, and only the best 1/eta go on to
+            the next rung, until the last trains to its end. ``medianstop`` (katib): Katib's median
+            stopping rule on the objective each trial prints every ``report_period`` iterations
+            (a trial below the median of the completed trials' first ``start_step`` reports stops).
+        eta: successive halving's reduction factor (>= 2).
+        report_period: medianstop: iterations between a trial's intermediate scores.
+        min_trials_required / start_step: medianstop's settings (Katib's names and defaults).
     """
 
     trials: int = 0
@@ -207,6 +220,11 @@ class SweepSettings:
     backend: str = "local"
     parallel: int = 2
     max_failed: int = 1
+    early_stopping: str = ""
+    eta: int = 3
+    report_period: int = 0
+    min_trials_required: int = 3
+    start_step: int = 4
 
     def __post_init__(self):
         # KFP hands a mapping over as a protobuf Struct, whose numbers are all floats (80 -> 80.0):
@@ -220,6 +238,20 @@ class SweepSettings:
             raise ValueError(f"sweep.algorithm must be one of {', '.join(ALGORITHMS)}, not {self.algorithm!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"sweep.backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.backend == "local" and self.algorithm not in LOCAL_ALGORITHMS:
+            raise ValueError(f"sweep.algorithm {self.algorithm} runs in Katib's suggestion service: backend: katib "
+                             f"(the local backend has {', '.join(LOCAL_ALGORITHMS)})")
+        if self.early_stopping not in EARLY_STOPPING[self.backend]:
+            raise ValueError(f"sweep.early_stopping for backend {self.backend} must be one of "
+                             f"{', '.join(repr(e) for e in EARLY_STOPPING[self.backend])}, not {self.early_stopping!r}")
+        if self.eta < 2:
+            raise ValueError(f"sweep.eta must be >= 2, not {self.eta}")
+        if self.early_stopping == "medianstop":
+            if self.report_period < 1:
+                raise ValueError("sweep.early_stopping=medianstop needs sweep.report_period (iterations between a "
+                                 "trial's intermediate scores), e.g. 1000")
+            if self.min_trials_required < 1 or self.start_step < 1:
+                raise ValueError("sweep.min_trials_required and sweep.start_step must be >= 1 (Katib's medianstop)")
         if self.trials and not self.space:
             raise ValueError("sweep.space is empty: name at least one setting to search")
         for name, spec in self.space.items():

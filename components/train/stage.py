@@ -172,7 +172,13 @@ def search(p: TrainPlan, *, train_shards: str, val_shards: str, val_shards_uri: 
     of ``ml``'s active run; ``evaluate_fn`` scores them) or a Katib Experiment (``katib``).
     Returns (the best trial's model.pt, its config, its assignment, its metrics, its name)."""
     from components.common.settings import parse_settings
-    from components.train.sweep import katib_best, render_katib_experiment, run_local_sweep, trial_settings
+    from components.train.sweep import (
+        TRIAL_RECORD,
+        katib_best,
+        render_katib_experiment,
+        run_local_sweep,
+        trial_settings,
+    )
 
     if not val_shards:
         raise ValueError("train.sweep needs the validation shards to rank its trials (val_shards)")
@@ -192,7 +198,12 @@ def search(p: TrainPlan, *, train_shards: str, val_shards: str, val_shards_uri: 
             val_shards=uri_for_pods(val_shards_uri or val_shards), output=p.output, namespace=s.namespace or None,
             cluster=cs, gpus=s.gpus_per_node, env=env or {})
         status = run_job(experiment)
-        name, assignment, metrics = katib_best({"metadata": experiment["metadata"], "status": status}, sweep)
+
+        def record(trial: str):
+            uri = storage.join(trials_out, trial, TRIAL_RECORD)
+            return json.loads(storage.read_bytes(uri)[:1 << 20]) if storage.exists(uri) else None
+
+        name, assignment, metrics = katib_best({"metadata": experiment["metadata"], "status": status}, sweep, record)
         model = storage.join(trials_out, name, "model.pt")
         if ml is not None:
             ml.set_tags({"sweep.katib_experiment": experiment["metadata"]["name"], "sweep.best_trial": name})

@@ -394,7 +394,7 @@ def _reduce_losses(losses: dict[str, torch.Tensor], world: int) -> dict[str, flo
 
 def train(cfg: Config, shards: str, output: str, *, device: str | None = None, resume: bool = True,
           stop_after: int | None = None, progress: bool = True, log_fn=None,
-          allow_config_change: bool = False, val_shards: str | None = None) -> TrainResult:
+          allow_config_change: bool = False, val_shards: str | None = None, eval_at: tuple = ()) -> TrainResult:
     """Train on ``shards`` (a preprocess output folder) and write checkpoints + ``model.pt`` to ``output``.
 
     Args:
@@ -409,6 +409,7 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
             changes are logged); without it such a resume is refused, naming the keys.
         val_shards: the validation shards ``solver.eval_period`` evaluates on (None: no
             evaluation during training; with a period set, a warning says so).
+        eval_at: iterations to evaluate at besides the period's (a sweep's rungs).
     """
     dev = pick_device(device)
     rank, world = init_distributed(dev)
@@ -482,7 +483,7 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
         history = [h for h in saved["history"] if h["iter"] <= start]
         evals = [e for e in saved.get("evals", []) if e["iter"] <= start]
     eval_rows = None
-    if s.eval_period and val_shards:
+    if (s.eval_period or eval_at) and val_shards:
         eval_rows = ShardDataset(val_shards, categories, cfg.input, train=False, with_gt=True, raw=True, rank=0,
                                  world_size=1)
     elif s.eval_period and not rank:
@@ -545,7 +546,8 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
                                 **{"img/s": f"{record['images_per_s']:.1f}"})
                 if rank == 0 and log_fn:
                     log_fn(record, done)
-            if eval_rows is not None and (done % s.eval_period == 0 or done == s.max_iter):
+            if eval_rows is not None and (done in eval_at or (s.eval_period and (done % s.eval_period == 0
+                                                                              or done == s.max_iter))):
                 record = _evaluate_during_training(model, eval_rows, categories, cfg, done, rank, world)
                 last_eval = record.pop("_results")
                 if rank == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -28,8 +29,9 @@ def test_a_katib_sweep_runs_its_trials_through_katibs_wrapping_to_a_registered_m
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    sweep = {"trials": 2, "backend": "katib", "parallel": 1, "space": {"iterations": [2, 3],
-                                                                       "input.copy_paste_prob": [0.0, 0.5]}}
+    # TPE with median stopping: each trial also prints its PQ after every iteration (report_period 1)
+    sweep = {"trials": 2, "backend": "katib", "parallel": 1, "algorithm": "tpe", "early_stopping": "medianstop",
+             "report_period": 1, "space": {"iterations": [2, 3], "input.copy_paste_prob": [0.0, 0.5]}}
     train = {"config": "tiny", "iterations": 2, "overrides": MICRO_OVERRIDES, "device": "cpu", "sweep": sweep,
              "namespace": "team-a", "image": "panoptic-cuda:test"}
     run = step_subset(data_uri=synth_root, train_out=str(tmp_path / "st"), val_out=str(tmp_path / "sv"),
@@ -54,6 +56,11 @@ def test_a_katib_sweep_runs_its_trials_through_katibs_wrapping_to_a_registered_m
         assert trial["command"] == ["sh", "-c"] and len(trial["args"]) == 1 and " 1>" in trial["args"][0]
         assert trial["returncode"] == 0 and trial["completed"], trial["log"][-2000:]
         assert set(trial["metrics"]) == {"PQ", "SQ", "RQ"}
+        iterations = int(re.search(r"iterations=(\d+)", trial["args"][0]).group(1))
+        assert len(trial["metrics"]["PQ"]) == iterations + 1   # one per iteration, then the final model's
+        record = json.load(open(tmp_path / "checkpoints" / "trials" / trial["name"] / "trial.json"))
+        assert record["metrics"]["PQ"] == pytest.approx(trial["metrics"]["PQ"][-1], abs=1e-6)
+    # Katib's optimal trial by the rendered strategy (latest: the final model's PQ)
     best = max(katib.trials, key=lambda t: t["metrics"]["PQ"][-1])
     trial_model = tmp_path / "checkpoints" / "trials" / best["name"] / "model.pt"
     assert open(model, "rb").read() == trial_model.read_bytes()

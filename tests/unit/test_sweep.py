@@ -238,3 +238,57 @@ def test_a_sweep_value_katib_cannot_carry_is_refused():
     with pytest.raises(ValueError, match="Katib cannot hand a value with quotes"):
         render_katib_experiment("s", sweep, TrainSettings(config="tiny"), image="x", train_shards="a", val_shards="b",
                                 output="c")
+
+
+def test_a_bayesian_search_with_median_stopping_passes_katibs_rules_and_its_services_settings():
+    """Rendered with bayesianoptimization (or tpe) and medianstop: the webhook's rules and the CRD
+    schema (copied from Katib v0.19.0), and what Katib's suggestion and early-stopping services
+    answer ValidateAlgorithmSettings / ValidateEarlyStoppingSettings (tests/katib_standin.py)."""
+    from tests import crd_schema
+    from tests.katib_standin import algorithm_settings_problem, early_stopping_problem, metric_strategies
+    from tests.kube_rules import KATIB_NAMESPACE_LABEL, experiment_admission
+
+    for algorithm in ("bayesianoptimization", "tpe"):
+        sweep = SweepSettings(trials=6, space=SPACE, parallel=2, backend="katib", algorithm=algorithm, seed=5,
+                              early_stopping="medianstop", report_period=20, min_trials_required=2, start_step=2)
+        exp = render_katib_experiment("panoptic-sweep-1", sweep, TrainSettings(config="tiny"), image="i",
+                                      train_shards="s3://b/t", val_shards="s3://b/v", output="s3://b/o",
+                                      namespace="team-a")
+        experiment_admission(exp, "team-a", dict([KATIB_NAMESPACE_LABEL]))
+        assert not crd_schema.errors(exp, crd_schema.schema_of(crd_schema.KATIB_EXPERIMENT_CRD))
+        _check_fields(exp["spec"], "ExperimentSpec", "spec")
+        spec = exp["spec"]
+        assert spec["algorithm"] == {"algorithmName": algorithm,
+                                     "algorithmSettings": [{"name": "random_state", "value": "5"}]}
+        assert spec["earlyStopping"] == {"algorithmName": "medianstop", "algorithmSettings": [
+            {"name": "min_trials_required", "value": "2"}, {"name": "start_step", "value": "2"}]}
+        assert algorithm_settings_problem(spec["algorithm"]) is None
+        assert early_stopping_problem(spec["earlyStopping"]) is None
+        # a trial's value is its last PQ line (its final model's), not its highest intermediate one
+        assert metric_strategies(spec["objective"])["PQ"] == "latest"
+        args = shlex.split(spec["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]["containers"][0]
+                           ["command"][2])
+        assert args[args.index("--report-period") + 1] == "20"
+    # the services' answers to settings they refuse, as Katib words them
+    assert algorithm_settings_problem({"algorithmName": "tpe", "algorithmSettings": [
+        {"name": "gamma", "value": "1.5"}]}) == "gamma should be in the range of (0, 1)"
+    assert algorithm_settings_problem({"algorithmName": "bayesianoptimization", "algorithmSettings": [
+        {"name": "seed", "value": "1"}]}) == "unknown setting seed for algorithm bayesianoptimization"
+    assert early_stopping_problem({"algorithmName": "medianstop", "algorithmSettings": [
+        {"name": "start_step", "value": "0"}]}) == "start_step must be greater or equal than one (>=1)"
+    # Katib's default for a maximised objective without a strategy: its highest value
+    assert metric_strategies({"type": "maximize", "objectiveMetricName": "PQ"}) == {"PQ": "max"}
+
+
+def test_an_optimal_trial_stopped_early_gives_way_to_the_best_that_ran_to_its_end():
+    sweep = SweepSettings(trials=3, space={"iterations": [80, 120]}, backend="katib", early_stopping="medianstop",
+                          report_period=10)
+    status = {"currentOptimalTrial": {"bestTrialName": "s-c", "parameterAssignments": [
+        {"name": "iterations", "value": "80"}], "observation": {"metrics": [{"name": "PQ", "latest": "0.9"}]}},
+        "earlyStoppedTrialList": ["s-c"], "succeededTrialList": ["s-a", "s-b"]}
+    records = {"s-a": {"assignment": {"iterations": 80}, "metrics": {"PQ": 0.4, "SQ": 0.7, "RQ": 0.5}},
+               "s-b": {"assignment": {"iterations": 120}, "metrics": {"PQ": 0.6, "SQ": 0.8, "RQ": 0.7}}}
+    name, assignment, metrics = katib_best({"metadata": {"name": "s"}, "status": status}, sweep, records.get)
+    assert (name, assignment, metrics["PQ"]) == ("s-b", {"iterations": 120}, 0.6)
+    with pytest.raises(RuntimeError, match="was stopped early and no trial that ran to its end left a record"):
+        katib_best({"metadata": {"name": "s"}, "status": status}, sweep, lambda name: None)
