@@ -287,7 +287,9 @@ def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri`` atomically: readers see the old file or the whole new one.
 
     Locally the bytes go to a temporary name in the same folder, then ``os.replace``; a crash
-    leaves at most a ``.tmp-*`` file that no reader looks at. An S3 PUT is atomic already.
+    leaves at most a ``.tmp-*`` file that no reader looks at; a file that holds ``data`` already
+    is left as it is (a re-run on a read-only disk finishes). An S3 PUT is atomic already. An
+    error names ``uri`` (a full disk's write error names no file of its own).
     """
     fs, path = resolve(uri)
     faults.point("storage.write", uri)
@@ -296,6 +298,8 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
         return
     folder = os.path.dirname(path)
+    if _holds(path, data):   # a re-run writing what is there already: nothing to do (a read-only disk too)
+        return
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
     try:
@@ -305,9 +309,24 @@ def write_bytes(uri: str, data: bytes) -> None:
             os.fsync(f.fileno())
         faults.point("storage.before_rename")
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename in (None, tmp):   # a write's error (a full disk) names no file, or the temporary one
+            raise OSError(e.errno, e.strerror or str(e), uri) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _holds(path: str, data: bytes) -> bool:
+    """Whether the local file ``path`` holds exactly ``data``."""
+    try:
+        if os.path.getsize(path) != len(data) or os.path.islink(path):
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(data) + 1) == data
+    except OSError:
+        return False
 
 
 def write_text(uri: str, text: str) -> None:
