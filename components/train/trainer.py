@@ -447,6 +447,9 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
                 raise CheckpointError(f"{ckpt_uri}: this run's config differs from the checkpoint's ({listed}); resume "
                                       f"with the checkpoint's config, train into another --output, or allow it "
                                       f"(--allow-config-change)")
+            if "solver.optimizer" in changes:
+                raise CheckpointError(f"{ckpt_uri}: solver.optimizer changed ({listed}): an optimizer's state does "
+                                      f"not carry over to another; train into another --output")
             log.warning("resuming %s with a changed config: %s", ckpt_uri, listed)
         try:
             model.load_state_dict(ckpt["model"])
@@ -457,6 +460,13 @@ def train(cfg: Config, shards: str, output: str, *, device: str | None = None, r
             raise CheckpointError(f"{ckpt_uri}: does not fit this model ({str(e).splitlines()[0][:300]}); train "
                                   f"into another --output") from None
         start = int(ckpt["iteration"])
+        if changes:   # the restored optimizer and scheduler carry the checkpoint's LR, decay, momentum: this run's
+            fresh = build_optimizer(model, cfg).param_groups
+            for group, new in zip(optimizer.param_groups, fresh):
+                group.update({k: v for k, v in new.items() if k != "params"}, initial_lr=new["lr"])
+            scheduler.base_lrs = [g["lr"] for g in fresh]
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base * lr_factor(start, cfg)
     elif cfg.model.weights:
         load_weights(model, cfg.model.weights, categories)
 

@@ -12,7 +12,7 @@ import torch
 from components.common.coco_panoptic import Category, CategoryMaps
 from components.model.config import ConfigError, load_config
 from components.model.panoptic_fpn import PanopticFPN
-from components.train.trainer import build_optimizer, lr_factor, param_groups, train
+from components.train.trainer import CheckpointError, build_optimizer, lr_factor, param_groups, train
 from tests.training import load_state, make_shards, max_abs_diff, micro_config
 
 CATS = CategoryMaps((Category(1, "a", True, (1, 0, 0), "thing"), Category(2, "b", False, (0, 1, 0), "stuff")))
@@ -102,3 +102,17 @@ def test_an_adamw_cosine_run_resumes_to_the_same_weights(shards, tmp_path):
     assert again.resumed_from == 3
     assert max_abs_diff(load_state(full.model_uri), load_state(again.model_uri)) <= 1e-6
     assert [h["lr"] for h in full.history][-1] < [h["lr"] for h in full.history][2]   # it decays
+
+
+def test_a_resume_allowed_a_new_lr_trains_on_the_new_lr(shards, tmp_path):
+    # the restored optimizer and scheduler held the checkpoint's LR while the record said the new one
+    old, new = micro_config(solver={"base_lr": 0.01}), micro_config(solver={"base_lr": 0.02})
+    train(old, shards, str(tmp_path / "run"), stop_after=3, progress=False)
+    resumed = train(new, shards, str(tmp_path / "run"), progress=False, allow_config_change=True)
+    fresh = train(new, shards, str(tmp_path / "fresh"), progress=False)
+    assert [h["lr"] for h in resumed.history if h["iter"] > 3] == \
+        pytest.approx([h["lr"] for h in fresh.history if h["iter"] > 3], rel=1e-12)
+    train(old, shards, str(tmp_path / "run2"), stop_after=2, progress=False)
+    with pytest.raises(CheckpointError, match="solver.optimizer changed"):
+        train(micro_config(solver={"optimizer": "AdamW"}), shards, str(tmp_path / "run2"), progress=False,
+              allow_config_change=True)
