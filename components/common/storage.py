@@ -200,6 +200,9 @@ def read_text(uri: str, **kwargs) -> str:
         raise ValueError(f"{uri}: not UTF-8 text ({e})") from None
 
 
+DUPLICATE_CHECK_BYTES = 8 << 20   # records (metrics, lineage, manifests, index): checked for repeated keys
+
+
 def read_json(uri: str, what: str = "JSON", max_bytes: int = JSON_MAX_BYTES, **kwargs):
     """A JSON document, parsed by orjson: nesting beyond 1,024 levels, NaN/Infinity literals,
     invalid UTF-8 and files over ``max_bytes`` are refused with a ValueError naming the file."""
@@ -207,9 +210,23 @@ def read_json(uri: str, what: str = "JSON", max_bytes: int = JSON_MAX_BYTES, **k
 
     data = read_bytes(uri, max_bytes=max_bytes, **kwargs)
     try:
-        return orjson.loads(data)
+        doc = orjson.loads(data)
     except orjson.JSONDecodeError as e:
         raise ValueError(f"{uri}: the {what} file is not valid JSON ({e})") from None
+    if len(data) <= DUPLICATE_CHECK_BYTES:   # orjson keeps the last of a repeated key: say so instead
+        import json
+
+        def pairs(items):
+            seen = set()
+            for k, _ in items:
+                if k in seen:
+                    raise ValueError(f"{uri}: the {what} file names {k!r} twice in one object; which one is meant "
+                                     f"is not for the reader to guess: write it once")
+                seen.add(k)
+            return dict(items)
+
+        json.loads(data, object_pairs_hook=pairs)
+    return doc
 
 
 def read_json_doc(uri: str, default_name: str, missing_hint: str):

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from components.cli import main as panoptic
+from components.common import storage
 from components.common.coco_panoptic import UnsafeFileName, image_uri
 from components.model.weights import UnsafeCheckpointError, read_checkpoint
 
@@ -224,3 +225,12 @@ def test_evaluate_refuses_a_count_below_one_and_a_folder_another_run_writes(tmp_
     with storage.exclusive(str(tmp_path), ".evaluate.lock", "panoptic evaluate"):   # its holder is gone
         pass
     assert not (tmp_path / ".evaluate.lock").exists()
+
+
+def test_a_json_record_with_a_repeated_key_is_refused_naming_it(tmp_path):
+    p = tmp_path / "metrics.json"
+    p.write_text('{"PQ": 0.1, "results": {"All": {"pq": 0.1}}, "PQ": 0.9}')
+    with pytest.raises(ValueError, match=r"metrics.json: the metrics file names 'PQ' twice in one object"):
+        storage.read_json(str(p), "metrics")
+    p.write_text('{"a": {"x": 1}, "b": {"x": 2}}')   # the same key in two objects is no repeat
+    assert storage.read_json(str(p), "metrics") == {"a": {"x": 1}, "b": {"x": 2}}
