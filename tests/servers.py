@@ -141,57 +141,12 @@ def mlflow_server(backend_uri: str, artifacts_destination: str):
 
 @contextmanager
 def faulty_proxy(target: str, fail: tuple[str, ...] = (), status: int = 500):
-    """An HTTP proxy on 127.0.0.1 in front of ``target`` that answers ``status`` to requests whose
-    path contains one of ``fail`` (switchable: ``proxy.fail``) and forwards the rest. Yields the
-    proxy object (``.url``, ``.fail``, ``.hits``)."""
-    import http.server
-    import threading
-    import urllib.error
+    """tests/fault_proxy.py in front of ``target``, answering ``status`` to every request whose path
+    contains one of ``fail`` until the block ends. Yields the proxy (``.url``, ``.hits``)."""
+    import re
 
-    class Proxy:
-        pass
+    from tests.fault_proxy import FaultProxy
 
-    proxy = Proxy()
-    proxy.fail, proxy.hits = list(fail), []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def _forward(self):
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
-            if any(f in self.path for f in proxy.fail):
-                proxy.hits.append(self.path)
-                data = b'{"error_code": "INTERNAL_ERROR", "message": "injected fault"}'
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                return
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-            req = urllib.request.Request(target + self.path, data=body, headers=headers, method=self.command)
-            try:
-                with urllib.request.urlopen(req, timeout=60) as r:
-                    code, data, rheaders = r.status, r.read(), r.headers
-            except urllib.error.HTTPError as e:
-                code, data, rheaders = e.code, e.read(), e.headers
-            self.send_response(code)
-            for k, v in rheaders.items():
-                if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                    self.send_header(k, v)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _forward
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    proxy.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with FaultProxy(target) as proxy:
+        proxy.inject("status", match="|".join(map(re.escape, fail)), status=status)
         yield proxy
-    finally:
-        server.shutdown()
-        server.server_close()

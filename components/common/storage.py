@@ -8,15 +8,24 @@ client needs no extra dependency.
 S3 settings come from the environment, as the AWS tools read them: ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION`` and, for MinIO or a local test server,
 ``AWS_ENDPOINT_URL`` (``S3_ENDPOINT_URL`` and ``MLFLOW_S3_ENDPOINT_URL`` are accepted too).
+
+An object store fails for a while (a 503 storm, a restart, a stall): each call to it is retried
+when its error is one a store has for a while (5xx, throttling, a connection or a timeout), never
+when it is an answer (403, 404), with backoff (1, 2, 4, 8 s: ``PANOPTIC_STORE_ATTEMPTS`` calls,
+5 by default), each retry said in the log, then one error naming the store and the object. The
+calls are whole-object ones (an S3 PUT is seen whole or not at all), so a retry repeats nothing
+half done.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import posixpath
 import re
 import stat
+import time
 import uuid
 from functools import lru_cache
 from urllib.parse import urlparse
@@ -24,6 +33,50 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from components.common import faults
+
+log = logging.getLogger(__name__)
+
+STORE_ATTEMPTS_ENV = "PANOPTIC_STORE_ATTEMPTS"
+STORE_BACKOFF_S = 1.0
+# what pyarrow's S3 errors say when the store, not the request, is at fault (AWS SDK error names,
+# an HTTP 5xx, curl's connection and timeout failures)
+_TRANSIENT = re.compile(r"HTTP status 5\d\d|SERVICE_UNAVAILABLE|SLOW_DOWN|INTERNAL_FAILURE|THROTTLING|"
+                        r"REQUEST_TIMEOUT|NETWORK_CONNECTION|curlCode|Couldn't connect|Connection (reset|refused)|"
+                        r"timed? ?out|Broken pipe|Empty reply|InternalError|ServiceUnavailable|SlowDown", re.I)
+
+
+class StoreUnavailable(OSError):
+    """The object store failed every attempt of a call (5xx, stalls, refused connections)."""
+
+
+def _store_attempts() -> int:
+    raw = os.environ.get(STORE_ATTEMPTS_ENV, "5")
+    if not raw.isdigit() or not 1 <= int(raw) <= 20:
+        raise ValueError(f"{STORE_ATTEMPTS_ENV}={raw!r}: a whole number of attempts from 1 to 20")
+    return int(raw)
+
+
+def _retrying(what: str, uri: str, call):
+    """``call()``, retried while the store's error is a passing one (see the module's note)."""
+    attempts, started = _store_attempts(), time.monotonic()
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except OSError as e:
+            if isinstance(e, (FileNotFoundError, StoreUnavailable)) or not _TRANSIENT.search(str(e)):
+                raise
+            reason = " ".join(str(e).split())[:300].rstrip(" :.")
+            store = _endpoint() or "AWS S3"
+            if attempt == attempts:
+                left = "; nothing half-written is left there" if what == "write it" else ""
+                raise StoreUnavailable(
+                    f"{uri}: the object store ({store}) failed to {what} {attempts} times in "
+                    f"{time.monotonic() - started:.0f} s ({reason}){left}: check the store (or raise "
+                    f"{STORE_ATTEMPTS_ENV}) and re-run; the stage picks up where it stopped") from e
+            delay = STORE_BACKOFF_S * 2 ** (attempt - 1)
+            log.warning("%s: the object store (%s) failed to %s (%s); retry %d of %d in %.0f s", uri, store, what,
+                        reason[:160], attempt, attempts - 1, delay)
+            time.sleep(delay)
 
 
 def is_remote(uri: str) -> bool:
@@ -93,14 +146,17 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
-def exists(uri: str) -> bool:
+def _info(uri: str) -> pafs.FileInfo:
     fs, path = resolve(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return _retrying("look it up", uri, lambda: fs.get_file_info(path)) if is_remote(uri) else fs.get_file_info(path)
+
+
+def exists(uri: str) -> bool:
+    return _info(uri).type != pafs.FileType.NotFound
 
 
 def is_dir(uri: str) -> bool:
-    fs, path = resolve(uri)
-    return fs.get_file_info(path).type == pafs.FileType.Directory
+    return _info(uri).type == pafs.FileType.Directory
 
 
 def dirname(uri: str) -> str:
@@ -111,13 +167,18 @@ def dirname(uri: str) -> str:
 
 def makedirs(uri: str) -> None:
     fs, path = resolve(uri)
-    fs.create_dir(path, recursive=True)
+    if is_remote(uri):
+        _retrying("create the folder", uri, lambda: fs.create_dir(path, recursive=True))
+    else:
+        fs.create_dir(path, recursive=True)
 
 
 def listdir(uri: str) -> list[str]:
     """Names (not paths) of the entries directly under ``uri``, sorted."""
     fs, path = resolve(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    def ls():
+        return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    infos = _retrying("list it", uri, ls) if is_remote(uri) else ls()
     return sorted(posixpath.basename(i.path) for i in infos)
 
 
@@ -183,11 +244,14 @@ def read_bytes(uri: str, *, within: str | None = None, max_bytes: int | None = N
     fs, path = resolve(uri)
     try:
         if max_bytes is not None:
-            size = fs.get_file_info(path).size
+            size = _info(uri).size
             if size is not None and size > max_bytes:
                 raise FileTooLarge(f"{uri}: {size} bytes, more than the {max_bytes} such a file may have")
-        with fs.open_input_stream(path) as f:
-            return f.read()
+
+        def read():
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        return _retrying("read it", uri, read)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{uri}: no such file") from e
 
@@ -296,8 +360,7 @@ def _pid_alive(pid) -> bool:
 
 
 def size(uri: str) -> int:
-    fs, path = resolve(uri)
-    return fs.get_file_info(path).size
+    return _info(uri).size
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -311,8 +374,10 @@ def write_bytes(uri: str, data: bytes) -> None:
     fs, path = resolve(uri)
     faults.point("storage.write", uri)
     if is_remote(uri):
-        with fs.open_output_stream(path) as f:
-            f.write(data)
+        def put():
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+        _retrying("write it", uri, put)
         return
     folder = os.path.dirname(path)
     if _holds(path, data):   # a re-run writing what is there already: nothing to do (a read-only disk too)
@@ -352,11 +417,12 @@ def write_text(uri: str, text: str) -> None:
 
 def delete(uri: str) -> None:
     fs, path = resolve(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        fs.delete_dir(path)
-    elif info.type == pafs.FileType.File:
-        fs.delete_file(path)
+    info = _info(uri)
+    remove = {pafs.FileType.Directory: fs.delete_dir, pafs.FileType.File: fs.delete_file}.get(info.type)
+    if remove is not None and is_remote(uri):
+        _retrying("delete it", uri, lambda: remove(path))
+    elif remove is not None:
+        remove(path)
 
 
 def local_path(uri: str) -> str | None:
