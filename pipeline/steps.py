@@ -441,9 +441,18 @@ def _evaluate_champion(name: str, version, val_shards: str, out: str, settings, 
     from components.evaluate.core import EvaluateSettings, evaluate
 
     cfg = parse_settings(EvaluateSettings, settings, "evaluate settings")
+    # the model is fetched from this step's store: the URI given, not one an earlier call left in
+    # the environment (a setdefault here once fetched from a store of a call before)
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     if mlflow_uri:
-        os.environ.setdefault("MLFLOW_TRACKING_URI", mlflow_uri)
-    return evaluate(f"models:/{name}/{version}", val_shards, out, cfg, progress=False).metrics
+        os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
+    try:
+        return evaluate(f"models:/{name}/{version}", val_shards, out, cfg, progress=False).metrics
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 @task("register")

@@ -7,6 +7,7 @@ sqlite store in the working directory (the embedded default).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -22,11 +23,46 @@ SYSTEM_METRICS_INTERVAL_S = 5.0   # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL over
 
 
 # Bounded server calls. MLflow retries a failing request 7 times with exponential backoff: with
-# the server gone, a stage said nothing for minutes (746 s once). Ours give up within about a
-# minute and say which server; a user's own settings win.
-for _name, _value in (("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"), ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
+# the server gone, a stage said nothing for minutes (746 s once). Ours retry 5 times (0, 2, 4, 8,
+# 16 s apart: a server restarting, a 503 storm of half a minute is ridden out), say each retry in
+# the log and then which server failed; a user's own settings win.
+for _name, _value in (("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"), ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5"),
                       ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
     os.environ.setdefault(_name, _value)
+
+log = logging.getLogger(__name__)
+
+
+class _RetriesSaid(logging.Filter):
+    """The retries MLflow's client makes (urllib3's, silent below DEBUG), said as one warning each:
+    the request, what the server did and when the next try goes. urllib3's own "Retrying (...)"
+    lines, which say the same in its repr, are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "urllib3.connectionpool":
+            return not str(record.msg).startswith("Retrying (")
+        retry = record.args[1] if isinstance(record.args, tuple) and len(record.args) == 2 else None
+        history = getattr(retry, "history", None)
+        if history:
+            last = history[-1]
+            what = (f"answered {last.status}" if last.status else
+                    f"did not answer ({type(last.error).__name__ if last.error else 'no reply'})")
+            path = str(last.url or "").split("?")[0]
+            server = f"the MLflow server ({tracking_uri()})" if "/mlflow" in path else "the server"
+            log.warning("%s %s: %s %s; retry %d of %s in %.0f s", last.method, path, server, what, len(history),
+                        os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "?"), retry.get_backoff_time())
+        return False
+
+
+def _say_retries() -> None:
+    said = _RetriesSaid()
+    retries = logging.getLogger("urllib3.util.retry")
+    retries.setLevel(logging.DEBUG)      # its one debug line per retry: filtered into ours
+    retries.addFilter(said)
+    logging.getLogger("urllib3.connectionpool").addFilter(said)
+
+
+_say_retries()
 
 
 class RegistryError(RuntimeError):

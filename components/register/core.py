@@ -298,6 +298,21 @@ def _existing_version(client, name: str, pipeline_run: str, digest: str):
     return next((v for v in versions if v.tags.get("model_digest") == digest), None)
 
 
+def _one_version(client, name: str, register_run_id: str, version: str) -> str:
+    """The version this registration made. MLflow's client retries a create whose answer was lost
+    on the way (the server made the version, the connection closed): that makes a second version
+    of one registration. The first is kept, the later ones deleted, said in the log."""
+    made = sorted(int(v.version) for v in client.search_model_versions(
+        f"name = '{name}' and tags.register_run_id = '{register_run_id}'"))
+    if len(made) <= 1:
+        return version
+    for extra in made[1:]:
+        client.delete_model_version(name, str(extra))
+    log.warning("%s: the registry made versions %s for one registration (a create retried after its answer was "
+                "lost): kept version %d, deleted the others", name, ", ".join(map(str, made)), made[0])
+    return str(made[0])
+
+
 def register(model_uri: str, eval_dir: str, cfg: RegisterSettings = RegisterSettings(), *,
              champion_eval: dict | None = None, parent_run_id: str | None = None, uri: str | None = None,
              experiment: str | None = None, lineage: dict | None = None, val_shards: str | None = None,
@@ -380,6 +395,7 @@ def register(model_uri: str, eval_dir: str, cfg: RegisterSettings = RegisterSett
                 version = str(mlflow.register_model(logged.model_uri, name, tags={
                     "model_digest": digest, "register_run_id": run_id,
                     **({"pipeline_run_id": parent_run_id} if parent_run_id else {})}).version)
+                version = _one_version(client, name, run_id, version)
             else:
                 version = str(existing.version)
                 log.info("%s version %s was registered for this pipeline run already: reused", name, version)

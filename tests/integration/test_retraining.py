@@ -6,7 +6,9 @@ the forced retrain, run through kfp.local in tests/e2e.)"""
 from __future__ import annotations
 
 import json
+import logging
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -25,6 +27,7 @@ from pipeline.steps import (
     step_subset,
     step_train,
 )
+from tests.fault_proxy import FaultProxy
 from tests.servers import faulty_proxy, mlflow_server, moto_s3, postgres_database
 from tests.training import MICRO_OVERRIDES, make_shards, micro_config
 
@@ -230,3 +233,56 @@ def test_evaluation_during_training_is_logged_per_step_and_the_best_iteration_is
     assert tags["model_digest"] == digest(tmp_path / "checkpoints" / "best" / "model.pt")
     assert tags["model_checkpoint"] == "best" and tags["model_iteration"] == str(best["iteration"])
     assert f"iteration {best['iteration']}" in client.get_model_version("panoptic-best", version).description
+
+
+def _champion_on(server, val_shards, tmp_path) -> dict:
+    step_score_champion(val_shards=val_shards, out=str(tmp_path / "champ"), settings=EVAL, mlflow_uri=server)
+    return json.loads((tmp_path / "champ" / "champion.json").read_text())["metrics"]
+
+
+@contextmanager
+def _said():
+    """The warnings our loggers give inside the block (the steps' setup_logging stops them
+    propagating to pytest's capture)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("components")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_a_version_create_whose_answer_is_lost_makes_one_version(server, data, tmp_path):
+    """The server makes the version and the connection closes before its answer: MLflow's client
+    retries the create (a second version of one registration); register keeps the first."""
+    evaluate(data["m2"], data["val"]["B"], str(tmp_path / "eval"), EvaluateSettings(**EVAL), progress=False)
+    champion = _champion_on(server, data["val"]["B"], tmp_path)
+    before = {v.version for v in _versions(server)}
+    with FaultProxy(server) as proxy, _said() as said:
+        proxy.inject("cut", count=1, match=r"/model-versions/create$", method="POST")
+        r = register(data["m2"], str(tmp_path / "eval"), RegisterSettings(promote=False), uri=proxy.url,
+                     champion_eval=champion)
+    assert proxy.hits == [("cut", "POST", "/api/2.0/mlflow/model-versions/create")]
+    text = "\n".join(rec.getMessage() for rec in said)
+    assert "POST /api/2.0/mlflow/model-versions/create: the MLflow server" in text and "retry 1 of 5" in text
+    assert "kept version" in text
+    made = {v.version for v in _versions(server)} - before
+    assert made == {r.version}
+
+
+def test_the_registry_going_away_for_seconds_mid_register_is_ridden_out(server, data, tmp_path):
+    """Every request dropped for 6 s (a server restarting) from the moment register starts: the
+    retries carry it through, each said, and it registers one version."""
+    evaluate(data["m2"], data["val"]["B"], str(tmp_path / "eval"), EvaluateSettings(**EVAL), progress=False)
+    champion = _champion_on(server, data["val"]["B"], tmp_path)
+    before = len(_versions(server))
+    with FaultProxy(server) as proxy, _said() as said:
+        proxy.inject("drop", seconds=6)
+        r = register(data["m2"], str(tmp_path / "eval"), RegisterSettings(promote=False), uri=proxy.url,
+                     champion_eval=champion)
+    assert proxy.hits and all(h[0] == "drop" for h in proxy.hits)
+    assert any("did not answer" in rec.getMessage() and "retry" in rec.getMessage() for rec in said)
+    assert len(_versions(server)) == before + 1 and r.version
