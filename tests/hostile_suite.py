@@ -26,6 +26,9 @@ Classes, each a seeded generator of cases (``kinds`` x ``draws``, parameters dra
   before, warning), every checkpoint broken, ``last_checkpoint`` naming a file elsewhere, a
   resume with another LR or backbone (refused, naming the keys; or applied with the flag).
   Through ``train``.
+* ``limits``: more thing instances in an image than ``input.max_instances`` (trained on the
+  largest, said), a cap of 0, a predict batch with a file whose name is no UTF-8 (skipped, named).
+  Through ``train`` and ``predict``.
 * ``server``: the MLflow server gone, or answering 500: ``register`` ends in one line, in
   bounded time, and promotes nothing.
 * ``io``: a full disk, a read-only mount, no permission, a used-up quota (the errno injected at
@@ -549,6 +552,25 @@ class Suite:
             flags = ["--allow-config-change"] if kind == "lr_changed_allowed" else []
             self.add("ckpt", "train", kind, base + ["--output", folder] + sets + flags, expect=expect)
 
+    def limits(self, shards: str):
+        """Caps a crowded image or an odd file name meets: training with more thing instances in an
+        image than ``input.max_instances`` (the largest are kept, said), a cap out of range, and a
+        predict batch holding a file whose name is no UTF-8."""
+        base = ["train", "--shards", shards, "--config", "tiny", "--no-mlflow", "--quiet",
+                *(f"--set={o}" for o in MICRO_SETS), "--set=solver.max_iter=1"]
+        self.add("limits", "train", "more_instances_than_the_cap",
+                 base + ["--output", self.path("limits", "capped"), "--set=input.max_instances=1"], expect="warned")
+        self.add("limits", "train", "instance_cap_zero",
+                 base + ["--output", self.path("limits", "cap0"), "--set=input.max_instances=0"], expect="named error")
+        folder = self.path("limits", "names")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        shutil.copy(self.image, os.path.join(folder, "good.jpg"))
+        shutil.copy(self.image, os.path.join(os.fsencode(folder), b"not-utf8-\xff\xfe.jpg"))
+        self.add("limits", "predict", "a_name_that_is_not_utf8",
+                 ["predict", folder, "--model", self.model, "--out", self.path("limits", "pred")],
+                 expect="skipped line")
+
     def servers(self, evaluation: str):
         from tests.servers import free_port
 
@@ -650,6 +672,7 @@ def build(work: str, seed: int = 0, draws: int = 2) -> Suite:
     evaluate(model, val, suite.partial_eval, EvaluateSettings(report_samples=0, num_workers=0, max_images=1),
              progress=False)
     suite.checkpoints(shards, run)
+    suite.limits(shards)
     suite.servers(evaluation)
     suite.disks(val)
     return suite

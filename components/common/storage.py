@@ -174,8 +174,11 @@ def makedirs(uri: str) -> None:
 
 
 def listdir(uri: str) -> list[str]:
-    """Names (not paths) of the entries directly under ``uri``, sorted."""
+    """Names (not paths) of the entries directly under ``uri``, sorted. A local name that is not
+    UTF-8 comes back as Python gives it (surrogate escapes), for the caller to name and skip."""
     fs, path = resolve(uri)
+    if not is_remote(uri) and os.path.isdir(path):   # pyarrow fails the whole listing on one such name
+        return sorted(os.listdir(path))
     def ls():
         return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     infos = _retrying("list it", uri, ls) if is_remote(uri) else ls()

@@ -3,6 +3,8 @@ section, ``components/model/config.py: InputConfig``, asks)."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -17,9 +19,16 @@ from components.common.coco_panoptic import (
 from components.data.transforms import output_shape
 from components.model.config import InputConfig
 
+log = logging.getLogger(__name__)
+_capped: set[str] = set()   # the images whose cap was said (once each per process, not once per epoch)
 
-def build_targets(seg_index: np.ndarray, segments: list[dict], cats: CategoryMaps) -> dict:
+
+def build_targets(seg_index: np.ndarray, segments: list[dict], cats: CategoryMaps, max_instances: int | None = None,
+                  name: str = "") -> dict:
     """Targets from an (H, W) map of indices into ``segments`` (-1 = VOID).
+
+    ``max_instances``: more thing instances than this and only the largest that many are kept
+    (``input.max_instances``), said in the log naming ``name``.
 
     Returns torch tensors: ``sem_seg`` (H, W) uint8 with 0 = things, 1..S = stuff, 255 = VOID;
     ``boxes`` (N, 4) XYXY float32, ``labels`` (N,) int64 contiguous thing ids, ``masks``
@@ -31,17 +40,23 @@ def build_targets(seg_index: np.ndarray, segments: list[dict], cats: CategoryMap
     for k, s in enumerate(segments):
         lut[k] = cats.semantic_id(int(s["category_id"]))
     sem = lut[seg_index]
+    area = np.bincount(seg_index.ravel() + 1, minlength=len(segments) + 1)[1:]   # one pass, not one per segment
+    things = [k for k, s in enumerate(segments)
+              if area[k] and not s.get("iscrowd") and cats.is_thing(int(s["category_id"]))]
+    if max_instances is not None and len(things) > max_instances:
+        kept = sorted(sorted(things, key=lambda k: -int(area[k]))[:max_instances])
+        if name not in _capped and len(_capped) < 10_000:
+            _capped.add(name)
+            log.warning("%s: %d thing instances, more than input.max_instances=%d: the %d largest are trained on, "
+                        "the other %d dropped", name or "an image", len(things), max_instances, max_instances,
+                        len(things) - max_instances)
+        things = kept
     boxes, labels, masks = [], [], []
-    for k, s in enumerate(segments):
-        cid = int(s["category_id"])
-        if s.get("iscrowd") or not cats.is_thing(cid):
-            continue
+    for k in things:
         m = seg_index == k
-        if not m.any():
-            continue
         ys, xs = np.nonzero(m)
         boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-        labels.append(cats.thing_contiguous(cid))
+        labels.append(cats.thing_contiguous(int(segments[k]["category_id"])))
         masks.append(m)
     return {
         "sem_seg": torch.from_numpy(sem),
@@ -111,7 +126,7 @@ def record_to_sample(record: dict, cats: CategoryMaps, aug: InputConfig, train: 
         "height": h,
         "width": w,
         "image": torch.from_numpy(np.ascontiguousarray(image).transpose(2, 0, 1).copy()),
-        **build_targets(np.ascontiguousarray(index), segments, cats),
+        **build_targets(np.ascontiguousarray(index), segments, cats, aug.max_instances, record["file_name"]),
     }
     if with_gt:
         sample["gt_ids"] = ids

@@ -40,6 +40,10 @@ class InputConfig:
         copy_paste_prob: probability of pasting instances of another training image (0: off).
         copy_paste_max_instances: at most this many instances pasted at once.
         copy_paste_min_visible: an occluded instance keeping less of its area than this is dropped.
+        max_instances: at most this many thing instances of one image are trained on, the largest
+            (COCO's most crowded image has under 100; the ROI heads' box matching grows with
+            anchors x instances, so an image with 10,000 would take GBs): the rest are dropped,
+            said in the log.
     """
 
     min_size_train: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
@@ -52,6 +56,7 @@ class InputConfig:
     copy_paste_prob: float = 0.0
     copy_paste_max_instances: int = 10
     copy_paste_min_visible: float = 0.3
+    max_instances: int = 500
 
 
 @dataclass
@@ -319,6 +324,7 @@ RANGES = {
     ("input", "flip_prob"): (0, 1, None), ("input", "lsj_size"): (0, MAX_SIDE, "0 (off) or a side"),
     ("input", "lsj_scale"): (1e-3, 100, None), ("input", "copy_paste_prob"): (0, 1, None),
     ("input", "copy_paste_max_instances"): (0, 10**4, None), ("input", "copy_paste_min_visible"): (0, 1, None),
+    ("input", "max_instances"): (1, 10**4, None),
     ("solver", "base_lr"): (0, 100, None), ("solver", "reference_batch"): (1, 10**6, None),
     ("solver", "momentum"): (0, 1, None), ("solver", "weight_decay"): (0, 10, None),
     ("solver", "betas"): (0, 0.999999, None), ("solver", "weight_decay_bias"): (-1, 10, "-1 (weight_decay) or 0..10"),

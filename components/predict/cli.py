@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
 
 import click
@@ -43,6 +44,15 @@ def output_stems(files: list[str]) -> list[str]:
     return out
 
 
+def _utf8(name: str) -> bool:
+    """Whether a file name is text (a name of other bytes arrives with surrogate escapes)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 @click.command("predict")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--model", "model_uri", required=True,
@@ -71,7 +81,7 @@ def predict_cmd(images, model_uri, out):
     files = list_images(images)
     stems = output_stems(files)
     for path, stem in zip(files, stems):
-        if stem != posixpath.basename(path).rsplit(".", 1)[0]:
+        if _utf8(path) and stem != posixpath.basename(path).rsplit(".", 1)[0]:
             click.echo(f"{path}: written as {stem}.* (another input has the same name)", err=True)
     try:
         model, cfg, cats = load_model(model_uri, "cpu")
@@ -80,6 +90,11 @@ def predict_cmd(images, model_uri, out):
     categories = {c["id"]: c for c in cats.to_json()}
     skipped = 0
     for path, stem in progress_bar(list(zip(files, stems)), desc="predict", unit="img", enabled=len(files) > 1):
+        if not _utf8(path):
+            shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+            click.echo(f"skipped {shown}: its name is not UTF-8 text; rename it", err=True)
+            skipped += 1
+            continue
         try:
             image = decode_image(storage.read_bytes(path), path)
         except (ValueError, OSError) as e:

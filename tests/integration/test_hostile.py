@@ -27,4 +27,5 @@ def test_hostile_cases_end_named_quarantined_or_recovered(tmp_path_factory):
     assert by_class["pickle"] >= 40 and by_class["model-pt"] >= 40 and by_class["path"] >= 30
     assert by_class["bomb"] >= 20 and by_class["gate"] >= 14 and by_class["ckpt"] >= 7 and by_class["io"] >= 20
     assert suite.counts["ckpt / train"]["warned"] >= 3   # resumed from an earlier checkpoint, and said so
+    assert suite.counts["limits / train"]["warned"] == 1 and suite.counts["limits / predict"]["skipped line"] == 1
     assert suite.counts["path / preprocess"]["quarantine line"] >= 8

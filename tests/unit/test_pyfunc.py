@@ -131,3 +131,21 @@ def test_predict_of_inputs_with_the_same_name_overwrites_nothing(tmp_path):
                          cwd=tmp_path)
     assert out.returncode == 2 and "not an s3:// address with a bucket" in out.stderr
     assert not os.path.exists(tmp_path / "s3:")
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_naming_it_and_the_batch_goes_on(tmp_path):
+    """One folder entry named with a byte that is no UTF-8 (0xff): that file is skipped with a
+    line naming its bytes; the others are predicted; the exit code says something was skipped."""
+    _tiny_model(tmp_path / "model.pt")
+    jpeg = input_example()["image"][0]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "good.jpg").write_bytes(jpeg)
+    with open(os.path.join(os.fsencode(tmp_path / "in"), b"bad\xff.jpg"), "wb") as f:
+        f.write(jpeg)
+    out = subprocess.run([sys.executable, "-m", "components", "predict", str(tmp_path / "in"), "--model",
+                          str(tmp_path / "model.pt"), "--out", str(tmp_path / "out")], capture_output=True,
+                         text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"skipped {tmp_path / 'in'}/bad\\xff.jpg: its name is not UTF-8 text; rename it" in out.stderr
+    assert "wrote 1 predictions" in out.stdout and "skipped 1" in out.stdout
+    assert sorted(os.listdir(tmp_path / "out")) == ["good.json", "good.png", "good_overlay.png"]

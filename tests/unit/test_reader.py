@@ -146,3 +146,25 @@ def test_an_image_without_thing_instances_gets_empty_instance_targets():
     t = build_targets(seg, segments, cats)
     assert t["masks"].shape == (0, 5, 7) and t["masks"].dtype == torch.uint8
     assert t["boxes"].shape == (0, 4) and t["labels"].shape == (0,)
+
+
+def test_an_image_with_ten_thousand_instances_is_trained_on_its_largest_ones(caplog):
+    """input.max_instances bounds what one image costs: of 10,000 thing instances the 500 largest
+    become targets (in their order), the rest are dropped, and the log says so naming the image."""
+    import logging
+
+    from components.common.coco_panoptic import Category, CategoryMaps
+    from components.data.targets import build_targets
+    from components.model.config import InputConfig
+
+    cats = CategoryMaps((Category(1, "disc", True, (1, 1, 1), "x"), Category(92, "sky", False, (2, 2, 2), "x")))
+    seg = np.arange(200 * 200, dtype=np.int64).reshape(200, 200) // 4     # 10,000 segments of 4 pixels
+    seg[:20, :] = np.arange(20 * 200).reshape(20, 200) % 7 + 9000   # 9000..9006 grow larger; 0..999 are gone
+    segments = [{"id": k + 1, "category_id": 1, "iscrowd": 0} for k in range(10_000)]
+    with caplog.at_level(logging.WARNING, logger="components.data.targets"):
+        t = build_targets(seg, segments, cats, InputConfig().max_instances, "crowded.jpg")
+    assert t["masks"].shape == (500, 200, 200) and t["labels"].shape == (500,)
+    areas = t["masks"].flatten(1).sum(1)
+    assert (areas[-7:] > 4).all() and (areas[:-7] == 4).all()   # the seven large ones kept, in segment order
+    assert "crowded.jpg: 9000 thing instances, more than input.max_instances=500" in caplog.text
+    assert "the other 8500 dropped" in caplog.text
