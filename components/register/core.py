@@ -203,6 +203,9 @@ def registry_lock(client, name: str, timeout_s: float = 600.0, poll_s: float = 0
         if held is None:
             continue   # released meanwhile
         holder, since, beat = held
+        if holder == owner:   # our own create, done there, its answer lost and retried by MLflow's client
+            log.info("registry lock %s: taken (the registry made it before its answer to us was lost)", lock)
+            break
         now = time.time()
         if now - beat > LOCK_STALE_S:
             if not _break_stale(client, lock, held):

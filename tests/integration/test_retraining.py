@@ -286,3 +286,25 @@ def test_the_registry_going_away_for_seconds_mid_register_is_ridden_out(server, 
     assert proxy.hits and all(h[0] == "drop" for h in proxy.hits)
     assert any("did not answer" in rec.getMessage() and "retry" in rec.getMessage() for rec in said)
     assert len(_versions(server)) == before + 1 and r.version
+
+
+def test_a_lock_create_whose_answer_is_lost_is_our_lock_not_a_wait(server, data, tmp_path):
+    """The registry makes the lock and the answer is lost: the client's retry hears "already
+    exists", and the holder it reads is this process itself: it holds the lock (it waited 600 s on
+    itself before), registers one version and releases the lock."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    evaluate(data["m2"], data["val"]["B"], str(tmp_path / "eval"), EvaluateSettings(**EVAL), progress=False)
+    champion = _champion_on(server, data["val"]["B"], tmp_path)
+    before = len(_versions(server))
+    t = time.monotonic()
+    with FaultProxy(server) as proxy:
+        proxy.inject("cut", count=1, match=r"/registered-models/create$", method="POST")
+        r = register(data["m2"], str(tmp_path / "eval"), RegisterSettings(promote=False), uri=proxy.url,
+                     champion_eval=champion)
+    assert proxy.hits == [("cut", "POST", "/api/2.0/mlflow/registered-models/create")]
+    assert time.monotonic() - t < 120    # far from the lock's stale time, let alone its 600 s wait
+    assert len(_versions(server)) == before + 1 and r.version
+    assert not MlflowClient(server).search_registered_models("name = 'panoptic-fpn.lock'")   # released
