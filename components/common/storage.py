@@ -57,7 +57,10 @@ def _store_attempts() -> int:
 
 
 def _retrying(what: str, uri: str, call):
-    """``call()``, retried while the store's error is a passing one (see the module's note)."""
+    """``call()``; for an s3:// ``uri`` retried while the store's error is a passing one (see the
+    module's note). A local call is made once: a disk's errors do not pass."""
+    if not is_remote(uri):
+        return call()
     attempts, started = _store_attempts(), time.monotonic()
     for attempt in range(1, attempts + 1):
         try:
@@ -148,7 +151,7 @@ def join(base: str, *parts: str) -> str:
 
 def _info(uri: str) -> pafs.FileInfo:
     fs, path = resolve(uri)
-    return _retrying("look it up", uri, lambda: fs.get_file_info(path)) if is_remote(uri) else fs.get_file_info(path)
+    return _retrying("look it up", uri, lambda: fs.get_file_info(path))
 
 
 def exists(uri: str) -> bool:
@@ -167,10 +170,7 @@ def dirname(uri: str) -> str:
 
 def makedirs(uri: str) -> None:
     fs, path = resolve(uri)
-    if is_remote(uri):
-        _retrying("create the folder", uri, lambda: fs.create_dir(path, recursive=True))
-    else:
-        fs.create_dir(path, recursive=True)
+    _retrying("create the folder", uri, lambda: fs.create_dir(path, recursive=True))
 
 
 def listdir(uri: str) -> list[str]:
@@ -179,9 +179,7 @@ def listdir(uri: str) -> list[str]:
     fs, path = resolve(uri)
     if not is_remote(uri) and os.path.isdir(path):   # pyarrow fails the whole listing on one such name
         return sorted(os.listdir(path))
-    def ls():
-        return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    infos = _retrying("list it", uri, ls) if is_remote(uri) else ls()
+    infos = _retrying("list it", uri, lambda: fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
     return sorted(posixpath.basename(i.path) for i in infos)
 
 
@@ -422,10 +420,8 @@ def delete(uri: str) -> None:
     fs, path = resolve(uri)
     info = _info(uri)
     remove = {pafs.FileType.Directory: fs.delete_dir, pafs.FileType.File: fs.delete_file}.get(info.type)
-    if remove is not None and is_remote(uri):
+    if remove is not None:
         _retrying("delete it", uri, lambda: remove(path))
-    elif remove is not None:
-        remove(path)
 
 
 def local_path(uri: str) -> str | None:
