@@ -94,10 +94,10 @@ def run_local(data: str | None = None, *, runner: str = "subprocess", root: str 
             done = build_pipeline(None)(data_uri=data, mlflow_uri=mlflow_uri, force=force, run_name=run_name,
                                         experiment=experiment, **local_settings(settings))
         except RuntimeError as e:
+            why, run_at = _failed_run(mlflow_uri, t_start, experiment)
             if guard is not None and guard.failure:
-                raise guard.failure from None
-            raise TaskFailed(f"{_first_line(e)} (its log: {log_path}){_failed_run(mlflow_uri, t_start, experiment)}") \
-                from None
+                raise TaskFailed(f"{why}{guard.failure}{run_at}") from None
+            raise TaskFailed(f"{why}{_first_line(e)} (its log: {log_path}){run_at}") from None
         if guard is not None:
             guard.check()
     elapsed = time.perf_counter() - t0
@@ -115,12 +115,14 @@ def run_local(data: str | None = None, *, runner: str = "subprocess", root: str 
             "log": None if verbose else log_path, "runner": runner}
 
 
-def _failed_run(mlflow_uri: str, since: float, experiment: str) -> str:
-    """"; MLflow run: <address> (failed task: ...)" for the pipeline run the exit handler closed."""
+def _failed_run(mlflow_uri: str, since: float, experiment: str) -> tuple[str, str]:
+    """(why, "; MLflow run: <address> (failed task: ...)") for the pipeline run the exit handler
+    closed; why: "task 'NAME' failed: LINE. " for each task that failed saying why (``task_error.``)."""
     try:
         from mlflow.tracking import MlflowClient
 
         from components.common.tracking import PIPELINE_TAG, run_address
+        from pipeline.steps import ERROR_TAG
 
         client = MlflowClient(mlflow_uri)
         exp = client.get_experiment_by_name(experiment)
@@ -128,13 +130,16 @@ def _failed_run(mlflow_uri: str, since: float, experiment: str) -> str:
                                   f"attributes.start_time >= {int(since * 1000)}",
                                   order_by=["attributes.start_time DESC"], max_results=1) if exp else []
     except Exception:   # the store may be what failed; the error above says what did
-        return ""
+        return "", ""
     if not runs:
-        return ""
+        return "", ""
     r = runs[0]
     failed = r.data.tags.get("pipeline.failed_task")
-    return (f"; MLflow run: {run_address(r.info.run_id, r.info.experiment_id, mlflow_uri)}"
-            + (f" (failed task: {failed}, marked FAILED)" if failed else ""))
+    tags = r.data.tags   # a task that failed and said why; one retried to success is "succeeded"
+    why = "".join(f"task {k[len(ERROR_TAG):]!r} failed: {v}. " for k, v in sorted(tags.items())
+                  if k.startswith(ERROR_TAG) and tags.get(f"task.{k[len(ERROR_TAG):]}") == "failed")
+    return why, (f"; MLflow run: {run_address(r.info.run_id, r.info.experiment_id, mlflow_uri)}"
+                 + (f" (failed task: {failed}, marked FAILED)" if failed else ""))
 
 
 def _first_line(e: Exception) -> str:

@@ -28,10 +28,19 @@ def _mark(run_id: str | None, task: str, state: str, mlflow_uri: str) -> None:
     log_parent(run_id or None, tags={f"task.{task}": state}, uri=mlflow_uri or None)
 
 
+ERROR_TAG = "task_error."   # + the task's name: the one line its error is, for the user (errors.one_line)
+
+
 def task(name: str):
     """A step's state on the pipeline run: "running" as it starts, "succeeded" or "failed" as it
-    ends (a kill leaves "running")."""
+    ends (a kill leaves "running"). A failure that is the input's or the environment's fault (a
+    full disk, a server that refused) is also said as one line, ``panoptic: task NAME failed:
+    LINE``, in the task's log and on the pipeline run (tag ``task_error.NAME``), so whoever runs
+    the pipeline reads why without the traceback KFP's executor prints."""
     import functools
+    import sys
+
+    from components.common.errors import one_line
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -40,9 +49,14 @@ def task(name: str):
             _mark(run_id, name, "running", uri)
             try:
                 out = fn(**kwargs)
-            except BaseException:
+            except BaseException as e:
+                line = one_line(e) if isinstance(e, Exception) else None
+                if line:
+                    print(f"panoptic: task {name} failed: {line}", file=sys.stderr, flush=True)
                 try:
                     _mark(run_id, name, "failed", uri)
+                    if line:
+                        log_parent(run_id, tags={ERROR_TAG + name: line[:5000]}, uri=uri or None)
                 except Exception:   # the store itself may be what failed: the error below says so
                     pass
                 raise

@@ -406,7 +406,7 @@ def register(model_uri: str, eval_dir: str, cfg: RegisterSettings = RegisterSett
     if logged is not None:
         mlflow.set_logged_model_tags(logged.model_id, {"registered_model": name, "registered_version": version})
     tags = {"PQ": f"{metrics['PQ']:.6f}", "gate": "pass" if decision.promote else "fail",
-            "gate.reason": decision.reason[:4000], **lineage}
+            "gate.reason": decision.reason[:4000], "gate.champion": decision.champion_version or "", **lineage}
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, str(v))
     faults.point("register.tagged")
@@ -422,18 +422,19 @@ def register(model_uri: str, eval_dir: str, cfg: RegisterSettings = RegisterSett
 
         storage.write_text(report_out, no_champion_page(name, version, metrics, decision.reason))
     client.set_registered_model_alias(name, "challenger", version)
-    aliases, not_promoted = ["challenger"], ""
+    aliases, not_promoted, reason = ["challenger"], "", decision.reason
     if cfg.promote and decision.promote:
         not_promoted = promote_champion(name, version, uri=uri, cfg=cfg, metrics=metrics)
         if not not_promoted:
             aliases.append("champion")
+            reason = client.get_model_version(name, version).tags.get("gate.reason", reason)   # promoted over?
     elif champion is None or not client.get_registered_model(name).description:
         describe_model(client, name, cfg)
     log_parent(parent_run_id, tags={"model.name": name, "model.version": version,
                                     "model.aliases": ",".join(aliases),
                                     "gate.promote": decision.promote and not not_promoted,
                                     "gate.reason": (f"passed the gate but not promoted: {not_promoted}" if not_promoted
-                                                    else decision.reason)[:4000]}, uri=uri)
+                                                    else reason)[:4000]}, uri=uri)
     return RegisterResult(name, version, run_id, aliases, decision, reused=existing is not None,
                           not_promoted=not_promoted)
 
@@ -535,7 +536,9 @@ def promote_champion(name: str, version: str, uri: str | None = None, cfg: Regis
     of this moment (another run may have promoted one since this version was gated): compared
     on the same validation samples, with the same margin and tolerance. Returns "" when it
     moved, else why not (a champion measured on other data leaves the alias as it is); then the
-    version's record is corrected while the lock is held (``record_not_promoted``)."""
+    version's record is corrected while the lock is held (``record_not_promoted``). A version
+    that beats a champion promoted meanwhile too is promoted, and its record says which it beat
+    (``record_promoted_over``): its gate was decided against another champion, or none."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri(uri))
@@ -544,7 +547,7 @@ def promote_champion(name: str, version: str, uri: str | None = None, cfg: Regis
         if current is not None and str(current.version) != str(version):
             mine = metrics if metrics is not None else version_metrics(client, name, version)
             theirs = champion_metrics(current, uri)
-            why = ""
+            why, again = "", None
             if theirs.get("val_samples_digest") != mine.get("val_samples_digest"):
                 why = (f"version {current.version} was promoted meanwhile, measured on other validation samples; "
                        f"run the pipeline again to compare them")
@@ -557,10 +560,32 @@ def promote_champion(name: str, version: str, uri: str | None = None, cfg: Regis
                 log.warning("%s version %s passed the gate but is not promoted: %s", name, version, why)
                 record_not_promoted(client, name, version, why)
                 return why
+            if client.get_model_version(name, str(version)).tags.get("gate.champion", "") != str(current.version):
+                record_promoted_over(client, name, str(version), str(current.version), again.reason)
         faults.point("register.before_promote")
         client.set_registered_model_alias(name, CHAMPION, str(version))
         describe_model(client, name, cfg)
     return ""
+
+
+PROMOTED_OVER = "version {champion} was promoted meanwhile, and this one beats it too: {reason}"
+
+
+def record_promoted_over(client, name: str, version: str, champion: str, reason: str) -> None:
+    """The records of a version promoted over a champion its gate never saw (promoted by an
+    overlapping run after this version was gated): its gate tags and its register run name
+    that champion and the comparison made under the lock."""
+    outcome = PROMOTED_OVER.format(champion=champion, reason=reason)
+    log.info("%s version %s: %s", name, version, outcome)
+    for k, v in {"gate.reason": outcome[:4000], "gate.champion": champion}.items():
+        client.set_model_version_tag(name, version, k, v)
+    mv = client.get_model_version(name, version)
+    client.update_model_version(name, version, description=f"**Promoted over version {champion}**, promoted "
+                                f"meanwhile: {reason}\n\n{mv.description or ''}")
+    tags = mv.tags
+    for run_id in (tags.get("register_run_id"), tags.get("pipeline_run_id")):
+        if run_id:
+            client.set_tag(run_id, "gate.reason", outcome[:4000])
 
 
 def record_not_promoted(client, name: str, version: str, why: str) -> None:
