@@ -28,6 +28,10 @@ Classes, each a seeded generator of cases (``kinds`` x ``draws``, parameters dra
   Through ``train``.
 * ``limits``: more thing instances in an image than ``input.max_instances`` (trained on the
   largest, said), a cap of 0, a predict batch with a file whose name is no UTF-8 (skipped, named).
+* ``flags``: numbers and addresses as typed: ``--size 1e400``/``inf``/``-3``/``0``, s3 addresses
+  without a bucket or with ``..``, checkpoint periods below 1, sizes and channels of 0 or less
+  or beyond any image, ``--workers -3`` (each a named error); predict inputs of one name in
+  three folders (three predictions, none overwritten).
   Through ``train`` and ``predict``.
 * ``server``: the MLflow server gone, or answering 500: ``register`` ends in one line, in
   bounded time, and promotes nothing.
@@ -571,6 +575,45 @@ class Suite:
                  ["predict", folder, "--model", self.model, "--out", self.path("limits", "pred")],
                  expect="skipped line")
 
+    def flags(self, shards: str):
+        """Numbers and addresses a user types: counts that are no finite positive number, periods
+        below 1, sizes and channels of 0 or less or beyond any image, negative worker counts, s3
+        addresses without a bucket or with '..' (each refused where it is parsed, naming the value),
+        and predict inputs of one name in several folders (each written, under a name of its own)."""
+        sub = ["subset", "--source", self.base, "--split", SPLIT, "--out"]
+        for case, size in (("size_1e400", "1e400"), ("size_inf", "inf"), ("size_negative", "-3"), ("size_zero", "0")):
+            self.add("flags", "subset", case, sub + [self.path("flags", case), "--size", size], expect="named error")
+        for case, out in (("s3_without_bucket", "s3://"), ("s3_key_with_dotdot", "s3://bucket/a/../b")):
+            self.add("flags", "subset", case, sub + [out, "--size", "2"], expect="named error")
+        train = ["train", "--shards", shards, "--config", "tiny", "--no-mlflow", "--quiet", "--output",
+                 self.path("flags", "train")]
+        for case, value in (("checkpoint_period_zero", "solver.checkpoint_period=0"),
+                            ("checkpoint_period_negative", "solver.checkpoint_period=-1"),
+                            ("test_size_30000", "input.max_size_test=30000"),
+                            ("train_size_zero", "input.min_size_train=[0]"),
+                            ("channels_zero", "model.fpn_channels=0"), ("channels_negative", "model.fpn_channels=-8")):
+            self.add("flags", "train", case, train + [f"--set={value}"], expect="named error")
+        self.add("flags", "evaluate", "workers_negative", ["evaluate", "--model", self.model, "--shards", shards,
+                                                           "--out", self.path("flags", "eval"), "--workers", "-3"],
+                 expect="named error")
+        folder = self.path("flags", "stems")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(os.path.join(folder, "dir"))
+        shutil.copy(self.image, os.path.join(folder, "a.jpg"))
+        shutil.copy(self.image, os.path.join(folder, "dir", "a.jpg"))
+        from PIL import Image
+
+        Image.open(self.image).save(os.path.join(folder, "dir", "a.png"))
+        out = self.path("flags", "stems-out")
+
+        def three(result: dict) -> str | None:   # three inputs, three predictions: none overwritten
+            return None if sorted(f for f in os.listdir(out) if f.endswith(".json")) == [
+                "a-2.json", "a-3.json", "a.json"] else "silent loss"
+
+        self.add("flags", "predict", "one_name_in_three_folders",
+                 ["predict", os.path.join(folder, "a.jpg"), os.path.join(folder, "dir", "a.jpg"),
+                  os.path.join(folder, "dir", "a.png"), "--model", self.model, "--out", out], check=three, expect="ok")
+
     def servers(self, evaluation: str):
         from tests.servers import free_port
 
@@ -673,6 +716,7 @@ def build(work: str, seed: int = 0, draws: int = 2) -> Suite:
              progress=False)
     suite.checkpoints(shards, run)
     suite.limits(shards)
+    suite.flags(val)
     suite.servers(evaluation)
     suite.disks(val)
     return suite

@@ -28,4 +28,6 @@ def test_hostile_cases_end_named_quarantined_or_recovered(tmp_path_factory):
     assert by_class["bomb"] >= 20 and by_class["gate"] >= 14 and by_class["ckpt"] >= 7 and by_class["io"] >= 20
     assert suite.counts["ckpt / train"]["warned"] >= 3   # resumed from an earlier checkpoint, and said so
     assert suite.counts["limits / train"]["warned"] == 1 and suite.counts["limits / predict"]["skipped line"] == 1
+    assert by_class["flags"] == 14 and sum(suite.counts[f"flags / {c}"]["named error"] for c in (
+        "subset", "train", "evaluate")) == 13 and suite.counts["flags / predict"]["ok"] == 1
     assert suite.counts["path / preprocess"]["quarantine line"] >= 8
