@@ -53,10 +53,9 @@ def task(name: str):
                 line = one_line(e) if isinstance(e, Exception) else None
                 if line:
                     print(f"panoptic: task {name} failed: {line}", file=sys.stderr, flush=True)
-                try:
-                    _mark(run_id, name, "failed", uri)
-                    if line:
-                        log_parent(run_id, tags={ERROR_TAG + name: line[:5000]}, uri=uri or None)
+                try:   # one write: the state and, when there is one, why
+                    log_parent(run_id, tags={f"task.{name}": "failed", **({ERROR_TAG + name: line[:5000]} if line
+                                                                          else {})}, uri=uri or None)
                 except Exception:   # the store itself may be what failed: the error below says so
                     pass
                 raise

@@ -560,8 +560,9 @@ def promote_champion(name: str, version: str, uri: str | None = None, cfg: Regis
                 log.warning("%s version %s passed the gate but is not promoted: %s", name, version, why)
                 record_not_promoted(client, name, version, why)
                 return why
-            if client.get_model_version(name, str(version)).tags.get("gate.champion", "") != str(current.version):
-                record_promoted_over(client, name, str(version), str(current.version), again.reason)
+            mv = client.get_model_version(name, str(version))
+            if mv.tags.get("gate.champion", "") != str(current.version):
+                record_promoted_over(client, mv, str(current.version), again.reason)
         faults.point("register.before_promote")
         client.set_registered_model_alias(name, CHAMPION, str(version))
         describe_model(client, name, cfg)
@@ -571,19 +572,18 @@ def promote_champion(name: str, version: str, uri: str | None = None, cfg: Regis
 PROMOTED_OVER = "version {champion} was promoted meanwhile, and this one beats it too: {reason}"
 
 
-def record_promoted_over(client, name: str, version: str, champion: str, reason: str) -> None:
-    """The records of a version promoted over a champion its gate never saw (promoted by an
-    overlapping run after this version was gated): its gate tags and its register run name
-    that champion and the comparison made under the lock."""
+def record_promoted_over(client, mv, champion: str, reason: str) -> None:
+    """The records of version ``mv`` promoted over a champion its gate never saw (promoted by an
+    overlapping run after this version was gated): its gate tags, description, register run
+    and pipeline run name that champion and the comparison made under the lock."""
+    name, version = mv.name, str(mv.version)
     outcome = PROMOTED_OVER.format(champion=champion, reason=reason)
     log.info("%s version %s: %s", name, version, outcome)
     for k, v in {"gate.reason": outcome[:4000], "gate.champion": champion}.items():
         client.set_model_version_tag(name, version, k, v)
-    mv = client.get_model_version(name, version)
     client.update_model_version(name, version, description=f"**Promoted over version {champion}**, promoted "
                                 f"meanwhile: {reason}\n\n{mv.description or ''}")
-    tags = mv.tags
-    for run_id in (tags.get("register_run_id"), tags.get("pipeline_run_id")):
+    for run_id in (mv.tags.get("register_run_id"), mv.tags.get("pipeline_run_id")):
         if run_id:
             client.set_tag(run_id, "gate.reason", outcome[:4000])
 
